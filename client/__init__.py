@@ -1,0 +1,1 @@
+"""lcmserve client SDK."""

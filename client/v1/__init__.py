@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for lcmserve.v1 (see protos/, `make proto`)."""

@@ -1,0 +1,1 @@
+"""lcmserve export: presets, model and LoRA loading, fusing, compiling (offline work)."""

@@ -1,0 +1,1 @@
+"""lcmserve server: the engine, the runtimes and the gRPC edge."""
