@@ -1,0 +1,66 @@
+"""`lcmserve serve`: arguments and entry point. Nothing heavy is imported at module level: the client
+CLI builds this parser even where torch is not installed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="export artifact DIR, diffusers folder, preset (tiny, sd15-random) or hub id")
+    p.add_argument("--lora", action="append", default=[], metavar="SRC[:SCALE]",
+                   help="LoRA to fuse at start (file, folder or hub id; scale default 1.0); repeatable")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "aoti", "onnx"],
+                   help="runtime (default auto: the best compiled artifact present for this machine, else eager)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="default: the artifact's, else float16 on CUDA and float32 on CPU")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="most rows in one UNet call; a guided image takes two (default 32)")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="waiting requests before RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="wait this long to fill an idle batch (default 0: never delay a lone request)")
+    p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run the UNet and VAE eagerly on CUDA")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus /metrics port (default 8002; 0 picks a free one; -1 disables)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import asyncio
+    import functools
+
+    from lcmserve import __version__
+
+    from .app import ServerConfig, serve
+    from .engine import EngineConfig
+    from .loader import LoadError, load_runtime
+    from .validation import Limits
+
+    config = ServerConfig(host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
+                          metrics_port=None if args.metrics_port < 0 else args.metrics_port)
+    engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_queued_requests=args.max_queued_requests,
+                                 batch_wait_ms=args.batch_wait_ms, cuda_graphs=not args.no_cuda_graphs)
+    limits = Limits(max_images=args.max_images)
+    if args.max_batch_size < 2:
+        print("lcmserve serve: --max-batch-size must be at least 2 (a guided image takes two rows)", file=sys.stderr)
+        return 2
+    make_runtime = functools.partial(load_runtime, args.model, loras=args.lora, backend=args.backend,
+                                     device=args.device, dtype=args.dtype)
+    try:
+        asyncio.run(serve(make_runtime, config, engine_config, limits, __version__))
+    except (LoadError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"lcmserve serve: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,133 @@
+"""GenerateRequest -> GenerationParams, or every problem with it, each naming field, value and limit."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from lcmserve.v1 import generation_pb2 as pb
+
+from .engine import GenerationParams
+
+FORMAT_NAMES = {pb.OUTPUT_FORMAT_UNSPECIFIED: "jpeg", pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT_FORMAT_PNG: "png",
+                pb.OUTPUT_FORMAT_WEBP: "webp", pb.OUTPUT_FORMAT_RAW: "raw"}
+FORMAT_ENUMS = {"jpeg": pb.OUTPUT_FORMAT_JPEG, "png": pb.OUTPUT_FORMAT_PNG, "webp": pb.OUTPUT_FORMAT_WEBP,
+                "raw": pb.OUTPUT_FORMAT_RAW}
+PREVIEW_NAMES = {pb.PREVIEW_MODE_UNSPECIFIED: "none", pb.PREVIEW_MODE_NONE: "none",
+                 pb.PREVIEW_MODE_APPROX: "approx", pb.PREVIEW_MODE_FULL: "full"}
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_steps: int = 8
+    min_side: int = 64
+    max_side: int = 1024
+    side_multiple: int = 8
+    max_images: int = 8
+    max_prompt_chars: int = 2000
+    min_guidance_scale: float = 1.0
+    max_guidance_scale: float = 20.0
+
+
+@dataclass(frozen=True)
+class Defaults:
+    num_inference_steps: int = 4
+    guidance_scale: float = 1.0
+    width: int = 512
+    height: int = 512
+    num_images: int = 1
+    quality: int = 90
+
+
+class InvalidRequest(Exception):
+    """One or more fields are out of range: (field, description) pairs for google.rpc.BadRequest."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{f}: {d}" for f, d in violations))
+
+
+def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limits(),
+             defaults: Defaults = Defaults()) -> GenerationParams:
+    """Check every field (collecting all problems), tokenize the prompts, fill defaults."""
+    bad: list[tuple[str, str]] = []
+
+    def value(name: str, default: Any) -> Any:
+        return getattr(request, name) if request.HasField(name) else default
+
+    prompt = request.prompt
+    if not prompt.strip():
+        bad.append(("prompt", ("is empty; give the text to generate from (1 to "
+                              f"{limits.max_prompt_chars} characters)")))
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        if len(text) > limits.max_prompt_chars:
+            bad.append((name, f"has {len(text)} characters; the limit is {limits.max_prompt_chars}"))
+
+    steps = value("num_inference_steps", defaults.num_inference_steps)
+    if not 1 <= steps <= limits.max_steps:
+        bad.append(("num_inference_steps", f"is {steps}; LCM takes 1 to {limits.max_steps} steps"))
+
+    guidance = value("guidance_scale", defaults.guidance_scale)
+    if not math.isfinite(guidance) or not limits.min_guidance_scale <= guidance <= limits.max_guidance_scale:
+        bad.append(("guidance_scale", (f"is {guidance:g}; the range is {limits.min_guidance_scale:g} to "
+                                      f"{limits.max_guidance_scale:g} (1.0 means no guidance)")))
+
+    sides = {}
+    for name, default in (("width", defaults.width), ("height", defaults.height)):
+        side = value(name, default)
+        sides[name] = side
+        if not limits.min_side <= side <= limits.max_side or side % limits.side_multiple:
+            bad.append((name, (f"is {side}; it must be {limits.min_side} to {limits.max_side} pixels, "
+                              f"a multiple of {limits.side_multiple}")))
+
+    num_images = value("num_images", defaults.num_images)
+    if not 1 <= num_images <= limits.max_images:
+        bad.append(("num_images", f"is {num_images}; the range is 1 to {limits.max_images}"))
+
+    seed = value("seed", None)
+    if seed is not None and seed > MAX_SEED:
+        bad.append(("seed", f"is {seed}; the range is 0 to 2^63 - 1"))
+
+    quality = value("quality", defaults.quality)
+    if not 1 <= quality <= 100:
+        bad.append(("quality", f"is {quality}; the range is 1 to 100"))
+
+    if request.output_format not in FORMAT_NAMES:
+        bad.append(("output_format", (f"is {request.output_format}, not a known OutputFormat value "
+                                     f"({', '.join(pb.OutputFormat.keys())})")))
+    if request.preview_mode not in PREVIEW_NAMES:
+        bad.append(("preview_mode", (f"is {request.preview_mode}, not a known PreviewMode value "
+                                    f"({', '.join(pb.PreviewMode.keys())})")))
+    if bad:
+        raise InvalidRequest(bad)
+
+    prompt_ids, prompt_tokens, truncated = tokenize(tokenizer, prompt)
+    negative_ids, _, negative_truncated = tokenize(tokenizer, request.negative_prompt)
+    return GenerationParams(
+        prompt_ids=prompt_ids,
+        negative_ids=negative_ids,
+        num_steps=steps,
+        guidance_scale=float(guidance),
+        seed=secrets.randbelow(2**31) if seed is None else seed,
+        width=sides["width"],
+        height=sides["height"],
+        num_images=num_images,
+        output_format=FORMAT_NAMES[request.output_format],
+        quality=quality,
+        preview_mode=PREVIEW_NAMES[request.preview_mode],
+        include_latents=request.include_latents,
+        prompt_truncated=truncated or (guidance > 1 and negative_truncated),
+        prompt_tokens=prompt_tokens,
+    )
+
+
+def tokenize(tokenizer: Any, text: str) -> tuple[tuple[int, ...], int, bool]:
+    """Text -> (77 CLIP ids as diffusers' encode_prompt makes them, tokens before truncation, truncated?)."""
+    max_length = tokenizer.model_max_length
+    ids = tokenizer(text, padding="max_length", max_length=max_length, truncation=True).input_ids
+    full = len(tokenizer(text, truncation=False).input_ids)
+    return tuple(ids), full, full > max_length
