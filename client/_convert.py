@@ -1,0 +1,321 @@
+"""Conversions between lcmserve.v1 protobuf messages and the SDK's dataclasses (``types``).
+
+The only module of the SDK's public surface that touches message classes: requests are built
+here from keyword arguments, and responses become dataclasses here, so no protobuf type leaks
+out of the SDK.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from .errors import ProtocolError
+from .types import (
+    GenerateEvent,
+    Image,
+    Latents,
+    Limits,
+    LoraInfo,
+    ModelInfo,
+    OutputFormat,
+    Picture,
+    PreviewMode,
+    StepEvent,
+    Summary,
+    Timings,
+)
+from .v1 import generation_pb2 as pb
+
+OUTPUT_FORMATS: dict[OutputFormat, pb.OutputFormat.ValueType] = {
+    "jpeg": pb.OUTPUT_FORMAT_JPEG,
+    "png": pb.OUTPUT_FORMAT_PNG,
+    "webp": pb.OUTPUT_FORMAT_WEBP,
+    "raw": pb.OUTPUT_FORMAT_RAW,
+}
+_FORMAT_NAMES: dict[int, OutputFormat] = {value: name for name, value in OUTPUT_FORMATS.items()}
+_FORMAT_NAMES[pb.OUTPUT_FORMAT_UNSPECIFIED] = "jpeg"  # the proto's documented default
+
+PREVIEW_MODES: dict[PreviewMode, pb.PreviewMode.ValueType] = {
+    "none": pb.PREVIEW_MODE_NONE,
+    "approx": pb.PREVIEW_MODE_APPROX,
+    "full": pb.PREVIEW_MODE_FULL,
+}
+
+_FORMAT_ALIASES = {"jpg": "jpeg"}
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+# ---- request ---------------------------------------------------------------------------------
+
+
+def build_generate_request(
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    num_images: int | None = None,
+    output_format: OutputFormat | str = "jpeg",
+    quality: int | None = None,
+    preview_mode: PreviewMode | str = "none",
+    include_latents: bool = False,
+) -> pb.GenerateRequest:
+    """Builds a GenerateRequest from the SDK's keyword arguments.
+
+    Only the arguments given (not None) are set, so the server's defaults apply to the others
+    and the server validates ranges (INVALID_ARGUMENT names the field and its limit). Checked
+    here: types, names of formats and preview modes, and values an unsigned field cannot hold.
+    Raises TypeError or ValueError naming the argument.
+    """
+    request = pb.GenerateRequest(
+        prompt=_check_str("prompt", prompt),
+        output_format=OUTPUT_FORMATS[parse_output_format(output_format)],
+        preview_mode=PREVIEW_MODES[parse_preview_mode(preview_mode)],
+        include_latents=_check_bool("include_latents", include_latents),
+    )
+    if negative_prompt is not None:
+        request.negative_prompt = _check_str("negative_prompt", negative_prompt)
+    if num_inference_steps is not None:
+        request.num_inference_steps = _check_uint("num_inference_steps", num_inference_steps, _UINT32_MAX)
+    if guidance_scale is not None:
+        request.guidance_scale = _check_float("guidance_scale", guidance_scale)
+    if seed is not None:
+        request.seed = _check_uint("seed", seed, _UINT64_MAX)
+    if width is not None:
+        request.width = _check_uint("width", width, _UINT32_MAX)
+    if height is not None:
+        request.height = _check_uint("height", height, _UINT32_MAX)
+    if num_images is not None:
+        request.num_images = _check_uint("num_images", num_images, _UINT32_MAX)
+    if quality is not None:
+        request.quality = _check_uint("quality", quality, _UINT32_MAX)
+    return request
+
+
+def parse_output_format(value: object, argument: str = "output_format") -> OutputFormat:
+    """Checks an output format name (case-insensitive; "jpg" means "jpeg")."""
+    return cast(OutputFormat, _choice(argument, value, tuple(OUTPUT_FORMATS)))
+
+
+def parse_preview_mode(value: object, argument: str = "preview_mode") -> PreviewMode:
+    """Checks a preview mode name (case-insensitive)."""
+    return cast(PreviewMode, _choice(argument, value, tuple(PREVIEW_MODES)))
+
+
+def _choice(argument: str, value: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be a str, one of {', '.join(allowed)}; got {type(value).__name__}")
+    name = value.strip().lower()
+    name = _FORMAT_ALIASES.get(name, name)
+    if name not in allowed:
+        raise ValueError(f"{argument}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+    return name
+
+
+def _check_str(argument: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be a str, got {type(value).__name__}")
+    return value
+
+
+def _check_bool(argument: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{argument} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_uint(argument: str, value: object, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} must be an int, got {type(value).__name__} {value!r}")
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{argument}={value} is out of range: 0 to {maximum}")
+    return value
+
+
+def _check_float(argument: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument} must be a float, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+# ---- responses -> dataclasses ----------------------------------------------------------------
+
+
+def picture_from_proto(message: pb.Picture) -> Picture:
+    """Picture message -> Picture (an unset format means JPEG, as the proto says)."""
+    fmt = _FORMAT_NAMES.get(message.format)
+    if fmt is None:
+        raise ProtocolError(f"picture has unknown OutputFormat value {message.format}")
+    return Picture(data=message.data, format=fmt, width=message.width, height=message.height)
+
+
+def latents_from_proto(message: pb.Tensor) -> Latents:
+    """Tensor message -> Latents."""
+    return Latents(shape=tuple(message.shape), dtype=message.dtype, data=message.data)
+
+
+def step_event_from_proto(message: pb.StepEvent) -> StepEvent:
+    """StepEvent message -> StepEvent (preview and latents None when not sent)."""
+    return StepEvent(
+        image_index=message.image_index,
+        step=message.step,
+        num_steps=message.num_steps,
+        timestep=message.timestep,
+        preview=picture_from_proto(message.preview) if message.HasField("preview") else None,
+        latents=latents_from_proto(message.latents) if message.HasField("latents") else None,
+    )
+
+
+def image_from_proto(message: pb.Image) -> Image:
+    """Image message -> Image."""
+    return Image(
+        index=message.index,
+        picture=picture_from_proto(message.picture),
+        seed=message.seed,
+        latents=latents_from_proto(message.latents) if message.HasField("latents") else None,
+    )
+
+
+def timings_from_proto(message: pb.Timings) -> Timings:
+    """Timings message -> Timings (milliseconds)."""
+    return Timings(
+        queue_ms=message.queue_ms,
+        text_ms=message.text_ms,
+        unet_ms=message.unet_ms,
+        vae_ms=message.vae_ms,
+        encode_ms=message.encode_ms,
+        total_ms=message.total_ms,
+    )
+
+
+def summary_from_proto(message: pb.Summary) -> Summary:
+    """Summary message -> Summary."""
+    return Summary(
+        seed=message.seed,
+        num_images=message.num_images,
+        prompt_truncated=message.prompt_truncated,
+        prompt_tokens=message.prompt_tokens,
+        timings=timings_from_proto(message.timings),
+    )
+
+
+def event_from_proto(message: pb.GenerateResponse) -> GenerateEvent:
+    """One GenerateResponse -> StepEvent, Image or Summary."""
+    kind = message.WhichOneof("event")
+    if kind == "step":
+        return step_event_from_proto(message.step)
+    if kind == "image":
+        return image_from_proto(message.image)
+    if kind == "summary":
+        return summary_from_proto(message.summary)
+    raise ProtocolError("GenerateResponse with no event set (step, image or summary)")
+
+
+def model_info_from_proto(message: pb.GetModelInfoResponse) -> ModelInfo:
+    """GetModelInfoResponse -> ModelInfo."""
+    limits = message.limits
+    return ModelInfo(
+        base=message.base,
+        loras=[LoraInfo(source=lo.source, sha256=lo.sha256, scale=lo.scale) for lo in message.loras],
+        dtype=message.dtype,
+        device=message.device,
+        backend=message.backend,
+        limits=Limits(
+            max_steps=limits.max_steps,
+            min_side=limits.min_side,
+            max_side=limits.max_side,
+            side_multiple=limits.side_multiple,
+            max_images=limits.max_images,
+            max_prompt_chars=limits.max_prompt_chars,
+            min_guidance_scale=limits.min_guidance_scale,
+            max_guidance_scale=limits.max_guidance_scale,
+            max_batch_size=limits.max_batch_size,
+            max_queued_requests=limits.max_queued_requests,
+        ),
+        server_version=message.server_version,
+    )
+
+
+# ---- dataclasses -> messages (for servers and tests speaking the SDK's types) ----------------
+
+
+def picture_to_proto(picture: Picture) -> pb.Picture:
+    """Picture -> Picture message."""
+    return pb.Picture(
+        data=picture.data,
+        format=OUTPUT_FORMATS[picture.format],
+        width=picture.width,
+        height=picture.height,
+    )
+
+
+def latents_to_proto(latents: Latents) -> pb.Tensor:
+    """Latents -> Tensor message."""
+    return pb.Tensor(shape=list(latents.shape), dtype=latents.dtype, data=latents.data)
+
+
+def event_to_proto(event: GenerateEvent) -> pb.GenerateResponse:
+    """StepEvent, Image or Summary -> GenerateResponse."""
+    if isinstance(event, StepEvent):
+        step = pb.StepEvent(
+            image_index=event.image_index,
+            step=event.step,
+            num_steps=event.num_steps,
+            timestep=event.timestep,
+        )
+        if event.preview is not None:
+            step.preview.CopyFrom(picture_to_proto(event.preview))
+        if event.latents is not None:
+            step.latents.CopyFrom(latents_to_proto(event.latents))
+        return pb.GenerateResponse(step=step)
+    if isinstance(event, Image):
+        image = pb.Image(index=event.index, picture=picture_to_proto(event.picture), seed=event.seed)
+        if event.latents is not None:
+            image.latents.CopyFrom(latents_to_proto(event.latents))
+        return pb.GenerateResponse(image=image)
+    timings = event.timings
+    return pb.GenerateResponse(
+        summary=pb.Summary(
+            seed=event.seed,
+            num_images=event.num_images,
+            prompt_truncated=event.prompt_truncated,
+            prompt_tokens=event.prompt_tokens,
+            timings=pb.Timings(
+                queue_ms=timings.queue_ms,
+                text_ms=timings.text_ms,
+                unet_ms=timings.unet_ms,
+                vae_ms=timings.vae_ms,
+                encode_ms=timings.encode_ms,
+                total_ms=timings.total_ms,
+            ),
+        )
+    )
+
+
+def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
+    """ModelInfo -> GetModelInfoResponse."""
+    limits = info.limits
+    return pb.GetModelInfoResponse(
+        base=info.base,
+        loras=[pb.LoraInfo(source=lo.source, sha256=lo.sha256, scale=lo.scale) for lo in info.loras],
+        dtype=info.dtype,
+        device=info.device,
+        backend=info.backend,
+        limits=pb.Limits(
+            max_steps=limits.max_steps,
+            min_side=limits.min_side,
+            max_side=limits.max_side,
+            side_multiple=limits.side_multiple,
+            max_images=limits.max_images,
+            max_prompt_chars=limits.max_prompt_chars,
+            min_guidance_scale=limits.min_guidance_scale,
+            max_guidance_scale=limits.max_guidance_scale,
+            max_batch_size=limits.max_batch_size,
+            max_queued_requests=limits.max_queued_requests,
+        ),
+        server_version=info.server_version,
+    )

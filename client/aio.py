@@ -1,0 +1,271 @@
+"""AsyncClient: the asyncio lcmserve SDK over one grpc.aio channel, mirror image of Client.
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        await client.wait_until_ready()
+        async for event in client.stream("a cracked concrete wall", preview_mode="approx"):
+            ...
+
+The channel is opened at the first call, inside the running event loop (a grpc.aio channel is
+bound to the loop it was made in), so an AsyncClient may be built anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ._common import (
+    DEFAULT_TARGET,
+    HEALTH_STATUS_NAMES,
+    ResultCollector,
+    call_timeout,
+    channel_credentials,
+    channel_options,
+)
+from ._convert import build_generate_request, event_from_proto, model_info_from_proto
+from .errors import DeadlineExceededError, ProtocolError, UnavailableError, from_rpc_error
+from .types import GenerateEvent, GenerateResult, ModelInfo, OutputFormat, PreviewMode, Summary
+from .v1 import generation_pb2 as pb
+from .v1 import generation_pb2_grpc
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+_READY_POLL_S = 0.2  # seconds between health checks in wait_until_ready
+
+
+class AsyncClient:
+    """asyncio client of an lcmserve server; the same arguments and methods as Client.
+
+    Args:
+        target: ``host:port`` of the server (any gRPC target string).
+        secure: use TLS (with the system's root certificates unless ``root_certificates``).
+        root_certificates: PEM bytes of the roots to trust; implies TLS.
+        credentials: channel credentials to use as they are (wins over ``secure``).
+        timeout: default deadline of every call, in seconds; None = no deadline.
+        max_message_mb: largest message sent or received, in MiB (a RAW 1024x1024 image is 3 MiB).
+        options: extra gRPC channel arguments, ``(name, value)`` pairs; they win over ours.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        secure: bool = False,
+        root_certificates: bytes | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+        max_message_mb: float = 64,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout  # seconds
+        self._channel_args = channel_options(max_message_mb, options)
+        self._credentials = channel_credentials(secure, root_certificates, credentials)
+        self._channel: grpc.aio.Channel | None = None
+        self._generation: Any = None  # GenerationServiceStub of the open channel
+        self._health: Any = None  # HealthStub of the open channel
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.target!r})"
+
+    # ---- generation -----------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int | None = None,
+        output_format: OutputFormat = "jpeg",
+        quality: int | None = None,
+        preview_mode: PreviewMode = "none",
+        include_latents: bool = False,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Generates images for ``prompt`` and returns them with the summary and step events.
+
+        Arguments left None take the server's defaults (4 steps, guidance 1.0, 512x512, one
+        image, JPEG quality 90, a seed chosen by the server). See ``stream`` for the events.
+        """
+        collector = ResultCollector()
+        async for event in self.stream(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            width=width,
+            height=height,
+            num_images=num_images,
+            output_format=output_format,
+            quality=quality,
+            preview_mode=preview_mode,
+            include_latents=include_latents,
+            timeout=timeout,
+        ):
+            collector.add(event)
+        return collector.result()
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int | None = None,
+        output_format: OutputFormat = "jpeg",
+        quality: int | None = None,
+        preview_mode: PreviewMode = "none",
+        include_latents: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[GenerateEvent]:
+        """Generates images for ``prompt``; use as ``async for event in client.stream(...)``.
+        Yields a StepEvent per step of each image, then an Image per image, then one Summary.
+
+        Arguments are checked now (TypeError/ValueError); the call starts at the first
+        iteration. Leaving early (break, exception, task cancelled) cancels the call on the
+        server once the iterator is closed: at once with ``contextlib.aclosing``, else when
+        the event loop finalizes it.
+        """
+        request = build_generate_request(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            width=width,
+            height=height,
+            num_images=num_images,
+            output_format=output_format,
+            quality=quality,
+            preview_mode=preview_mode,
+            include_latents=include_latents,
+        )
+        self._check_open()
+        return self._stream(request, call_timeout(timeout, self.timeout))
+
+    async def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> AsyncIterator[GenerateEvent]:
+        call = self._stubs()[0].Generate(request, timeout=timeout)
+        summary_seen = False
+        try:
+            async for response in call:
+                event = event_from_proto(response)
+                summary_seen = summary_seen or isinstance(event, Summary)
+                yield event
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            # Since grpcio 1.83 a call dropped without cancel() is never cancelled on the server
+            # (grpc/grpc#43462): cancel on every way out. A finished call ignores it.
+            call.cancel()
+        if not summary_seen:
+            raise ProtocolError("the Generate stream ended without a summary")
+
+    # ---- model and health ------------------------------------------------------------------
+
+    async def model_info(self, timeout: float | None = None) -> ModelInfo:
+        """Describes the served model: base, fused LoRAs, dtype, device, backend, limits."""
+        generation, _ = self._stubs()
+        try:
+            response = await generation.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=call_timeout(timeout, self.timeout)
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return model_info_from_proto(response)
+
+    async def health_status(self, timeout: float | None = None) -> str:
+        """The server's grpc.health.v1 status for service "" (the whole server): "SERVING",
+        "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN". Raises LcmServeError when the check fails
+        (UnavailableError: not reachable)."""
+        _, health = self._stubs()
+        try:
+            response = await health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=call_timeout(timeout, self.timeout)
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return HEALTH_STATUS_NAMES.get(response.status, "UNKNOWN")
+
+    async def health(self, timeout: float | None = None) -> bool:
+        """True when the server is SERVING; False when it answers otherwise, cannot be reached,
+        or does not answer in time. Other failures (e.g. no health service) raise."""
+        try:
+            return await self.health_status(timeout) == "SERVING"
+        except (UnavailableError, DeadlineExceededError):
+            return False
+
+    async def wait_until_ready(self, timeout: float = 30.0) -> None:
+        """Polls health until the server is SERVING. Raises DeadlineExceededError after
+        ``timeout`` seconds, saying what the last check saw."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last = "no check finished"
+        while True:
+            remaining = deadline - loop.time()  # seconds
+            if remaining <= 0:
+                message = f"server at {self.target} not SERVING after {timeout:g} s (last check: {last})"
+                raise DeadlineExceededError(f"DEADLINE_EXCEEDED: {message}", details=message)
+            try:
+                status = await self.health_status(timeout=min(remaining, 2.0))
+            except (UnavailableError, DeadlineExceededError) as exc:
+                last = str(exc)
+            else:
+                if status == "SERVING":
+                    return
+                last = status
+            await asyncio.sleep(max(0.0, min(_READY_POLL_S, deadline - loop.time())))
+
+    # ---- lifetime --------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled. Safe to call twice."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+
+    def _stubs(self) -> tuple[Any, Any]:
+        """(generation stub, health stub), opening the channel in the running loop at first use."""
+        self._check_open()
+        if self._channel is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._channel_args)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=self._channel_args
+                )
+            self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
+            self._health = health_pb2_grpc.HealthStub(self._channel)
+        return self._generation, self._health

@@ -1,0 +1,277 @@
+"""Typed results of the lcmserve SDK: frozen dataclasses, no protobuf types.
+
+Pictures and latents keep their bytes as sent by the server; Pillow and numpy are imported only
+when a method needs them, so the SDK itself depends on grpcio and protobuf alone.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # only for annotations: never imported at run time by this module
+    import numpy
+    import PIL.Image
+
+OutputFormat = Literal["jpeg", "png", "webp", "raw"]
+"""Encoding of an image: JPEG, PNG, WEBP, or RAW = uint8 RGB pixels, shape (height, width, 3)."""
+
+PreviewMode = Literal["none", "approx", "full"]
+"""Preview per step: none, a cheap latent-to-RGB approximation at 1/8 size, or a full VAE decode."""
+
+# File suffix -> format, for Picture.save(); the first suffix of a format is its default.
+SUFFIX_FORMATS: dict[str, OutputFormat] = {
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".png": "png",
+    ".webp": "webp",
+    ".rgb": "raw",
+    ".raw": "raw",
+}
+FORMAT_SUFFIXES: dict[OutputFormat, str] = {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "raw": ".rgb"}
+_PIL_FORMATS: dict[OutputFormat, str] = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def _import_pil() -> Any:
+    try:
+        import PIL.Image
+    except ImportError as exc:
+        raise ImportError("this needs Pillow, which lcmserve does not install: pip install pillow") from exc
+    return PIL.Image
+
+
+def _import_numpy() -> Any:
+    try:
+        import numpy
+    except ImportError as exc:
+        raise ImportError("this needs numpy, which lcmserve does not install: pip install numpy") from exc
+    return numpy
+
+
+@dataclass(frozen=True)
+class Picture:
+    """An encoded picture: a final image or a step preview.
+
+    ``data`` is the file content for JPEG/PNG/WEBP, and for RAW the pixels: uint8 RGB,
+    row-major, shape (height, width, 3), no header.
+    """
+
+    data: bytes = field(repr=False)
+    format: OutputFormat
+    width: int  # pixels
+    height: int  # pixels
+
+    @property
+    def nbytes(self) -> int:
+        """Size of ``data`` in bytes."""
+        return len(self.data)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the picture to ``path`` and returns it as a Path.
+
+        The bytes are written as they are, unless the suffix names another format
+        (``.jpg``/``.jpeg``, ``.png``, ``.webp``, ``.rgb``/``.raw``): then the picture is
+        converted with Pillow, e.g. a RAW picture saved as ``x.png``.
+        """
+        path = Path(path)
+        wanted = SUFFIX_FORMATS.get(path.suffix.lower(), self.format)
+        if wanted == self.format:
+            path.write_bytes(self.data)
+        elif wanted == "raw":
+            path.write_bytes(self.to_pil().convert("RGB").tobytes())
+        else:
+            self.to_pil().save(path, format=_PIL_FORMATS[wanted])
+        return path
+
+    def to_pil(self) -> PIL.Image.Image:
+        """Decodes to a ``PIL.Image.Image`` (RGB for RAW). Needs Pillow."""
+        pil = _import_pil()
+        if self.format == "raw":
+            self._check_raw_size()
+            return pil.frombytes("RGB", (self.width, self.height), self.data)  # type: ignore[no-any-return]
+        image = pil.open(io.BytesIO(self.data))
+        image.load()  # decode now, while the buffer is known to be alive
+        return image  # type: ignore[no-any-return]
+
+    def to_numpy(self) -> numpy.ndarray[Any, Any]:
+        """Decodes to a uint8 array of shape (height, width, 3), RGB. Needs numpy (and Pillow
+        unless the format is RAW)."""
+        np = _import_numpy()
+        if self.format == "raw":
+            self._check_raw_size()
+            pixels = np.frombuffer(self.data, dtype=np.uint8)
+            return pixels.reshape(self.height, self.width, 3).copy()  # type: ignore[no-any-return]
+        return np.asarray(self.to_pil().convert("RGB"))  # type: ignore[no-any-return]
+
+    def _check_raw_size(self) -> None:
+        expected = self.width * self.height * 3
+        if len(self.data) != expected:
+            raise ValueError(
+                f"RAW picture of {self.width}x{self.height} should hold {expected} bytes "
+                f"(uint8 RGB), got {len(self.data)}"
+            )
+
+
+@dataclass(frozen=True)
+class Latents:
+    """A dense tensor of latents, e.g. shape (4, height/8, width/8), float32, little-endian."""
+
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name, e.g. "float32"
+    data: bytes = field(repr=False)  # elements, row-major, little-endian
+
+    def to_numpy(self) -> numpy.ndarray[Any, Any]:
+        """Returns a numpy array of ``shape`` and ``dtype`` (a copy, writable). Needs numpy."""
+        np = _import_numpy()
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        if count * dtype.itemsize != len(self.data):
+            raise ValueError(
+                f"latents of shape {self.shape} and dtype {self.dtype} should hold "
+                f"{count * dtype.itemsize} bytes, got {len(self.data)}"
+            )
+        array = np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
+        return array.astype(dtype.newbyteorder("="))  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A denoising step of one image finished."""
+
+    image_index: int  # which image of the request, 0 to num_images - 1
+    step: int  # 0 to num_steps - 1
+    num_steps: int
+    timestep: int  # diffusion timestep, 0 to 999
+    preview: Picture | None  # the denoised prediction, when a preview mode was asked for
+    latents: Latents | None  # the denoised latents, when include_latents was set
+
+
+@dataclass(frozen=True)
+class Image:
+    """One finished image of a request."""
+
+    index: int  # which image of the request, 0 to num_images - 1
+    picture: Picture
+    seed: int  # request seed + index: reproduces this image alone
+    latents: Latents | None  # final latents, when include_latents was set
+
+    @property
+    def data(self) -> bytes:
+        """The picture's bytes (see Picture)."""
+        return self.picture.data
+
+    @property
+    def format(self) -> OutputFormat:
+        """The picture's format."""
+        return self.picture.format
+
+    @property
+    def width(self) -> int:
+        """Width in pixels."""
+        return self.picture.width
+
+    @property
+    def height(self) -> int:
+        """Height in pixels."""
+        return self.picture.height
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the picture to ``path`` (see Picture.save)."""
+        return self.picture.save(path)
+
+    def to_pil(self) -> PIL.Image.Image:
+        """Decodes the picture with Pillow (see Picture.to_pil)."""
+        return self.picture.to_pil()
+
+    def to_numpy(self) -> numpy.ndarray[Any, Any]:
+        """Decodes the picture to a uint8 (height, width, 3) array (see Picture.to_numpy)."""
+        return self.picture.to_numpy()
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time of one request went, in milliseconds of wall time on the server."""
+
+    queue_ms: float  # arrival -> first step of its first image
+    text_ms: float  # text encoding (0 when cached)
+    unet_ms: float  # UNet steps it took part in (shared with its batch)
+    vae_ms: float  # VAE decodes of its images (and full previews)
+    encode_ms: float  # image encoding on the host
+    total_ms: float  # arrival -> last image
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The end of a request: always the last event of a stream."""
+
+    seed: int  # seed of image 0, as given or as chosen by the server
+    num_images: int
+    prompt_truncated: bool  # CLIP's 77-token limit cut the prompt or the negative prompt
+    prompt_tokens: int  # tokens of the prompt, start and end included, before truncation
+    timings: Timings
+
+
+GenerateEvent = StepEvent | Image | Summary
+"""One event of a Generate stream: step events, then images, then one summary."""
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """A whole Generate call: the images (ordered by index), its summary and its step events."""
+
+    images: list[Image]
+    summary: Summary
+    steps: list[StepEvent]
+
+    @property
+    def seed(self) -> int:
+        """Seed of image 0."""
+        return self.summary.seed
+
+    @property
+    def timings(self) -> Timings:
+        """The server's timings of this request."""
+        return self.summary.timings
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """A LoRA fused into the served model."""
+
+    source: str  # file, folder or hub id
+    sha256: str  # of its weights file, hex
+    scale: float  # it was fused with; 1.0 is full strength
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits the server validates Generate requests against."""
+
+    max_steps: int
+    min_side: int  # pixels
+    max_side: int  # pixels
+    side_multiple: int  # pixels
+    max_images: int  # per request
+    max_prompt_chars: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    max_batch_size: int  # rows in one UNet call (a guided image takes two)
+    max_queued_requests: int  # waiting before RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model, as GetModelInfo describes it."""
+
+    base: str  # hub id, folder or preset name
+    loras: list[LoraInfo]  # in fusion order
+    dtype: str  # "float16", "bfloat16" or "float32"
+    device: str  # e.g. "cuda:0" or "cpu"
+    backend: str  # "eager", "compile", "aoti" or "onnx"
+    limits: Limits
+    server_version: str
