@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python -m lcmserve.demo --out $(OUT)
+	$(BIN)/python -m lcmserve.server.demo --out $(OUT)
 
 serve: install
 	$(BIN)/lcmserve serve --model $(MODEL) --port $(PORT)

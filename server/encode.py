@@ -57,7 +57,7 @@ def encode(image: np.ndarray, fmt: str, quality: int) -> EncodedPicture:
         from PIL import Image
 
         buf = io.BytesIO()
-        pil = Image.fromarray(image, mode="RGB") if _PIL_NEEDS_MODE else Image.fromarray(image)
+        pil = Image.fromarray(image)  # (H, W, 3) uint8 -> RGB
         if fmt == "jpeg":
             pil.save(buf, format="JPEG", quality=quality)
         elif fmt == "webp":
@@ -69,14 +69,3 @@ def encode(image: np.ndarray, fmt: str, quality: int) -> EncodedPicture:
         data = buf.getvalue()
     return EncodedPicture(data, fmt, width, height, (time.perf_counter() - start) * 1e3)
 
-
-def _pil_needs_mode() -> bool:
-    try:
-        import PIL
-
-        return int(PIL.__version__.split(".")[0]) < 11  # `mode=` is deprecated from Pillow 11
-    except Exception:
-        return False
-
-
-_PIL_NEEDS_MODE = _pil_needs_mode()

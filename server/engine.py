@@ -309,16 +309,16 @@ class Engine:
         """Cancelled or past its deadline: tell the edge (if it still listens) and forget it."""
         if request.failed:
             return True
-        if request.cancelled:
-            request.failed = True
-            if self.metrics:
-                self.metrics.request_done("CANCELLED")
-            return True
-        if request.expired(now):
+        if request.expired(now):  # (gRPC also cancels the call at its deadline: report it as expired)
             request.failed = True
             request.sink(Failure("DEADLINE_EXCEEDED", "the request's deadline passed before it finished"))
             if self.metrics:
                 self.metrics.request_done("DEADLINE_EXCEEDED")
+            return True
+        if request.cancelled:
+            request.failed = True
+            if self.metrics:
+                self.metrics.request_done("CANCELLED")
             return True
         return False
 

@@ -1,0 +1,62 @@
+"""Health, reflection, model info, metrics, and drain on SIGTERM, on a real server process."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import ServerProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from lcmserve import Client, UnavailableError
+
+
+def test_health_reflection_and_model_info(tiny_server: str, tiny_artifact) -> None:
+    with grpc.insecure_channel(tiny_server) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "lcmserve.v1.GenerationService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in replies for s in r.list_services_response.service}
+        assert {"lcmserve.v1.GenerationService", "grpc.health.v1.Health"} <= names
+    with Client(tiny_server) as client:
+        info = client.model_info()
+        assert client.health()
+    assert info.base == "tiny" and info.backend == "eager" and info.dtype == "float32" and info.device == "cpu"
+    assert len(info.loras) == 1 and info.loras[0].scale == pytest.approx(0.8) and len(info.loras[0].sha256) == 64
+    assert info.limits.max_steps == 8 and info.limits.max_side == 1024 and info.limits.side_multiple == 8
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_artifact) -> None:
+    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1")
+    results: list = []
+    errors: list = []
+
+    def long_request() -> None:
+        try:
+            with Client(server.target) as client:
+                results.append(client.generate("drain me", num_inference_steps=8, width=512, height=512, seed=5))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=long_request)
+    with Client(server.target) as client:
+        stream = client.stream("probe", num_inference_steps=8, width=512, height=512)
+        next(stream)  # the server is busy with in-flight work now
+        worker.start()
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        rest = list(stream)  # the in-flight request still finishes
+    worker.join(120)
+    assert rest and type(rest[-1]).__name__ == "Summary"
+    assert not errors and results and len(results[0].images) == 1
+    with pytest.raises(UnavailableError), Client(server.target) as late:
+        late.generate("too late", num_inference_steps=1, width=64, height=64, timeout=5)
+    assert server.proc.wait(60) == 0
+    server.stop()
