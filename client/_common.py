@@ -26,7 +26,11 @@ HEALTH_STATUS_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE
 def channel_options(max_message_mb: float, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     """Channel arguments: message limits of ``max_message_mb`` MiB both ways, a short reconnect
     backoff, then ``options`` (which win over these)."""
-    if isinstance(max_message_mb, bool) or not isinstance(max_message_mb, (int, float)) or max_message_mb <= 0:
+    if (
+        isinstance(max_message_mb, bool)
+        or not isinstance(max_message_mb, (int, float))
+        or max_message_mb <= 0
+    ):
         raise ValueError(f"max_message_mb={max_message_mb!r} must be a number of MiB > 0")
     limit = int(max_message_mb * 1024 * 1024)  # bytes
     merged: dict[str, Any] = {
@@ -38,9 +42,7 @@ def channel_options(max_message_mb: float, options: Sequence[tuple[str, Any]]) -
     return list(merged.items())
 
 
-def channel_credentials(
-    secure: bool, root_certificates: bytes | None, credentials: Any | None
-) -> Any | None:
+def channel_credentials(secure: bool, root_certificates: bytes | None, credentials: Any | None) -> Any | None:
     """The grpc.ChannelCredentials to use, or None for a plaintext channel.
 
     ``credentials`` wins; else TLS when ``secure`` or ``root_certificates`` (PEM bytes; None

@@ -160,7 +160,9 @@ class AsyncClient:
         self._check_open()
         return self._stream(request, call_timeout(timeout, self.timeout))
 
-    async def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> AsyncIterator[GenerateEvent]:
+    async def _stream(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[GenerateEvent]:
         call = self._stubs()[0].Generate(request, timeout=timeout)
         summary_seen = False
         try:
