@@ -40,7 +40,8 @@ _READY_POLL_S = 0.2  # seconds between health checks in wait_until_ready
 
 
 class Client:
-    """Synchronous client of an lcmserve server.
+    """Synchronous client of an lcmserve server. One Client may be shared by many threads (its
+    channel multiplexes their calls over one connection).
 
     Args:
         target: ``host:port`` of the server (any gRPC target string).

@@ -230,7 +230,8 @@ def _error_from_status(code: str, details: str, status: status_pb2.Status | None
 
     if cls is InvalidArgumentError:
         violations = _field_violations(status)
-        unmentioned = [v for v in violations if v.description not in details]
+        # The server's message usually names its fields already; add the ones it does not.
+        unmentioned = [v for v in violations if v.field not in details and v.description not in details]
         if unmentioned:
             message += " (" + "; ".join(f"{v.field}: {v.description}" for v in unmentioned) + ")"
         return InvalidArgumentError(message, code, details, field_violations=violations)
