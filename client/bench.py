@@ -90,6 +90,8 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a crack near a window corner in a cast-in-place concrete wall",
 )
 
+ResultCallback = Callable[["Level", RequestResult], None]
+
 # Our own guard beyond the gRPC deadline, in case a stream hangs past it (seconds).
 _TIMEOUT_SLACK_S = 5.0
 # ---------------------------------------------------------------- configuration
@@ -384,9 +386,14 @@ async def run_level(
     level: Level,
     *,
     stop: asyncio.Event | None = None,
+    on_result: ResultCallback | None = None,
     source: _RequestSource | None = None,
 ) -> LevelReport:
-    """Warms up, then runs one level and summarises it. `stop.set()` ends it early (partial results)."""
+    """Warms up, then runs one level and summarises it.
+
+    `stop.set()` ends it early (requests in flight are cancelled and not counted); `on_result` is
+    called with each counted request as it finishes (not the warm-up's).
+    """
     pool = [clients] if isinstance(clients, AsyncClient) else list(clients)
     source = source or _RequestSource(config)
     stop = stop or asyncio.Event()
@@ -405,6 +412,8 @@ async def run_level(
 
     def record(result: RequestResult) -> None:
         results.append(result)
+        if on_result is not None:
+            on_result(level, result)
         bar.update(1)
         if not result.ok:
             bar.set_postfix(failed=sum(1 for r in results if not r.ok), refresh=False)
@@ -438,8 +447,13 @@ async def _server_info(client: AsyncClient) -> dict[str, Any] | None:
     return {"description": str(info)}
 
 
-async def run_bench(config: BenchConfig, *, stop: asyncio.Event | None = None) -> BenchReport:
-    """Smoke request, then every level in turn, then the baseline (if asked). Raises BenchError."""
+async def run_bench(
+    config: BenchConfig, *, stop: asyncio.Event | None = None, on_result: ResultCallback | None = None
+) -> BenchReport:
+    """Smoke request, then every level in turn, then the baseline (if asked). Raises BenchError.
+
+    `stop` and `on_result` as in run_level.
+    """
     stop = stop or asyncio.Event()
     report = BenchReport(config)
     if config.target is not None:
@@ -454,7 +468,9 @@ async def run_bench(config: BenchConfig, *, stop: asyncio.Event | None = None) -
             for level in config.levels:
                 if stop.is_set():
                     break
-                report.levels.append(await run_level(clients, config, level, stop=stop, source=source))
+                report.levels.append(
+                    await run_level(clients, config, level, stop=stop, on_result=on_result, source=source)
+                )
     if config.baseline_model is not None and not stop.is_set():
         from .bench_baseline import run_baseline
 
