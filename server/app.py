@@ -109,10 +109,10 @@ class App:
         deadline = time.monotonic() + self.config.drain_timeout_s
         while (self.inflight or (self.engine and self.engine.busy)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.server is not None:
-            await self.server.stop(grace=1.0)
-        if self.engine is not None:
+        if self.engine is not None:  # whatever is left now fails UNAVAILABLE through its handler
             await asyncio.to_thread(self.engine.stop, 10.0)
+        if self.server is not None:
+            await self.server.stop(grace=2.0)
 
     async def _set_health(self, status: int) -> None:
         for service in ("", pb.DESCRIPTOR.services_by_name["GenerationService"].full_name):

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lcmserve import __version__
 
+    from lcmserve.export.errors import ExportError
+
     from .app import ServerConfig, serve
     from .engine import EngineConfig
     from .loader import LoadError, load_runtime
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                                      device=args.device, dtype=args.dtype)
     try:
         asyncio.run(serve(make_runtime, config, engine_config, limits, __version__))
-    except (LoadError, FileNotFoundError, ValueError, OSError) as exc:
+    except (LoadError, ExportError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"lcmserve serve: {exc}", file=sys.stderr)
         return 2
     return 0

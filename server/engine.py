@@ -238,7 +238,8 @@ class Engine:
                     with self._cond:
                         while not self._waiting and not self._active and not self._stopping:
                             self._cond.wait()
-                        if self._stopping and not self._waiting and not self._active:
+                        if self._stopping:  # the edge drained what it could; abandon the rest
+                            self._abandon_all()
                             return
                     if not self._active and self.config.batch_wait_ms > 0:
                         time.sleep(self.config.batch_wait_ms / 1e3)  # let company arrive for an idle batch
@@ -462,6 +463,16 @@ class Engine:
         for request in set(requests):
             request.timings["vae_ms"] += elapsed * 1e3
         return torch.cat(chunks)
+
+    def _abandon_all(self) -> None:
+        """Called with the lock held when stopping: every request still here fails UNAVAILABLE."""
+        requests = list(dict.fromkeys([s.request for s in self._active] + list(self._waiting)))
+        self._active = []
+        self._waiting.clear()
+        for request in requests:
+            if not request.failed:
+                request.failed = True
+                request.sink(Failure("UNAVAILABLE", "the server is shutting down"))
 
     def _fail_active(self, message: str) -> None:
         requests = {s.request for s in self._active}

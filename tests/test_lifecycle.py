@@ -34,20 +34,20 @@ def test_health_reflection_and_model_info(tiny_server: str, tiny_artifact) -> No
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_artifact) -> None:
-    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1")
+    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1", "--drain-timeout", "300")
     results: list = []
     errors: list = []
 
     def long_request() -> None:
         try:
             with Client(server.target) as client:
-                results.append(client.generate("drain me", num_inference_steps=8, width=512, height=512, seed=5))
+                results.append(client.generate("drain me", num_inference_steps=4, width=256, height=256, seed=5))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     worker = threading.Thread(target=long_request)
     with Client(server.target) as client:
-        stream = client.stream("probe", num_inference_steps=8, width=512, height=512)
+        stream = client.stream("probe", num_inference_steps=8, width=256, height=256)
         next(stream)  # the server is busy with in-flight work now
         worker.start()
         time.sleep(0.5)
