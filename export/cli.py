@@ -1,0 +1,120 @@
+"""`lcmserve export`: fuse LoRAs into a base model and write an artifact folder.
+
+    lcmserve export --base tiny --lora crack.safetensors:0.8 --lora latent-consistency/lcm-lora-sdv1-5 \\
+        --out artifacts/crack-tiny [--backend eager] [--dtype float32] [--device cpu] [--force]
+
+The client's CLI imports this module to build its parser, where torch may be absent: nothing heavy
+is imported until `run`. Bad input (missing file, scale that is not a number, a LoRA that matches
+nothing, unknown model) prints one line on stderr and returns 2; other failures return 1. Either
+way no artifact is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+BACKENDS = ("eager", "compile", "aoti", "onnx")  # same as lcmserve.export.fuse.BACKENDS
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--base",
+        required=True,
+        metavar="MODEL",
+        help="base model: a preset (tiny, sd15-random), a diffusers folder, an export artifact, or a hub id",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="SRC[:SCALE]",
+        help="LoRA to fuse (repeatable): a .safetensors file (diffusers or kohya_ss keys), a folder "
+        "holding one, or a hub id; SCALE defaults to 1.0",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
+    parser.add_argument("--backend", choices=BACKENDS, default="eager", help="runtime backend to prepare")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="weights dtype (default: float16 on cuda, float32 on cpu)"
+    )
+    parser.add_argument(
+        "--device", default=None, metavar="cpu|cuda", help="device (default: cuda when available, else cpu)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the export described by `args`; returns the process exit code (0, 1 failure, 2 bad input)."""
+    # Argument-only checks first: a bad --lora scale fails before torch is even imported.
+    from lcmserve.export.errors import ExportError
+    from lcmserve.export.lora import parse_lora_arg
+
+    try:
+        specs = [parse_lora_arg(a) for a in args.lora]
+    except ExportError as e:
+        return _fail(e)
+
+    from lcmserve.export.fuse import export_model
+
+    _quiet_libraries()
+    try:
+        manifest = export_model(
+            args.base,
+            specs,
+            args.out,
+            dtype=args.dtype,
+            device=args.device,
+            backend=args.backend,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+    except ExportError as e:
+        return _fail(e)
+
+    parity = manifest.parity
+    check = (
+        f"parity max|diff| {parity['max_abs_diff']:.2g} <= {parity['tolerance']:g}"
+        if parity
+        else "no LoRA, no parity check"
+    )
+    print(
+        f"exported {args.base} + {len(manifest.loras)} LoRA(s) -> {args.out} "
+        f"({manifest.dtype}, {manifest.device}, {manifest.backend}); {check}"
+    )
+    return 0
+
+
+def _fail(e: Exception) -> int:
+    message = " ".join(str(e).split())  # one line, whatever the library put in the message
+    print(f"lcmserve export: error: {message}", file=sys.stderr)
+    return int(getattr(e, "exit_code", 1))
+
+
+def _quiet_libraries() -> None:
+    """The CLI reports problems itself, in one line, and shows one progress bar over the stages.
+    The libraries' own logs about the same things (diffusers' "No LoRA keys associated to
+    CLIPTextModel", "Loading lora_0 was unsuccessful", transformers' MISSING-keys table while a
+    text-encoder LoRA loads, though the weights are unchanged) and their loading bars would only
+    confuse: silence them for this process (the CLI owns it)."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity(logging.CRITICAL)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lcmserve export", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""MODEL argument -> a `StableDiffusionPipeline` with the LCM scheduler, or one clear error.
+
+MODEL is, in the order tried:
+1. a preset name (`tiny`, `sd15-random`): built once into the cache, then loaded from there;
+2. an export artifact folder (`manifest.json` + `model/`): its `model/`;
+3. a diffusers folder (`model_index.json`);
+4. a hub id (`runwayml/stable-diffusion-v1-5`): `from_pretrained`, which uses the Hugging Face cache
+   and honours HF_HUB_OFFLINE.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline
+
+from lcmserve.export.errors import ModelNotFoundError, UserInputError
+from lcmserve.export.manifest import MANIFEST_NAME, MODEL_DIR, read_manifest
+from lcmserve.export.presets import PRESETS, preset_dir
+
+__all__ = ["load_pipeline", "parse_dtype", "read_manifest", "resolve_model", "dtype_name", "set_lcm_scheduler"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """"float16" | "fp16" | "bfloat16" | "bf16" | "float32" | "fp32" -> torch dtype."""
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise UserInputError(f"dtype {name!r} is not one of float32, float16, bfloat16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_model(model: str) -> tuple[str, str]:
+    """MODEL -> (kind, what to pass to from_pretrained): kind is preset | artifact | folder | hub."""
+    if model in PRESETS:
+        return "preset", str(preset_dir(model))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            read_manifest(path)  # a readable, supported manifest, or a clear error
+            if not (path / MODEL_DIR / "model_index.json").is_file():
+                raise ModelNotFoundError(f"artifact {path} has a manifest but no {MODEL_DIR}/model_index.json")
+            return "artifact", str(path / MODEL_DIR)
+        if (path / "model_index.json").is_file():
+            return "folder", str(path)
+        raise ModelNotFoundError(
+            f"folder {path} is neither a diffusers model (no model_index.json) nor an lcmserve artifact "
+            f"(no {MANIFEST_NAME})"
+        )
+    if path.exists():
+        raise ModelNotFoundError(f"model {model} is a file; expected a folder, a preset or a hub id")
+    if _HUB_ID.match(model) and not model.startswith("."):
+        return "hub", model
+    raise ModelNotFoundError(
+        f"model {model!r} is not a preset ({', '.join(PRESETS)}), an existing folder, or a hub id (org/name)"
+    )
+
+
+def set_lcm_scheduler(pipe: StableDiffusionPipeline) -> None:
+    """Swap in LCMScheduler with the model's own schedule (SD v1.5: scaled_linear, steps_offset 1...)."""
+    if not isinstance(pipe.scheduler, LCMScheduler):
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+
+
+def load_pipeline(
+    model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> StableDiffusionPipeline:
+    """Load MODEL (see the module doc) with the LCM scheduler, no safety checker, no progress bars."""
+    kind, location = resolve_model(model)
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if kind == "hub":
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(location, **kwargs)
+        except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+            lines = [line for line in str(e).strip().splitlines() if line.strip()]
+            reason = lines[0][:200] if lines else type(e).__name__
+            raise ModelNotFoundError(
+                f"could not load {model!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+                f"to work offline pass a local diffusers folder, an export artifact, a preset "
+                f"({', '.join(PRESETS)}), or set HF_HUB_OFFLINE=1 with the model already in the cache"
+            ) from e
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(location, **kwargs)
+    set_lcm_scheduler(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
