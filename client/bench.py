@@ -428,8 +428,8 @@ async def run_level(
     return LevelReport.from_results(level, results, time.perf_counter() - t0, config.slo_ms, interrupted)
 
 
-async def _smoke(client: AsyncClient, config: BenchConfig) -> None:
-    result = await _one_request(client, config, _RequestSource(config).next(), time.perf_counter())
+async def _smoke(client: AsyncClient, config: BenchConfig, source: _RequestSource) -> None:
+    result = await _one_request(client, config, source.next(), time.perf_counter())
     if not result.ok:
         raise BenchError(
             f"the smoke request to {config.target} failed: {result.error}: {result.detail}"
@@ -462,9 +462,9 @@ async def run_bench(
                 await stack.enter_async_context(AsyncClient(config.target, secure=config.secure))
                 for _ in range(config.connections)
             ]
-            await _smoke(clients[0], config)
-            report.server = await _server_info(clients[0])
             source = _RequestSource(config)
+            await _smoke(clients[0], config, source)
+            report.server = await _server_info(clients[0])
             for level in config.levels:
                 if stop.is_set():
                     break
@@ -703,6 +703,9 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as e:
         print(f"lcmserve bench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the second Ctrl-C
+        print("lcmserve bench: aborted", file=sys.stderr)
+        return 130
     print(format_table(report))
     try:
         if args.json is not None:
