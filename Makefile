@@ -10,7 +10,7 @@ PORT   ?= 50051
 MODEL  ?= tiny
 OUT    ?= out
 
-.PHONY: install demo serve test lint typecheck proto proto-check clean
+.PHONY: install demo serve test lint typecheck proto proto-check clean gpu-check-prepare
 
 install: $(VENV)/.installed
 
@@ -47,3 +47,10 @@ proto-check: install
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info
+
+# Wheels the GPU machine lacks (it has no registry), carried there in .device/ (git-ignored).
+gpu-check-prepare: install
+	rm -rf .device && mkdir -p .device/wheels
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir .device/wheels .
+	$(BIN)/pip download --quiet --no-deps --dest .device/wheels diffusers==0.42.1 grpcio-status==1.84.0 \
+	    grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 prometheus-client googleapis-common-protos
