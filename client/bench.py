@@ -90,10 +90,13 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a crack near a window corner in a cast-in-place concrete wall",
 )
 
+# Called with each counted request as it finishes (run_level's on_result).
 ResultCallback = Callable[["Level", RequestResult], None]
 
 # Our own guard beyond the gRPC deadline, in case a stream hangs past it (seconds).
 _TIMEOUT_SLACK_S = 5.0
+
+
 # ---------------------------------------------------------------- configuration
 
 
@@ -408,15 +411,18 @@ async def run_level(
     if requests is None and config.duration_s is None:
         requests = level.default_requests()
     results: list[RequestResult] = []
+    failed = 0
     bar = tqdm(total=requests, desc=level.label, unit="req", file=sys.stderr, disable=not config.progress)
 
     def record(result: RequestResult) -> None:
+        nonlocal failed
         results.append(result)
         if on_result is not None:
             on_result(level, result)
         bar.update(1)
         if not result.ok:
-            bar.set_postfix(failed=sum(1 for r in results if not r.ok), refresh=False)
+            failed += 1
+            bar.set_postfix(failed=failed, refresh=False)
 
     t0 = time.perf_counter()
     try:
@@ -552,14 +558,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--connections", type=int, default=1, metavar="N", help="gRPC channels (default 1)")
     shape = parser.add_argument_group("request shape")
-    shape.add_argument("--steps", type=int, default=4, help="num_inference_steps (default 4)")
-    shape.add_argument("--width", type=int, default=512, help="pixels (default 512)")
-    shape.add_argument("--height", type=int, default=512, help="pixels (default 512)")
-    shape.add_argument("--num-images", type=int, default=1, help="images per request (default 1)")
+    shape.add_argument("--steps", type=int, default=4, metavar="N", help="num_inference_steps (default 4)")
+    shape.add_argument("--width", type=int, default=512, metavar="PX", help="pixels (default 512)")
+    shape.add_argument("--height", type=int, default=512, metavar="PX", help="pixels (default 512)")
+    shape.add_argument(
+        "--num-images", type=int, default=1, metavar="N", help="images per request (default 1)"
+    )
     shape.add_argument(
         "--format", choices=("jpeg", "png", "webp", "raw"), default="jpeg", help="(default jpeg)"
     )
-    shape.add_argument("--guidance", type=float, default=1.0, help="guidance_scale (default 1.0: no CFG)")
+    shape.add_argument(
+        "--guidance", type=float, default=1.0, metavar="SCALE", help="guidance_scale (default 1.0: no CFG)"
+    )
     shape.add_argument(
         "--preview-mode",
         choices=("none", "approx", "full"),
@@ -572,7 +582,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="prompts, one a line (default: a built-in list of cracked concrete walls)",
     )
-    shape.add_argument("--seed", type=int, default=0, help="base seed: request i uses seed + i x num-images")
+    shape.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="base seed: request i uses seed + i x num-images"
+    )
     out = parser.add_argument_group("results")
     out.add_argument("--slo-ms", type=float, metavar="MS", help="goodput: ok requests/s within MS end to end")
     out.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
@@ -603,7 +615,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="timed calls per batch size, after one warm-up call (default 3)",
     )
-    base.add_argument("--baseline-device", help="default: cuda if available, else cpu")
+    base.add_argument("--baseline-device", metavar="DEVICE", help="default: cuda if available, else cpu")
     base.add_argument(
         "--baseline-dtype",
         choices=("float16", "bfloat16", "float32"),
