@@ -37,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
     parser.add_argument("--backend", choices=BACKENDS, default="eager", help="runtime backend to prepare")
     parser.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="weights dtype (default: float16 on cuda, float32 on cpu)"
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weights dtype (default: float16 on cuda, float32 on cpu)",
     )
     parser.add_argument(
         "--device", default=None, metavar="cpu|cuda", help="device (default: cuda when available, else cpu)"

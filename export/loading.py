@@ -20,7 +20,14 @@ from lcmserve.export.errors import ModelNotFoundError, UserInputError
 from lcmserve.export.manifest import MANIFEST_NAME, MODEL_DIR, read_manifest
 from lcmserve.export.presets import PRESETS, preset_dir
 
-__all__ = ["load_pipeline", "parse_dtype", "read_manifest", "resolve_model", "dtype_name", "set_lcm_scheduler"]
+__all__ = [
+    "load_pipeline",
+    "parse_dtype",
+    "read_manifest",
+    "resolve_model",
+    "dtype_name",
+    "set_lcm_scheduler",
+]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -35,7 +42,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """"float16" | "fp16" | "bfloat16" | "bf16" | "float32" | "fp32" -> torch dtype."""
+    """The torch dtype of "float16" | "fp16" | "bfloat16" | "bf16" | "float32" | "fp32"."""
     try:
         return _DTYPES[name.lower()]
     except KeyError:
@@ -55,7 +62,9 @@ def resolve_model(model: str) -> tuple[str, str]:
         if (path / MANIFEST_NAME).is_file():
             read_manifest(path)  # a readable, supported manifest, or a clear error
             if not (path / MODEL_DIR / "model_index.json").is_file():
-                raise ModelNotFoundError(f"artifact {path} has a manifest but no {MODEL_DIR}/model_index.json")
+                raise ModelNotFoundError(
+                    f"artifact {path} has a manifest but no {MODEL_DIR}/model_index.json"
+                )
             return "artifact", str(path / MODEL_DIR)
         if (path / "model_index.json").is_file():
             return "folder", str(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,7 @@ class LoraRecord:
 
 
 def parse_lora_arg(arg: str) -> LoraSpec:
-    """"SRC[:SCALE]" -> LoraSpec (scale 1.0 when absent).
+    """Parse `SRC[:SCALE]` into a LoraSpec (scale 1.0 when absent).
 
     Splits at the last colon only when what follows parses as a number, so `C:\\loras\\x.safetensors`
     stays whole. A tail without a path separator that is not a number (`foo.safetensors:abc`) is a
@@ -122,7 +123,7 @@ def resolve_source(source: str) -> Path:
 
 
 def _looks_like_hub_id(source: str) -> bool:
-    """"org/name" and nothing path-like (no .safetensors suffix, no ./ ~ or second slash)."""
+    """True for `org/name` with nothing path-like (no .safetensors suffix, no ./ ~ or second slash)."""
     return bool(_HUB_ID.match(source)) and not source.endswith(".safetensors") and not source.startswith(".")
 
 
@@ -161,8 +162,8 @@ def _download(repo_id: str) -> Path:
 
 
 def detect_format(keys: list[str]) -> str:
-    """"kohya" (lora_unet_* / lora_te_* keys), "diffusers" (unet./text_encoder. + lora_A/B or
-    lora.down/up), or "unknown" (no LoRA-looking keys)."""
+    """The key layout: "kohya" (lora_unet_* / lora_te_* keys), "diffusers" (unet./text_encoder. +
+    lora_A/B or lora.down/up), or "unknown" (no LoRA-looking keys)."""
     if keys and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
     if any(m in k for k in keys for m in _DIFFUSERS_MARKERS):
@@ -240,8 +241,11 @@ def apply_loras(pipe: StableDiffusionPipeline, specs: list[LoraSpec]) -> list[Lo
             )
         adapter = f"lora_{i}"
         try:
-            # A copy: diffusers pops converted keys out of the dict it is given.
-            pipe.load_lora_weights(dict(state_dict), adapter_name=adapter)
+            with warnings.catch_warnings():
+                # peft warns on every adapter after the first; several adapters are the point here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # A copy: diffusers pops converted keys out of the dict it is given.
+                pipe.load_lora_weights(dict(state_dict), adapter_name=adapter)
         except Exception as e:  # noqa: BLE001 - peft/diffusers raise ValueError, RuntimeError, KeyError...
             lines = [line for line in str(e).strip().splitlines() if line.strip()]
             msg = lines[0] if lines else type(e).__name__

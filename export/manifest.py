@@ -107,4 +107,14 @@ def device_architecture(device: str) -> tuple[str, str]:
         index = torch.device(device).index or 0
         major, minor = torch.cuda.get_device_capability(index)
         return f"sm_{major}{minor}", torch.cuda.get_device_name(index)
-    return f"cpu-{platform.machine() or 'unknown'}", platform.processor() or platform.machine() or "cpu"
+    return f"cpu-{platform.machine() or 'unknown'}", _cpu_name()
+
+
+def _cpu_name() -> str:
+    try:  # Linux: the marketing name; platform.processor() there is often just "x86_64" or ""
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"

@@ -240,8 +240,6 @@ def _uniform(key: str, shape: tuple[int, ...], bound: float) -> Any:
     return (rng.random(shape) * 2.0 - 1.0) * bound
 
 
-
-
 def init_weights(
     component: str, model: torch.nn.Module, gain: float, gain_by_suffix: dict[str, float] | None = None
 ) -> None:

@@ -47,7 +47,7 @@ def _normal(seed: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
 def _targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
     import torch
 
-    found = []
+    found: list[tuple[str, torch.nn.Module]] = []
     for name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
@@ -62,7 +62,7 @@ def _lora_pair(
     """(down, up) with std(up @ down * scaling) = strength * std(W)."""
     import torch
 
-    weight = module.weight.detach().float()
+    weight = module.get_parameter("weight").detach().float()
     out_ch, in_ch = weight.shape[0], weight.shape[1]
     rank = min(rank, out_ch, in_ch * (weight[0, 0].numel() if weight.dim() > 2 else 1))
     if isinstance(module, torch.nn.Conv2d):
