@@ -26,8 +26,7 @@ from lcmserve.export.errors import LoraError
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Suffixes that end a LoRA key; what precedes them is the adapted module's name.
-_KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+# Markers inside a diffusers-layout key; what precedes the first is the adapted module's name.
 _DIFFUSERS_MARKERS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_linear_layer.", "_lora.")
 
 
@@ -220,7 +219,8 @@ def _max_rank(state_dict: dict[str, Any], fmt: str) -> int | None:
 
 def apply_loras(pipe: StableDiffusionPipeline, specs: list[LoraSpec]) -> list[LoraRecord]:
     """Load every LoRA as its own adapter (`lora_0`, `lora_1`, ...), check each one really attached,
-    then activate them together with their scales (`set_adapters`). Raises LoraError on any problem."""
+    then activate them together with their scales (`set_adapters`). Raises LoraError on any problem;
+    the pipeline may then hold part of an adapter: discard it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -247,11 +247,13 @@ def apply_loras(pipe: StableDiffusionPipeline, specs: list[LoraSpec]) -> list[Lo
                 # A copy: diffusers pops converted keys out of the dict it is given.
                 pipe.load_lora_weights(dict(state_dict), adapter_name=adapter)
         except Exception as e:  # noqa: BLE001 - peft/diffusers raise ValueError, RuntimeError, KeyError...
-            lines = [line for line in str(e).strip().splitlines() if line.strip()]
-            msg = lines[0] if lines else type(e).__name__
-            if "not found in the base model" in msg:  # peft: not one target module exists
-                _check_attached(spec.source, fmt, _file_modules(keys, fmt), {}, n_keys=len(keys))
-            raise LoraError(f"LoRA {spec.source} does not fit the model: {msg[:300]}") from e
+            if "not found in the base model" in str(e):  # peft: no target module of a component exists
+                attached = {c: _attached_modules(getattr(pipe, c), adapter) for c in ("unet", "text_encoder")}
+                _check_attached(spec.source, fmt, _file_modules(keys, fmt), attached, n_keys=len(keys))
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            # Two lines: torch puts "size mismatch for <param>" on the second.
+            msg = " ".join(lines[:2])[:400] if lines else type(e).__name__
+            raise LoraError(f"LoRA {spec.source} does not fit the model: {msg}") from e
 
         wanted = _file_modules(keys, fmt)
         attached = {
