@@ -275,32 +275,27 @@ def init_weights(
                         if mod_name.endswith(suffix):
                             w_gain *= extra
                     bound = (w_gain if p_name == "weight" else 1.0) / fan_in**0.5
-                elif isinstance(module, torch.nn.Embedding):
-                    bound = 0.02 * 3**0.5
-                else:
+                else:  # embeddings (token, position), and anything else with weights
                     bound = 0.02 * 3**0.5
                 p.copy_(torch.from_numpy(_uniform(key, tuple(p.shape), bound)).to(p.dtype))
                 done.add(full)
     missing = {n for n, _ in model.named_parameters()} - done
-    if missing:  # cannot happen with the module types above; guard against a silent half-init
+    if missing:  # a parameter no module owns directly (shared or tied): refuse a silent half-init
         raise RuntimeError(f"preset init left parameters untouched: {sorted(missing)[:5]}")
 
 
 def weights_sha256(pipe: StableDiffusionPipeline) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of every UNet / VAE / text-encoder tensor."""
-    h = hashlib.sha256()
-    for comp in ("unet", "vae", "text_encoder"):
-        for name, t in sorted(getattr(pipe, comp).state_dict().items()):
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{comp}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.view(-1).view(dtype=_u8()).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _u8() -> torch.dtype:
+    """sha256 over the names, shapes, dtypes and bytes of every UNet / VAE / text-encoder parameter
+    (parameters only: buffers such as CLIP's position ids differ between library versions)."""
     import torch
 
-    return torch.uint8
+    h = hashlib.sha256()
+    for comp in ("unet", "vae", "text_encoder"):
+        for name, t in sorted(getattr(pipe, comp).named_parameters()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{comp}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # --- building --------------------------------------------------------------------------------------
