@@ -12,7 +12,7 @@ bound to the loop it was made in), so an AsyncClient may be built anywhere.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +134,7 @@ class AsyncClient:
         preview_mode: PreviewMode = "none",
         include_latents: bool = False,
         timeout: float | None = None,
-    ) -> AsyncIterator[GenerateEvent]:
+    ) -> AsyncGenerator[GenerateEvent, None]:
         """Generates images for ``prompt``; use as ``async for event in client.stream(...)``.
         Yields a StepEvent per step of each image, then an Image per image, then one Summary.
 
@@ -162,7 +162,7 @@ class AsyncClient:
 
     async def _stream(
         self, request: pb.GenerateRequest, timeout: float | None
-    ) -> AsyncIterator[GenerateEvent]:
+    ) -> AsyncGenerator[GenerateEvent, None]:
         call = self._stubs()[0].Generate(request, timeout=timeout)
         summary_seen = False
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 from conftest import reference_image
@@ -61,10 +62,12 @@ def test_cancelled_and_expired_requests_do_not_change_the_others(tiny_server: st
     async def cancel_after_first_step(seed: int) -> int:
         async with AsyncClient(tiny_server) as client:
             seen = 0
-            async for event in client.stream("cancelled", num_inference_steps=8, seed=seed, width=128, height=128):
-                if isinstance(event, StepEvent):
-                    seen += 1
-                    break  # leaving the stream cancels the call
+            stream = client.stream("cancelled", num_inference_steps=8, seed=seed, width=128, height=128)
+            async with contextlib.aclosing(stream):  # leaving the stream cancels the call
+                async for event in stream:
+                    if isinstance(event, StepEvent):
+                        seen += 1
+                        break
             return seen
 
     async def expire(seed: int) -> str:
