@@ -20,13 +20,15 @@ An artifact is compiled for one kind of machine, so loading checks what the expo
 this machine and raises `ArtifactMismatchError` (saying what differs and how to re-export) when the
 device architecture (CUDA capability `sm_90`, or `cpu-x86_64-avx2`: inductor's CPU code is built for
 the host's vector ISA) or the torch version (aoti, compile) / onnxruntime version (onnx) differ.
+
+What export/compile.py and this module must agree on (file layout, adapters, module rewrites, machine
+identity) is in artifact.py; the ONNX Runtime backend is in compiled_onnx.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,127 +36,26 @@ from typing import Any
 
 import torch
 
+from .artifact import (
+    MAX_BATCH,
+    TextEncode,
+    UNetStep,
+    VaeDecode,
+    compile_parts,
+    copy_cpp_kernels,
+    device_arch,
+    onnxruntime_version,
+    warm_compiled,
+)
 from .runtime import ModelSpec, Runtime
 
 log = logging.getLogger("lcmserve.compiled")
 
 BACKEND_ORDER: tuple[str, ...] = ("aoti", "compile", "onnx")  # best first, for --backend auto
-MAX_BATCH = 63  # per call of an exported part; Dim("batch", max=64) fails a UNet guard (batch >= 64)
-IMAGE_SIDE_RANGE = (64, 1024)  # pixels, as the request validation allows
-
-# File names inside compiled/<backend>/, one per part.
-PARTS: dict[str, dict[str, str]] = {
-    "aoti": {"text_encoder": "text_encoder.pt2", "unet": "unet.pt2", "vae_decoder": "vae_decoder.pt2"},
-    "onnx": {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx"},
-    "compile": {"cache": "inductor_cache.bin"},
-}
-# Names of the exported inputs / outputs (ONNX graph names; the adapters' argument names).
-IO_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
-    "text_encoder": (("input_ids",), "hidden"),
-    "unet": (("latents", "timesteps", "text"), "noise"),
-    "vae_decoder": (("latents",), "pixels"),
-}
 
 
 class ArtifactMismatchError(RuntimeError):
     """A compiled artifact made for another device architecture or library version than this machine's."""
-
-
-# --- adapters: plain tensor signatures, so export and compile see one clean graph each ---------------
-
-
-class UNetStep(torch.nn.Module):
-    """(latents (B, 4, h, w), timesteps (B,) int64, text (B, 77, D)) -> predicted noise (B, 4, h, w)."""
-
-    def __init__(self, unet: torch.nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.unet(latents, timesteps, encoder_hidden_states=text, return_dict=False)[0]
-
-
-class VaeDecode(torch.nn.Module):
-    """Unscaled latents (B, 4, h, w) -> pixels (B, 3, 8h, 8w) in [-1, 1]."""
-
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents, return_dict=False)[0]
-
-
-class TextEncode(torch.nn.Module):
-    """Token ids (B, 77) int64 -> last hidden state (B, 77, D), as StableDiffusionPipeline.encode_prompt."""
-
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0]
-
-
-def optimizations_for(device: str | torch.device) -> tuple[str, ...]:
-    """Module rewrites applied before export / compile (attention is SDPA in every case: diffusers'
-    default AttnProcessor2_0, and transformers' CLIP "sdpa" attention).
-
-    fused_qkv: one matmul for q, k, v in self-attention (k, v in cross-attention): fewer, larger GEMMs
-      on both devices.
-    channels_last: NHWC convolutions. On CUDA the tensor-core conv kernels are NHWC (fp16/bf16), so it
-      pays there; on the CPU inductor lowers convs to oneDNN, which picks its own blocked layout, and a
-      channels-last UNet measured no faster here, so it is left off.
-    """
-    return ("fused_qkv", "channels_last") if torch.device(device).type == "cuda" else ("fused_qkv",)
-
-
-def apply_optimizations(module: torch.nn.Module, optimizations: tuple[str, ...] | list[str]) -> torch.nn.Module:
-    """Rewrite a diffusers UNet / VAE in place (callers pass a copy: fusing adds `to_qkv` weights that
-    must not reach the saved model/ folder)."""
-    if "fused_qkv" in optimizations and hasattr(module, "fuse_qkv_projections"):
-        module.fuse_qkv_projections()
-    if "channels_last" in optimizations:
-        module.to(memory_format=torch.channels_last)
-    return module
-
-
-# --- machine identity and the refusal of foreign artifacts ----------------------------------------
-
-
-def device_arch(device: str | torch.device) -> str:
-    """`sm_90` for a CUDA device (its compute capability), `cpu-x86_64-avx2` for the CPU (machine and
-    the vector ISA that inductor's C++ code and ATen's kernels are built for here)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {dev} asked for, but this torch {torch.__version__} sees no CUDA device")
-        major, minor = torch.cuda.get_device_capability(dev)
-        return f"sm_{major}{minor}"
-    isa = torch.backends.cpu.get_cpu_capability().lower()  # "avx2", "avx512", "default", ...
-    return f"cpu-{platform.machine().lower()}-{isa}"
-
-
-def device_name(device: str | torch.device) -> str:
-    """For people reading the manifest: "NVIDIA H100 80GB HBM3", "AMD EPYC 7B13"."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def onnxruntime_version() -> str | None:
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    return str(onnxruntime.__version__)
 
 
 def machine_identity(backend: str, device: str | torch.device) -> dict[str, str | None]:
@@ -239,7 +140,9 @@ def pick_backend(artifact_dir: Path, device: str | torch.device) -> str:
         try:
             check_compiled(artifact_dir, compiled_info(artifact_dir, backend), backend=backend, device=device)
             if backend == "onnx":
-                _onnx_providers(torch.device(device))
+                from .compiled_onnx import onnx_providers
+
+                onnx_providers(torch.device(device))
         except (ArtifactMismatchError, FileNotFoundError, ImportError, RuntimeError) as exc:
             log.info("backend auto: not %s: %s", backend, exc)
             continue
@@ -266,8 +169,13 @@ def load_compiled_runtime(artifact_dir: Path, *, backend: str, device: str, warm
     info = compiled_info(artifact_dir, backend)
     check_compiled(artifact_dir, info, backend=backend, device=dev)
     start = time.perf_counter()
-    cls: type[_CompiledRuntime] = {"aoti": AOTIRuntime, "compile": TorchCompileRuntime,
-                                    "onnx": OnnxRuntime}[backend]
+    cls: type[_CompiledRuntime]
+    if backend == "onnx":
+        from .compiled_onnx import OnnxRuntime
+
+        cls = OnnxRuntime
+    else:
+        cls = AOTIRuntime if backend == "aoti" else TorchCompileRuntime
     runtime = cls(artifact_dir, info, dev, warmup=warmup)
     runtime.spec.extra["load_seconds"] = round(time.perf_counter() - start, 3)
     log.info("loaded %s artifact %s on %s in %.1f s", backend, artifact_dir, dev, time.perf_counter() - start)
@@ -424,11 +332,17 @@ class TorchCompileRuntime(_CompiledRuntime):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        cache = artifact_dir / _files(info)["cache"]
+        files = _files(info)
+        cache = artifact_dir / files["cache"]
         t0 = time.perf_counter()
         torch.compiler.load_cache_artifacts(cache.read_bytes())
-        log.info("loaded compile cache %s (%.1f MB) in %.1f s", cache, cache.stat().st_size / 1e6,
-                 time.perf_counter() - t0)
+        kernels = 0
+        if "cpp_kernels" in files:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            kernels = copy_cpp_kernels(artifact_dir / files["cpp_kernels"], Path(cache_dir()))
+        log.info("loaded compile cache %s (%.1f MB, %d C++ kernels installed) in %.1f s", cache,
+                 cache.stat().st_size / 1e6, kernels, time.perf_counter() - t0)
         opts = tuple(info.get("optimizations", ()))
         unet = UNet2DConditionModel.from_pretrained(self.model_dir, subfolder="unet", dtype=self.dtype)
         vae = AutoencoderKL.from_pretrained(self.model_dir, subfolder="vae", dtype=self.dtype)
@@ -456,129 +370,3 @@ class TorchCompileRuntime(_CompiledRuntime):
             torch.compiler.cudagraph_mark_step_begin()
             return self._vae(latents).clone()
         return self._vae(latents)
-
-
-def compile_parts(unet: torch.nn.Module, vae: torch.nn.Module, optimizations: tuple[str, ...],
-                  mode: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
-    """torch.compile'd UNetStep and VaeDecode. Export and server must build them identically (same
-    rewrites, same mode), or the cache keys differ and the server compiles cold."""
-    apply_optimizations(unet, optimizations)
-    apply_optimizations(vae, optimizations)
-    # fullgraph: a graph break would leave eager islands (and on CUDA split the CUDA graphs); fail instead.
-    unet_c = torch.compile(UNetStep(unet).eval(), mode=mode, fullgraph=True)
-    vae_c = torch.compile(VaeDecode(vae).eval(), mode=mode, fullgraph=True)
-    return unet_c, vae_c
-
-
-def warm_compiled(unet: Callable[..., torch.Tensor], vae: Callable[..., torch.Tensor],
-                  shapes: Any, *, device: torch.device, dtype: torch.dtype, latent_channels: int,
-                  text_len: int, text_dim: int, cudagraphs: bool) -> None:
-    """Run each (batch, latent_h, latent_w) once through both parts: compiles, or loads from cache."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for batch, h, w in shapes:
-            latents = torch.randn(batch, latent_channels, h, w, generator=gen).to(device, dtype)
-            timesteps = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-            text = torch.randn(batch, text_len, text_dim, generator=gen).to(device, dtype)
-            for _ in range(2 if cudagraphs else 1):  # cudagraph trees record on the second call
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                unet(latents, timesteps, text)
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                vae(latents)
-
-
-# --- ONNX Runtime -----------------------------------------------------------------------------------
-
-
-def _onnx_providers(device: torch.device) -> list[Any]:
-    """Execution providers for `device`, or an error saying what to install."""
-    import onnxruntime as ort
-
-    if device.type != "cuda":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise RuntimeError(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
-                           f"(providers: {ort.get_available_providers()}): install onnxruntime-gpu")
-    options = {
-        "device_id": device.index or 0,
-        # ORT enqueues on torch's stream, so its kernels are ordered after the torch work that made
-        # the inputs and before the torch work that reads the outputs.
-        "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
-        "cudnn_conv_algo_search": "EXHAUSTIVE",
-    }
-    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
-
-
-_ORT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
-
-
-class OnnxRuntime(_CompiledRuntime):
-    """ONNX Runtime sessions, fed through IO binding. On CUDA ORT runs on torch's current stream;
-    `run_with_iobinding` waits for its work before returning (a host sync), so these calls cannot sit
-    inside a CUDA graph capture (`cuda_graph_capturable` False)."""
-
-    backend = "onnx"
-    graph_capturable = False
-
-    def __init__(self, artifact_dir: Path, info: dict[str, Any], device: torch.device, *, warmup: bool) -> None:
-        import onnxruntime as ort
-
-        super().__init__(artifact_dir, info, device, warmup=warmup)
-        providers = _onnx_providers(device)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: the CPU provider warns about every fp16 cast
-        files = _files(info)
-        self._sessions = {part: ort.InferenceSession(str(artifact_dir / files[part]), options, providers=providers)
-                          for part in ("text_encoder", "unet", "vae_decoder")}
-        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-
-    def _run(self, part: str, inputs: tuple[torch.Tensor, ...], out_shape: tuple[int, ...],
-             out_dtype: torch.dtype) -> torch.Tensor:
-        """One session run with IO binding: ORT reads the torch inputs and writes a torch output in place
-        (device memory on CUDA, host memory on the CPU), no copies either way."""
-        import numpy as np
-
-        session = self._sessions[part]
-        in_names, out_name = IO_NAMES[part]
-        kind, index = self.device.type, self.device.index or 0
-        if kind == "cuda" and torch.cuda.current_stream(self.device) != self._stream:
-            torch.cuda.current_stream(self.device).synchronize()  # ORT is bound to another stream
-        binding = session.io_binding()
-        inputs = tuple(x.contiguous() for x in inputs)  # keeps them alive until the run returns
-        for name, x in zip(in_names, inputs):
-            binding.bind_input(name, kind, index, np.dtype(_ORT_TYPES[x.dtype]), tuple(x.shape), x.data_ptr())
-        out = torch.empty(out_shape, dtype=out_dtype, device=self.device)
-        binding.bind_output(out_name, kind, index, np.dtype(_ORT_TYPES[out_dtype]), out_shape, out.data_ptr())
-        session.run_with_iobinding(binding)
-        return out
-
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        def run(ids: torch.Tensor) -> torch.Tensor:
-            shape = (ids.shape[0], ids.shape[1], self.spec.text_hidden_size)
-            return self._run("text_encoder", (ids.to(torch.int64),), shape, self.dtype)
-
-        return _chunked(run, input_ids)
-
-    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        timesteps = _timesteps(timesteps, latents.shape[0])
-        if not self._unet_serves(latents):
-            return self._eager_part("unet", tuple(latents.shape))(latents, timesteps, text)
-
-        def run(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return self._run("unet", (x, t, c), tuple(x.shape), self.dtype)
-
-        return _chunked(run, latents, timesteps, text)
-
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if not self._vae_serves(latents):
-            return self._eager_part("vae_decoder", tuple(latents.shape))(latents)
-        f = self.spec.vae_scale_factor
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            shape = (x.shape[0], 3, x.shape[2] * f, x.shape[3] * f)
-            return self._run("vae_decoder", (x,), shape, self.dtype)
-
-        return _chunked(run, latents)

@@ -1,0 +1,107 @@
+"""The onnx backend: ONNX files of the three parts served by ONNX Runtime.
+
+The CUDA execution provider with IO binding on a GPU (ORT reads and writes torch's device memory, on
+torch's stream), the CPU provider otherwise (IO binding on host memory). Shapes outside what the
+export holds fall back to eager as for aoti (see compiled.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import IO_NAMES
+from .compiled import _chunked, _CompiledRuntime, _files, _timesteps
+
+def onnx_providers(device: torch.device) -> list[Any]:
+    """Execution providers for `device`, or an error saying what to install."""
+    import onnxruntime as ort
+
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeError(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
+                           f"(providers: {ort.get_available_providers()}): install onnxruntime-gpu")
+    options = {
+        "device_id": device.index or 0,
+        # ORT enqueues on torch's stream, so its kernels are ordered after the torch work that made
+        # the inputs and before the torch work that reads the outputs.
+        "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+    }
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+
+_ORT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+
+
+class OnnxRuntime(_CompiledRuntime):
+    """ONNX Runtime sessions, fed through IO binding. On CUDA ORT runs on torch's current stream;
+    `run_with_iobinding` waits for its work before returning (a host sync), so these calls cannot sit
+    inside a CUDA graph capture (`cuda_graph_capturable` False)."""
+
+    backend = "onnx"
+    graph_capturable = False
+
+    def __init__(self, artifact_dir: Path, info: dict[str, Any], device: torch.device, *, warmup: bool) -> None:
+        import onnxruntime as ort
+
+        super().__init__(artifact_dir, info, device, warmup=warmup)
+        providers = onnx_providers(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: the CPU provider warns about every fp16 cast
+        files = _files(info)
+        self._sessions = {part: ort.InferenceSession(str(artifact_dir / files[part]), options, providers=providers)
+                          for part in ("text_encoder", "unet", "vae_decoder")}
+        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+    def _run(self, part: str, inputs: tuple[torch.Tensor, ...], out_shape: tuple[int, ...],
+             out_dtype: torch.dtype) -> torch.Tensor:
+        """One session run with IO binding: ORT reads the torch inputs and writes a torch output in place
+        (device memory on CUDA, host memory on the CPU), no copies either way."""
+        import numpy as np
+
+        session = self._sessions[part]
+        in_names, out_name = IO_NAMES[part]
+        kind, index = self.device.type, self.device.index or 0
+        if kind == "cuda" and torch.cuda.current_stream(self.device) != self._stream:
+            torch.cuda.current_stream(self.device).synchronize()  # ORT is bound to another stream
+        binding = session.io_binding()
+        inputs = tuple(x.contiguous() for x in inputs)  # keeps them alive until the run returns
+        for name, x in zip(in_names, inputs):
+            binding.bind_input(name, kind, index, np.dtype(_ORT_TYPES[x.dtype]), tuple(x.shape), x.data_ptr())
+        out = torch.empty(out_shape, dtype=out_dtype, device=self.device)
+        binding.bind_output(out_name, kind, index, np.dtype(_ORT_TYPES[out_dtype]), out_shape, out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        def run(ids: torch.Tensor) -> torch.Tensor:
+            shape = (ids.shape[0], ids.shape[1], self.spec.text_hidden_size)
+            return self._run("text_encoder", (ids.to(torch.int64),), shape, self.dtype)
+
+        return _chunked(run, input_ids)
+
+    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        timesteps = _timesteps(timesteps, latents.shape[0])
+        if not self._unet_serves(latents):
+            return self._eager_part("unet", tuple(latents.shape))(latents, timesteps, text)
+
+        def run(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return self._run("unet", (x, t, c), tuple(x.shape), self.dtype)
+
+        return _chunked(run, latents, timesteps, text)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if not self._vae_serves(latents):
+            return self._eager_part("vae_decoder", tuple(latents.shape))(latents)
+        f = self.spec.vae_scale_factor
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            shape = (x.shape[0], 3, x.shape[2] * f, x.shape[3] * f)
+            return self._run("vae_decoder", (x,), shape, self.dtype)
+
+        return _chunked(run, latents)
