@@ -25,7 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from lcmserve.v1 import generation_pb2 as pb
 from lcmserve.v1 import generation_pb2_grpc as pb_grpc
 
-from .engine import Engine, EngineConfig, Failure, GenerationParams, Request, SummaryOut
+from .engine import Engine, EngineConfig
+from .work import Failure, GenerationParams, Request, SummaryOut
 from .metrics import Metrics
 from .runtime import Runtime
 from .service import GenerationService

@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 from lcmserve.v1 import generation_pb2 as pb
 from lcmserve.v1 import generation_pb2_grpc as pb_grpc
 
-from .engine import EngineStopped, Failure, ImageOut, QueueFull, Request, StepOut, SummaryOut
+from .work import EngineStopped, Failure, ImageOut, QueueFull, Request, StepOut, SummaryOut
 from .validation import FORMAT_ENUMS, InvalidRequest, validate
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from typing import Any
 
 from lcmserve.v1 import generation_pb2 as pb
 
-from .engine import GenerationParams
+from .work import GenerationParams
 
 FORMAT_NAMES = {pb.OUTPUT_FORMAT_UNSPECIFIED: "jpeg", pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT_FORMAT_PNG: "png",
                 pb.OUTPUT_FORMAT_WEBP: "webp", pb.OUTPUT_FORMAT_RAW: "raw"}
