@@ -41,6 +41,7 @@ from lcmserve.server.artifact import (
     VaeDecode,
     apply_optimizations,
     compile_parts,
+    compile_settings,
     copy_cpp_kernels,
     device_arch,
     device_name,
@@ -69,15 +70,19 @@ def compile_artifact(
     device: str,
     dtype: torch.dtype,
     resolutions: Sequence[tuple[int, int]] = (),
-    warm_batches: Sequence[int] = (1, 2),
+    warm_batches: Sequence[int] = (1, 2, MAX_BATCH),
+    vae_warm_batches: Sequence[int] = (1, 2, 8),
 ) -> dict[str, Any]:
     """Write `out_dir/compiled/<backend>/` for `pipe` (fused, on `device` in `dtype`).
 
     Returns `info`, the manifest's `compiled[backend]` entry: the machine it was
     made for (device, device_arch, torch / onnxruntime versions), the files (relative to `out_dir`),
     the exported input shapes and dynamic dims, what is served, and the export time of each step.
-    `resolutions` ((height, width) in pixels; default: the model's nominal size) and `warm_batches`
-    are the shapes the `compile` backend runs at export, so a server start finds them in the cache.
+    `resolutions` ((height, width) in pixels; default: the model's nominal size), `warm_batches` (UNet)
+    and `vae_warm_batches` are the shapes the `compile` backend runs at export, so a server start finds
+    them in the cache: batch 1 gets its own graph, larger batches share dynamic-batch graphs, which
+    guards may split (tiny's UNet on the CPU: 2..15 and 16..63), hence a warm batch at each end. The
+    VAE default stops at 8, the engine's largest decode batch.
     """
     if backend not in BACKEND_ORDER:
         raise ValueError(f"backend {backend!r}: compiled backends are {', '.join(BACKEND_ORDER)}")
@@ -110,7 +115,8 @@ def compile_artifact(
             info.update(_export_onnx(pipe, dest, dev, dtype, shapes))
         else:
             sizes = list(resolutions) or [(shapes["default_side"], shapes["default_side"])]
-            info.update(_export_compile(pipe, dest, dev, dtype, shapes, sizes, warm_batches))
+            batches = {"unet": tuple(warm_batches), "vae_decoder": tuple(vae_warm_batches)}
+            info.update(_export_compile(pipe, dest, dev, dtype, shapes, sizes, batches))
     info["files"] = {part: str((dest / name).relative_to(out_dir)) for part, name in info["files"].items()}
     info["export_seconds"]["total"] = round(time.perf_counter() - start, 1)
     log.info("compiled %s for %s (%s) in %.1f s: %s", backend, info["device_arch"], info["device_name"],
@@ -248,7 +254,11 @@ def _export_aoti(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device, d
         program = torch.export.export(module, inputs[part], dynamic_shapes=specs[part])
         t1 = time.perf_counter()
         package = dest / PARTS["aoti"][part]
-        torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+        # AOTInductor writes its platform keys into the global `aot_inductor.metadata` dict; left there,
+        # they change every later torch.compile cache key in this process (the compile backend's
+        # cache would then never hit in a fresh server). A fresh dict for the call keeps it local.
+        with torch._inductor.config.patch({"aot_inductor.metadata": {}}):
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
         t2 = time.perf_counter()
         del program
         loaded = torch._inductor.aoti_load_package(str(package), device_index=dev.index if dev.index is not None else -1)
@@ -320,32 +330,36 @@ def _onnx_parity(ort: Any, path: Path, part: str, inputs: tuple[torch.Tensor, ..
 
 def _export_compile(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
                     s: dict[str, int], resolutions: Sequence[tuple[int, int]],
-                    warm_batches: Sequence[int]) -> dict[str, Any]:
-    # reduce-overhead (inductor's CUDA graphs) pays on a GPU, where batch-1 steps are launch-bound;
-    # on the CPU there are no graphs to record.
-    mode = "reduce-overhead" if dev.type == "cuda" else "default"
+                    warm_batches: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    settings = compile_settings(dev)
+    cudagraphs = settings.get("mode") == "reduce-overhead"
     optimizations = optimizations_for(dev)
     f = s["vae_scale"]
     for h, w in resolutions:
         if h % f or w % f:
             raise ValueError(f"resolution {h}x{w}: sides must be multiples of {f} pixels")
-    warm_shapes = [[int(b), h // f, w // f] for h, w in resolutions for b in warm_batches]
+    warm_shapes = {part: [[int(b), h // f, w // f] for h, w in resolutions for b in batches]
+                   for part, batches in warm_batches.items()}
     unet, vae = _copy_to(pipe.unet, dev, dtype), _copy_to(pipe.vae, dev, dtype)
-    batch, h, w = warm_shapes[-1]
+    # Parity at a warm shape both parts have (no new compile): batch 2 by default.
+    common = [shape for shape in warm_shapes["unet"] if shape in warm_shapes["vae_decoder"]]
+    if not common:
+        raise ValueError(f"warm batches {warm_batches}: the UNet and VAE need one batch size in common")
+    batch, h, w = common[min(1, len(common) - 1)]
     inputs = _example_inputs(s, dev, dtype, batch=batch, latent_hw=(h, w))
     references = _references(pipe, inputs)
     # An empty inductor cache for this compile: everything it builds is then collected from one place,
     # and the export never depends on what an earlier compile left in the user's cache.
     with tempfile.TemporaryDirectory(prefix="lcmserve-inductor-") as tmp, inductor_cache_dir(Path(tmp)):
-        unet_c, vae_c = compile_parts(unet, vae, optimizations, mode)
+        unet_c, vae_c = compile_parts(unet, vae, optimizations, settings)
         t0 = time.perf_counter()
         warm_compiled(unet_c, vae_c, warm_shapes, device=dev, dtype=dtype, latent_channels=s["latent_channels"],
-                      text_len=s["text_len"], text_dim=s["text_dim"], cudagraphs=mode == "reduce-overhead")
+                      text_len=s["text_len"], text_dim=s["text_dim"], cudagraphs=cudagraphs)
         t1 = time.perf_counter()
         parity = {}
-        with torch.inference_mode():  # at the last warm shape: no new compile
+        with torch.inference_mode():
             for part, fn in (("unet", unet_c), ("vae_decoder", vae_c)):
-                if mode == "reduce-overhead":
+                if cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 parity[part] = _check_parity(part, fn(*inputs[part]).clone(), references[part], dtype)
         saved = torch.compiler.save_cache_artifacts()
@@ -359,9 +373,9 @@ def _export_compile(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device
              len(data) / 1e6, kernels)
     return {
         "files": dict(PARTS["compile"]),
-        "mode": mode,
+        "torch_compile": settings,
         "optimizations": list(optimizations),
-        "warm_shapes": warm_shapes,  # [batch, latent_h, latent_w]
+        "warm_shapes": warm_shapes,  # per part, [batch, latent_h, latent_w]
         "served": {"batch_range": [1, None], "any_shape": True},
         "parity_max_abs_diff": parity,
         "cache_bytes": len(data),

@@ -14,7 +14,8 @@ What each artifact serves (written by export/compile.py into manifest.json["comp
     UNet take a shape-dependent branch that export cannot keep dynamic, so they run on the eager UNet,
     loaded from model/ the first time one comes (logged once per shape).
   - aoti / onnx VAE decoder: any latent side in the image range (64..1024 px).
-  - compile: any shape; the shapes warmed at export start without a cold compile.
+  - compile: any shape; the shapes warmed at export start without a cold compile. Batches past 63
+    run in chunks too (diffusers' upsampler branches on batch >= 64: one more graph otherwise).
 
 An artifact is compiled for one kind of machine, so loading checks what the export recorded against
 this machine and raises `ArtifactMismatchError` (saying what differs and how to re-export) when the
@@ -194,11 +195,14 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _chunked(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-    """fn over batch chunks of at most MAX_BATCH rows (the exported batch range), concatenated."""
+    """fn over the batch in near-equal chunks of at most MAX_BATCH rows (the exported batch range),
+    concatenated: 64 rows run as 32 + 32, not 63 + 1."""
     n = inputs[0].shape[0]
     if n <= MAX_BATCH:
         return fn(*inputs)
-    return torch.cat([fn(*(x[i:i + MAX_BATCH] for x in inputs)) for i in range(0, n, MAX_BATCH)])
+    chunks = -(-n // MAX_BATCH)
+    size = -(-n // chunks)
+    return torch.cat([fn(*(x[i:i + size] for x in inputs)) for i in range(0, n, size)])
 
 
 class _CompiledRuntime:
@@ -317,7 +321,8 @@ class AOTIRuntime(_CompiledRuntime):
 class TorchCompileRuntime(_CompiledRuntime):
     """torch.compile of the UNet and VAE decode from the artifact's compile cache.
 
-    On CUDA the mode is "reduce-overhead": inductor records its own CUDA graphs (one per shape), so
+    Settings as recorded at export (`compile_settings`): the C++ wrapper on the CPU; on CUDA mode
+    "reduce-overhead": inductor records its own CUDA graphs (one per shape), so
     these callables must not be captured again by the engine (`spec.extra["cuda_graph_capturable"]`
     is False), and outputs are cloned because the next replay overwrites them.
     """
@@ -325,8 +330,8 @@ class TorchCompileRuntime(_CompiledRuntime):
     backend = "compile"
 
     def __init__(self, artifact_dir: Path, info: dict[str, Any], device: torch.device, *, warmup: bool) -> None:
-        self.mode = str(info.get("mode", "default"))
-        self._cudagraphs = self.mode == "reduce-overhead"
+        self.settings = dict(info.get("torch_compile") or {})
+        self._cudagraphs = self.settings.get("mode") == "reduce-overhead"
         self.graph_capturable = not self._cudagraphs
         super().__init__(artifact_dir, info, device, warmup=warmup)
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -348,10 +353,11 @@ class TorchCompileRuntime(_CompiledRuntime):
         vae = AutoencoderKL.from_pretrained(self.model_dir, subfolder="vae", dtype=self.dtype)
         text = CLIPTextModel.from_pretrained(self.model_dir, subfolder="text_encoder", dtype=self.dtype)
         self._text = TextEncode(text.to(device)).eval()
-        self._unet, self._vae = compile_parts(unet.to(device).eval(), vae.to(device).eval(), opts, self.mode)
+        self._unet, self._vae = compile_parts(unet.to(device).eval(), vae.to(device).eval(), opts,
+                                                 self.settings)
         if warmup:
             t0 = time.perf_counter()
-            warm_compiled(self._unet, self._vae, info.get("warm_shapes", ()), device=device, dtype=self.dtype,
+            warm_compiled(self._unet, self._vae, info.get("warm_shapes", {}), device=device, dtype=self.dtype,
                           latent_channels=self.spec.latent_channels, text_len=self.spec.text_max_length,
                           text_dim=self.spec.text_hidden_size, cudagraphs=self._cudagraphs)
             self.spec.extra["warmup_seconds"] = round(time.perf_counter() - t0, 3)
@@ -359,13 +365,21 @@ class TorchCompileRuntime(_CompiledRuntime):
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._text(input_ids)
 
+    # Chunks of at most 63 as for aoti: a batch of 64 or more would fail a guard (diffusers' upsampler
+    # checks batch >= 64) and compile one more graph.
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        if self._cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-            return self._unet(latents, _timesteps(timesteps, latents.shape[0]), text).clone()
-        return self._unet(latents, _timesteps(timesteps, latents.shape[0]), text)
+        return _chunked(self._run_unet, latents, _timesteps(timesteps, latents.shape[0]), text)
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return _chunked(self._run_vae, latents)
+
+    def _run_unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._unet(latents, timesteps, text).clone()
+        return self._unet(latents, timesteps, text)
+
+    def _run_vae(self, latents: torch.Tensor) -> torch.Tensor:
         if self._cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
             return self._vae(latents).clone()
