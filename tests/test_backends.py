@@ -227,3 +227,31 @@ def test_compile_cache_skips_cold_compile(artifact: tuple[str, Path], tmp_path: 
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\ncompile backend start with empty local caches: {result}")
     assert result["hit"] > 0 and result["miss"] == 0, result
+
+
+def test_served_images_match_eager(artifact: tuple[str, Path]) -> None:
+    """End to end: `lcmserve serve --backend X` of the artifact gives, seed for seed, the images that
+    `--backend eager` of the same artifact gives (RAW, within 2/255); time to SERVING is printed."""
+    import numpy as np
+    from conftest import ServerProcess
+
+    from lcmserve import Client
+
+    backend, out = artifact
+    images: dict[str, list[np.ndarray]] = {}
+    for name in (backend, "eager"):
+        start = time.perf_counter()
+        server = ServerProcess("--model", str(out), "--backend", name, "--metrics-port", "-1")
+        print(f"\n{name}: SERVING {time.perf_counter() - start:.1f} s after start")
+        try:
+            with Client(server.target) as client:
+                assert client.model_info().backend == name
+                images[name] = [
+                    np.frombuffer(client.generate("a crack in a concrete wall", seed=seed, num_inference_steps=steps,
+                                                  width=64, height=64, guidance_scale=guidance,
+                                                  output_format="raw").images[0].data, dtype=np.uint8).astype(int)
+                    for seed, steps, guidance in ((1, 4, 1.0), (2, 2, 1.0), (3, 4, 2.0))]
+        finally:
+            server.stop()
+    for got, want in zip(images[backend], images["eager"]):
+        assert np.abs(got - want).max() <= 2, f"{backend} differs from eager by {np.abs(got - want).max()}/255"
