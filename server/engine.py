@@ -73,7 +73,10 @@ class Engine:
         self._check_scheduler()
         self.unet: Callable[..., torch.Tensor] = runtime.unet
         self.vae_decode: Callable[[torch.Tensor], torch.Tensor] = runtime.vae_decode
-        if self.device.type == "cuda" and config.cuda_graphs:
+        # Backends that record their own graphs (torch.compile reduce-overhead) or sync the host
+        # (ONNX Runtime) say so in spec.extra; eager and AOTInductor callables are capturable.
+        capturable = runtime.spec.extra.get("cuda_graph_capturable", True)
+        if self.device.type == "cuda" and config.cuda_graphs and capturable:
             from .cuda_graphs import BucketedGraphs
 
             self.unet = BucketedGraphs(runtime.unet, config.buckets, name="unet")
