@@ -41,8 +41,6 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             params = validate(request, engine.runtime.tokenizer, app.limits)
         except InvalidRequest as exc:
             await _abort_bad_request(context, exc)
-        if app.metrics:
-            app.metrics.requests.labels(status="received")  # create the series early
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
         remaining = context.time_remaining()
