@@ -1,7 +1,8 @@
 """The server process: gRPC server, health, reflection, metrics, model loading, warm-up, drain.
 
 Start-up order: the port opens first with health NOT_SERVING (Generate answers UNAVAILABLE while
-the model loads), then the model loads and warms up, then health turns SERVING and one line
+the model loads), then the engine process (server/engine_process.py) loads the model and warms up,
+then health turns SERVING and one line
 `listening on HOST:PORT` is printed. SIGTERM/SIGINT drain: health NOT_SERVING, new calls get
 UNAVAILABLE, in-flight requests finish (up to the drain timeout), then the process exits.
 """
@@ -9,9 +10,7 @@ UNAVAILABLE, in-flight requests finish (up to the drain timeout), then the proce
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import queue
 import signal
 import sys
 import time
@@ -25,12 +24,12 @@ from grpc_reflection.v1alpha import reflection
 from lcmserve.v1 import generation_pb2 as pb
 from lcmserve.v1 import generation_pb2_grpc as pb_grpc
 
-from .engine import Engine, EngineConfig
-from .work import Failure, GenerationParams, Request, SummaryOut
+from .engine import EngineConfig
+from .engine_process import EngineProcess
 from .metrics import Metrics
 from .runtime import Runtime
 from .service import GenerationService
-from .validation import Limits, tokenize
+from .validation import Limits
 
 log = logging.getLogger("lcmserve.server")
 
@@ -42,6 +41,7 @@ class ServerConfig:
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0 picks a free port
     drain_timeout_s: float = 30.0  # most time in-flight requests get to finish on SIGTERM
     max_message_mb: int = 64  # gRPC send/receive limit (RAW 1024x1024 images are 3 MiB)
+    threads: int | None = None  # torch CPU threads of the engine process (None: cores - 1 on a CPU device)
 
 
 class App:
@@ -50,7 +50,8 @@ class App:
         self.engine_config = engine_config
         self.limits = limits
         self.version = version
-        self.engine: Engine | None = None
+        self.engine: EngineProcess | None = None  # set once the model is ready
+        self._starting: EngineProcess | None = None  # set as soon as the engine process starts
         self.serving = False
         self.draining = False
         self.inflight = 0
@@ -81,25 +82,26 @@ class App:
         return self.port
 
     async def load(self, make_runtime: Callable[[], Runtime]) -> None:
-        """Load the model off the event loop (health keeps answering), warm up, then SERVING."""
+        """Start the engine process and wait (off the event loop: health keeps answering) until it has
+        loaded the model, captured its CUDA graphs and warmed up; then SERVING."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        runtime = await asyncio.to_thread(make_runtime)
-        engine = Engine(runtime, self.engine_config, self.metrics)
+        engine = EngineProcess(make_runtime, self.engine_config, self.metrics, threads=self.config.threads)
 
-        def died(exc: BaseException) -> None:  # a dead loop must not look healthy
+        def died(exc: BaseException) -> None:  # a dead engine must not look healthy
             self.serving = False
             asyncio.run_coroutine_threadsafe(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), loop)
 
         engine.on_death = died
-        graphs = await asyncio.to_thread(engine.capture_graphs, 512, 512)  # the default size; others lazily
-        if graphs:
-            log.info("captured %d CUDA graphs for 512x512 in %.1f s", graphs, time.perf_counter() - start)
-        engine.start()
+        self._starting = engine
+        await asyncio.to_thread(engine.start)
         self.engine = engine
-        await asyncio.to_thread(warm_up, engine)
-        log.info("model ready in %.1f s (%s, %s, %s)", time.perf_counter() - start, runtime.spec.backend,
-                 runtime.spec.device, runtime.spec.dtype)
+        assert engine.runtime is not None
+        spec, info = engine.runtime.spec, engine.ready_info
+        if info.get("graphs"):
+            log.info("captured %d CUDA graphs for 512x512", info["graphs"])
+        log.info("model ready in %.1f s (%s, %s, %s, %s torch threads)", time.perf_counter() - start, spec.backend,
+                 spec.device, spec.dtype, info.get("threads"))
         self.serving = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -113,33 +115,14 @@ class App:
         deadline = time.monotonic() + self.config.drain_timeout_s
         while (self.inflight or (self.engine and self.engine.busy)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.engine is not None:  # whatever is left now fails UNAVAILABLE through its handler
-            await asyncio.to_thread(self.engine.stop, 10.0)
+        if self._starting is not None:  # whatever is left now fails UNAVAILABLE through its handler
+            await asyncio.to_thread(self._starting.stop, 10.0)
         if self.server is not None:
             await self.server.stop(grace=2.0)
 
     async def _set_health(self, status: int) -> None:
         for service in ("", pb.DESCRIPTOR.services_by_name["GenerationService"].full_name):
             await self.health.set(service, status)
-
-
-def warm_up(engine: Engine) -> None:
-    """One small generation through the whole path (allocator, kernels, CUDA graphs at batch 1)."""
-    side = 512 if engine.device.type == "cuda" else 64
-    ids, _, _ = tokenize(engine.runtime.tokenizer, "warm-up")
-    params = GenerationParams(prompt_ids=ids, negative_ids=ids, num_steps=2, guidance_scale=1.0, seed=0, width=side,
-                              height=side, num_images=1, output_format="jpeg", quality=90, preview_mode="approx",
-                              include_latents=False)
-    events: queue.Queue[object] = queue.Queue()
-    engine.submit(Request(params=params, sink=events.put))
-    while True:
-        item = events.get(timeout=600)
-        if isinstance(item, concurrent.futures.Future):
-            item = item.result()
-        if isinstance(item, Failure):
-            raise RuntimeError(f"warm-up failed: {item.message}")
-        if isinstance(item, SummaryOut):
-            return
 
 
 async def serve(make_runtime: Callable[[], Runtime], config: ServerConfig, engine_config: EngineConfig,

@@ -28,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wait this long to fill an idle batch (default 0: never delay a lone request)")
     p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default on a CPU device: cores - 1, leaving one for gRPC and "
-                        "encoding; an OpenMP team that shares its cores with the event loop stalls at every barrier)")
+                   help="torch CPU threads of the engine process (default on a CPU device: cores - 1, leaving one "
+                        "for the gRPC process and encoding; an OpenMP team that shares its cores with another busy "
+                        "thread stalls at every barrier)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the UNet and VAE eagerly on CUDA")
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics port (default 8002; 0 picks a free one; -1 disables)")
@@ -54,21 +55,13 @@ def run(args: argparse.Namespace) -> int:
     from .validation import Limits
 
     config = ServerConfig(host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
-                          metrics_port=None if args.metrics_port < 0 else args.metrics_port)
+                          metrics_port=None if args.metrics_port < 0 else args.metrics_port, threads=args.threads)
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_queued_requests=args.max_queued_requests,
                                  batch_wait_ms=args.batch_wait_ms, cuda_graphs=not args.no_cuda_graphs)
     limits = Limits(max_images=args.max_images)
     if args.max_batch_size < 2:
         print("lcmserve serve: --max-batch-size must be at least 2 (a guided image takes two rows)", file=sys.stderr)
         return 2
-    import os
-
-    import torch
-
-    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    threads = args.threads or (max(1, (os.cpu_count() or 2) - 1) if on_cpu else None)
-    if threads:
-        torch.set_num_threads(threads)
     make_runtime = functools.partial(load_runtime, args.model, loras=args.lora, backend=args.backend,
                                      device=args.device, dtype=args.dtype)
     try:

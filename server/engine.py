@@ -11,7 +11,8 @@ Contract of the loop (`Engine._run`), one iteration:
   3. events  : a step event per sample (with a preview if asked: latent->RGB projection, or a
                batched VAE decode); samples at their last step go to the VAE in batches; pixels
                are encoded to JPEG/PNG/WEBP/RAW in a thread pool.
-gRPC handlers only validate, `submit()` and read their request's events in order. A cancelled or
+The engine runs in a process of its own (server/engine_process.py): gRPC handlers, in the edge
+process, only validate, `submit()` through a pipe and read their request's events in order. A cancelled or
 expired request's samples leave the batch at the next iteration; nothing else in the batch
 notices: a sample's output depends only on its own inputs and generator.
 """
@@ -91,6 +92,7 @@ class Engine:
         self._stopping = False
         self.dead: BaseException | None = None  # set if the loop itself died
         self.on_death: Callable[[BaseException], None] | None = None
+        self.after_iteration: Callable[[], None] | None = None  # e.g. send this iteration's events at once
 
     # ---- the edge's side -------------------------------------------------------------------
 
@@ -109,7 +111,7 @@ class Engine:
             self._waiting.append(request)
             self._cond.notify()
         if self.metrics:
-            self.metrics.pending.inc()
+            self.metrics.queued(1)
 
     @property
     def alive(self) -> bool:
@@ -136,9 +138,13 @@ class Engine:
                     with self._cond:
                         while not self._waiting and not self._active and not self._stopping:
                             self._cond.wait()
-                        if self._stopping:  # the edge drained what it could; abandon the rest
+                        stopping = self._stopping
+                        if stopping:  # the edge drained what it could; abandon the rest
                             self._abandon_all()
-                            return
+                    if stopping:
+                        if self.after_iteration:
+                            self.after_iteration()
+                        return
                     if not self._active and self.config.batch_wait_ms > 0:
                         time.sleep(self.config.batch_wait_ms / 1e3)  # let company arrive for an idle batch
                     try:
@@ -146,6 +152,8 @@ class Engine:
                     except Exception as exc:  # a bad batch fails its requests, not the server
                         log.exception("engine iteration failed")
                         self._fail_active(f"{type(exc).__name__}: {exc}")
+                    if self.after_iteration:
+                        self.after_iteration()
         except BaseException as exc:
             self.dead = exc
             log.critical("engine loop died: %r", exc)
@@ -182,13 +190,13 @@ class Engine:
                     self._waiting.remove(r)
                     self._gone(r, now)
                     if self.metrics:
-                        self.metrics.pending.dec()
+                        self.metrics.queued(-1)
             while self._waiting:
                 request = self._waiting[0]
                 if self._gone(request, now):
                     self._waiting.popleft()
                     if self.metrics:
-                        self.metrics.pending.dec()
+                        self.metrics.queued(-1)
                     continue
                 per_image = request.rows_per_image
                 while request.next_image < request.params.num_images and rows + per_image <= self.config.max_batch_size:
@@ -199,7 +207,7 @@ class Engine:
                     break  # batch full; this request keeps its place at the head of the line
                 self._waiting.popleft()
                 if self.metrics:
-                    self.metrics.pending.dec()
+                    self.metrics.queued(-1)
         if new:
             self._prepare(new)
             self._active.extend(new)
@@ -226,7 +234,7 @@ class Engine:
             request.admitted_at = time.perf_counter()
             request.timings["queue_ms"] = (request.admitted_at - request.arrival) * 1e3
             if self.metrics:
-                self.metrics.queue_time.observe(request.admitted_at - request.arrival)
+                self.metrics.admitted(request.admitted_at - request.arrival)
         p = request.params
         seed = p.seed + index
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -357,7 +365,7 @@ class Engine:
         chunks = [to_uint8(self.vae_decode(chunk)) for chunk in scaled.split(self.config.vae_batch_size)]
         elapsed = time.perf_counter() - start
         if self.metrics:
-            self.metrics.vae_time.observe(elapsed)
+            self.metrics.vae(elapsed)
         for request in set(requests):
             request.timings["vae_ms"] += elapsed * 1e3
         return torch.cat(chunks)

@@ -32,9 +32,20 @@ class Metrics:
         self.pending = Gauge("lcmserve_inference_pending_request_count", "Requests waiting for a batch slot",
                              registry=r)
 
+    # What the engine reports, as methods, so that the engine process can relay the same calls
+    # (server/engine_process.py, MetricsRelay) to the edge's registry.
+    def queued(self, delta: int) -> None:
+        self.pending.inc(delta)
+
+    def admitted(self, queue_seconds: float) -> None:
+        self.queue_time.observe(queue_seconds)
+
     def unet_step(self, seconds: float, rows: int) -> None:
         self.unet_time.observe(seconds)
         self.batch_size.observe(rows)
+
+    def vae(self, seconds: float) -> None:
+        self.vae_time.observe(seconds)
 
     def request_done(self, status: str) -> None:
         self.requests.labels(status=status).inc()

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from lcmserve.v1 import generation_pb2 as pb
 from lcmserve.v1 import generation_pb2_grpc as pb_grpc
 
-from .work import EngineStopped, Failure, ImageOut, QueueFull, Request, StepOut, SummaryOut
+from .work import EngineStopped, Failure, ImageOut, Request, StepOut, SummaryOut
 from .validation import FORMAT_ENUMS, InvalidRequest, validate
 
 if TYPE_CHECKING:
@@ -33,8 +34,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         app = self.app
         if app.engine is None or not app.serving:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "the server is draining" if app.draining else "the model is still loading")
+            if app.draining:
+                reason = "the server is draining"
+            elif app.engine is not None and app.engine.dead is not None:
+                reason = f"the server is not serving: {app.engine.dead}"
+            else:
+                reason = "the model is still loading"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         engine = app.engine
         assert engine is not None
         try:
@@ -50,11 +56,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
         try:
-            engine.submit(engine_request)
-        except QueueFull as exc:
-            if app.metrics:
-                app.metrics.request_done("RESOURCE_EXHAUSTED")
-            await _abort_queue_full(context, str(exc))
+            engine.submit(engine_request)  # a full queue answers with a RESOURCE_EXHAUSTED Failure event
         except EngineStopped:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
 
@@ -71,6 +73,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                         log.exception("encoding failed")
                         item = Failure("INTERNAL", f"encoding the image failed: {exc}")
                 if isinstance(item, Failure):
+                    if item.code == "RESOURCE_EXHAUSTED":
+                        done = True  # never queued: nothing to cancel
+                        if app.metrics:
+                            app.metrics.request_done("RESOURCE_EXHAUSTED")
+                        await _abort_queue_full(context, item.message)
                     await context.abort(getattr(grpc.StatusCode, item.code), item.message)
                 elif isinstance(item, StepOut):
                     if first_step and app.metrics:
@@ -133,9 +140,9 @@ def _picture(picture: Any) -> pb.Picture:
                       height=picture.height)
 
 
-def _tensor(tensor: Any) -> pb.Tensor:
-    array = tensor.float().contiguous().numpy()
-    return pb.Tensor(shape=list(array.shape), dtype="float32", data=array.astype("<f4").tobytes())
+def _tensor(array: Any) -> pb.Tensor:
+    array = np.ascontiguousarray(array, dtype="<f4")  # (from the engine process as numpy)
+    return pb.Tensor(shape=list(array.shape), dtype="float32", data=array.tobytes())
 
 
 async def _abort_bad_request(context: grpc.aio.ServicerContext, exc: InvalidRequest) -> None:

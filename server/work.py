@@ -47,7 +47,7 @@ class StepOut:
     num_steps: int
     timestep: int
     preview: EncodedPicture | None
-    latents: torch.Tensor | None  # (4, h, w) float32 on the host
+    latents: Any  # None, or (4, h, w) float32 on the host: a tensor, a numpy array once sent to the edge
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ImageOut:
     index: int
     seed: int
     picture: EncodedPicture
-    latents: torch.Tensor | None
+    latents: Any  # as StepOut.latents
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ class Request:
     deadline: float | None = None  # time.monotonic() after which no more work is done for it
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # set by the gRPC edge (any thread); read by the loop
+    on_cancel: Callable[[], None] | None = None  # tells an engine in another process (engine_process.py)
     next_image: int = 0  # images [0, next_image) have been admitted
     unfinished: int = 0
     admitted_at: float | None = None
@@ -103,6 +104,8 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline

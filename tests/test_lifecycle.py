@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 import signal
+import sys
 import threading
 import time
 
@@ -60,3 +63,67 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_artifact) -> None:
         late.generate("too late", num_inference_steps=1, width=64, height=64, timeout=5)
     assert server.proc.wait(60) == 0
     server.stop()
+
+
+# --- the engine process (server/engine_process.py) -------------------------------------------------
+
+def _engine_pid(server: ServerProcess) -> int:
+    """The server's child that runs the engine (multiprocessing's spawn_main)."""
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == server.proc.pid and b"spawn_main" in cmdline:
+            return int(stat.parent.name)
+    raise AssertionError(f"no engine process under {server.proc.pid}")
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):  # exited; only waiting for a reaper
+            return True
+        time.sleep(0.2)
+    return False
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+@linux_only
+def test_engine_process_death_fails_in_flight_requests_and_health(tiny_artifact) -> None:
+    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1")
+    try:
+        with Client(server.target) as client:
+            stream = client.stream("doomed", num_inference_steps=8, width=256, height=256)
+            next(stream)
+            os.kill(_engine_pid(server), signal.SIGKILL)
+            with pytest.raises(UnavailableError, match="engine process exited"):
+                list(stream)
+            deadline = time.monotonic() + 10
+            while client.health_status() == "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.health_status() == "NOT_SERVING"
+            with pytest.raises(UnavailableError, match="not serving"):
+                client.generate("after", num_inference_steps=1, width=64, height=64, timeout=10)
+        assert server.stop() == 0  # still drains and exits cleanly
+    finally:
+        server.kill()
+
+
+@linux_only
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_engine_process_never_outlives_the_server(tiny_artifact, sig: int) -> None:
+    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1")
+    try:
+        engine = _engine_pid(server)
+        server.stop(sig)
+        assert _gone(engine, 30), f"engine process {engine} still runs after the server got {sig!r}"
+    finally:
+        server.kill()
