@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, metavar="cpu|cuda", help="device (default: cuda when available, else cpu)"
     )
+    parser.add_argument("--allow-partial-lora", action="store_true",
+                        help="apply a LoRA some of whose modules match nothing in the model (warns and records "
+                             "them in the manifest; default: refuse it)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from lcmserve.export.lora import parse_lora_arg
 
     try:
-        specs = [parse_lora_arg(a) for a in args.lora]
+        specs = [parse_lora_arg(a, allow_partial=args.allow_partial_lora) for a in args.lora]
     except ExportError as e:
         return _fail(e)
 

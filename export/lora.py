@@ -13,6 +13,7 @@ No torch import at module level: the CLI parses `--lora` before importing torch.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 from lcmserve.export.errors import LoraError
+
+log = logging.getLogger("lcmserve.export.lora")
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -36,6 +39,7 @@ class LoraSpec:
 
     source: str
     scale: float = 1.0
+    allow_partial: bool = False  # attach what matches when some modules match nothing (warn, record)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class LoraRecord:
     adapter_name: str
     path: str  # the local file read (a hub cache path for a hub id)
     modules: int  # number of adapted modules
+    unmatched: tuple[str, ...] = ()  # modules of the file that match nothing (only with allow_partial)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,10 +66,11 @@ class LoraRecord:
             "rank": self.rank,
             "targets": list(self.targets),
             "modules": self.modules,
+            "unmatched": list(self.unmatched),
         }
 
 
-def parse_lora_arg(arg: str) -> LoraSpec:
+def parse_lora_arg(arg: str, *, allow_partial: bool = False) -> LoraSpec:
     """Parse `SRC[:SCALE]` into a LoraSpec (scale 1.0 when absent).
 
     Splits at the last colon only when what follows parses as a number, so `C:\\loras\\x.safetensors`
@@ -75,16 +81,16 @@ def parse_lora_arg(arg: str) -> LoraSpec:
         raise LoraError("--lora needs a source: a .safetensors file, a folder or a hub id")
     source, sep, tail = arg.rpartition(":")
     if not (sep and source):
-        return LoraSpec(source=arg)
+        return LoraSpec(source=arg, allow_partial=allow_partial)
     try:
         scale = float(tail)
     except ValueError:
         if "/" in tail or "\\" in tail or Path(arg).expanduser().exists():
-            return LoraSpec(source=arg)
+            return LoraSpec(source=arg, allow_partial=allow_partial)
         raise LoraError(f"scale {tail!r} of --lora {arg} is not a number") from None
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise LoraError(f"scale {tail!r} of --lora {arg} is not a finite number")
-    return LoraSpec(source=source, scale=scale)
+    return LoraSpec(source=source, scale=scale, allow_partial=allow_partial)
 
 
 def file_sha256(path: Path) -> str:
@@ -249,7 +255,8 @@ def apply_loras(pipe: StableDiffusionPipeline, specs: list[LoraSpec]) -> list[Lo
         except Exception as e:  # noqa: BLE001 - peft/diffusers raise ValueError, RuntimeError, KeyError...
             if "not found in the base model" in str(e):  # peft: no target module of a component exists
                 attached = {c: _attached_modules(getattr(pipe, c), adapter) for c in ("unet", "text_encoder")}
-                _check_attached(spec.source, fmt, _file_modules(keys, fmt), attached, n_keys=len(keys))
+                _check_attached(spec.source, fmt, _file_modules(keys, fmt), attached, n_keys=len(keys),
+                                allow_partial=False)
             lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
             # Two lines: torch puts "size mismatch for <param>" on the second.
             msg = " ".join(lines[:2])[:400] if lines else type(e).__name__
@@ -261,7 +268,8 @@ def apply_loras(pipe: StableDiffusionPipeline, specs: list[LoraSpec]) -> list[Lo
             for comp in ("unet", "text_encoder")
             if getattr(pipe, comp, None) is not None
         }
-        _check_attached(spec.source, fmt, wanted, attached, n_keys=len(keys))
+        unmatched = _check_attached(spec.source, fmt, wanted, attached, n_keys=len(keys),
+                                    allow_partial=spec.allow_partial)
         records.append(
             LoraRecord(
                 source=spec.source,
@@ -273,6 +281,7 @@ def apply_loras(pipe: StableDiffusionPipeline, specs: list[LoraSpec]) -> list[Lo
                 adapter_name=adapter,
                 path=str(path),
                 modules=sum(len(v) for v in attached.values()),
+                unmatched=tuple(unmatched),
             )
         )
     if records:
@@ -281,9 +290,12 @@ def apply_loras(pipe: StableDiffusionPipeline, specs: list[LoraSpec]) -> list[Lo
 
 
 def _check_attached(
-    source: str, fmt: str, wanted: dict[str, set[str]], attached: dict[str, list[str]], n_keys: int
-) -> None:
-    """Refuse a LoRA whose modules did not all become adapters (wrong base model, typo'd keys...)."""
+    source: str, fmt: str, wanted: dict[str, set[str]], attached: dict[str, list[str]], n_keys: int,
+    allow_partial: bool,
+) -> list[str]:
+    """Refuse a LoRA whose modules did not all become adapters (wrong base model, typo'd keys...),
+    or, with allow_partial, warn and return the ones that match nothing. A LoRA that matches
+    nothing at all is always refused."""
     total_wanted = sum(len(v) for v in wanted.values())
     total_attached = sum(len(v) for v in attached.values())
     if total_attached == 0:
@@ -305,7 +317,9 @@ def _check_attached(
         unmatched += missing or [f"{len(wanted[comp]) - len(got)} {comp} module(s)"]
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
-        raise LoraError(
-            f"LoRA {source}: {len(unmatched)} of its {total_wanted} modules match nothing in the model "
-            f"({shown}); is it a LoRA for another base model?"
-        )
+        what = f"LoRA {source}: {len(unmatched)} of its {total_wanted} modules match nothing in the model ({shown})"
+        if not allow_partial:
+            raise LoraError(f"{what}; is it a LoRA for another base model? (--allow-partial-lora applies the "
+                            "modules that do match and records the others in the manifest)")
+        log.warning("%s; applying the other %d (--allow-partial-lora)", what, total_attached)
+    return unmatched

@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="export artifact DIR, diffusers folder, preset (tiny, sd15-random) or hub id")
     p.add_argument("--lora", action="append", default=[], metavar="SRC[:SCALE]",
                    help="LoRA to fuse at start (file, folder or hub id; scale default 1.0); repeatable")
+    p.add_argument("--allow-partial-lora", action="store_true",
+                   help="fuse a --lora some of whose modules match nothing in the model (warns; default: refuse)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "aoti", "onnx"],
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         print("lcmserve serve: --max-batch-size must be at least 2 (a guided image takes two rows)", file=sys.stderr)
         return 2
     make_runtime = functools.partial(load_runtime, args.model, loras=args.lora, backend=args.backend,
-                                     device=args.device, dtype=args.dtype)
+                                     device=args.device, dtype=args.dtype,
+                                     allow_partial_lora=args.allow_partial_lora)
     try:
         asyncio.run(serve(make_runtime, config, engine_config, limits, __version__))
     except (LoadError, ExportError, FileNotFoundError, ValueError, OSError) as exc:

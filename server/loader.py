@@ -26,7 +26,7 @@ def default_device() -> str:
 
 
 def load_runtime(model: str, *, loras: list[str] = (), backend: str = "auto",  # type: ignore[assignment]
-                 device: str | None = None, dtype: str | None = None) -> Runtime:
+                 device: str | None = None, dtype: str | None = None, allow_partial_lora: bool = False) -> Runtime:
     from lcmserve.export.loading import load_pipeline, parse_dtype
 
     device = device or default_device()
@@ -58,7 +58,7 @@ def load_runtime(model: str, *, loras: list[str] = (), backend: str = "auto",  #
         from lcmserve.export.fuse import fuse_in_memory
         from lcmserve.export.lora import parse_lora_arg
 
-        pipe, fused_manifest = fuse_in_memory(model, [parse_lora_arg(arg) for arg in loras],
+        pipe, fused_manifest = fuse_in_memory(model, [parse_lora_arg(arg, allow_partial=allow_partial_lora) for arg in loras],
                                               dtype=torch_dtype, device=device)
         records = tuple(_as_dict(r) for r in getattr(fused_manifest, "loras", ()))
     else:

@@ -334,8 +334,23 @@ def test_partly_matching_lora_is_refused(tiny, loras, tmp_path):
     tensors["lora_unet_down_blocks_0_no_such_module.lora_down.weight"] = torch.ones(4, 32)
     tensors["lora_unet_down_blocks_0_no_such_module.lora_up.weight"] = torch.ones(32, 4)
     save_file(tensors, str(tmp_path / "partial.safetensors"))
-    with pytest.raises(LoraError, match="1 of its .* modules match nothing.*no_such_module"):
+    with pytest.raises(LoraError, match="1 of its .* modules match nothing.*no_such_module.*--allow-partial-lora"):
         apply_loras(load_pipeline("tiny"), [LoraSpec(str(tmp_path / "partial.safetensors"), 1.0)])
+
+
+def test_partly_matching_lora_applies_what_matches_when_allowed(tiny, loras, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(loras["kohya"]))
+    tensors["lora_unet_down_blocks_0_no_such_module.lora_down.weight"] = torch.ones(4, 32)
+    tensors["lora_unet_down_blocks_0_no_such_module.lora_up.weight"] = torch.ones(32, 4)
+    save_file(tensors, str(tmp_path / "partial.safetensors"))
+    spec = parse_lora_arg(f"{tmp_path / 'partial.safetensors'}:0.8", allow_partial=True)
+    [partial] = apply_loras(load_pipeline("tiny"), [spec])
+    [whole] = apply_loras(load_pipeline("tiny"), [LoraSpec(str(loras["kohya"]), 0.8)])
+    assert partial.unmatched == ("lora_unet_down_blocks_0_no_such_module",)
+    assert partial.modules == whole.modules and partial.targets == whole.targets
+    assert partial.to_json()["unmatched"] == ["lora_unet_down_blocks_0_no_such_module"]
 
 
 def test_lora_from_folder_and_hub_offline(tiny, loras, tmp_path, monkeypatch):
