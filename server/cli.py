@@ -34,11 +34,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for the gRPC process and encoding; an OpenMP team that shares its cores with another busy "
                         "thread stalls at every barrier)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the UNet and VAE eagerly on CUDA")
+    p.add_argument("--buckets", type=_buckets, default=None, metavar="N,N,...",
+                   help="batch sizes that CUDA graphs are captured for; a batch is padded up to the next one and "
+                        "a larger batch runs eagerly (default 1,2,4,8,12,16,24,32,48,64)")
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics port (default 8002; 0 picks a free one; -1 disables)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM (default 30)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,2,4,8; got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers; got {text!r}")
+    return tuple(sizes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
                           metrics_port=None if args.metrics_port < 0 else args.metrics_port, threads=args.threads)
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_queued_requests=args.max_queued_requests,
-                                 batch_wait_ms=args.batch_wait_ms, cuda_graphs=not args.no_cuda_graphs)
+                                 batch_wait_ms=args.batch_wait_ms, cuda_graphs=not args.no_cuda_graphs,
+                                 **({"buckets": args.buckets} if args.buckets else {}))
     limits = Limits(max_images=args.max_images)
     if args.max_batch_size < 2:
         print("lcmserve serve: --max-batch-size must be at least 2 (a guided image takes two rows)", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -65,13 +64,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         first_step = True
         try:
             while True:
-                item = await events.get()
-                if isinstance(item, concurrent.futures.Future):
-                    try:
-                        item = await asyncio.wrap_future(item)  # encoded in the pool, delivered in order
-                    except Exception as exc:
-                        log.exception("encoding failed")
-                        item = Failure("INTERNAL", f"encoding the image failed: {exc}")
+                item = await events.get()  # in order, pictures encoded (server/engine_process.py)
                 if isinstance(item, Failure):
                     if item.code == "RESOURCE_EXHAUSTED":
                         done = True  # never queued: nothing to cancel

@@ -38,3 +38,15 @@ def test_bad_request_is_one_clear_line(tiny_server: str) -> None:
     done = lcmserve("generate", "wall", "--target", tiny_server, "--steps", "20")
     assert done.returncode != 0
     assert "num_inference_steps" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_refuses_bad_buckets_before_loading() -> None:
+    done = lcmserve("serve", "--model", "tiny", "--port", "0", "--buckets", "0,4")
+    assert done.returncode == 2 and "--buckets" in done.stderr and "positive" in done.stderr
+
+
+def test_serve_help_states_the_real_bucket_default() -> None:
+    from lcmserve.server.engine import EngineConfig
+
+    help_text = " ".join(lcmserve("serve", "--help").stdout.split())
+    assert f"(default {','.join(map(str, EngineConfig.buckets))})" in help_text
