@@ -102,6 +102,8 @@ class App:
             log.info("captured %d CUDA graphs for 512x512", info["graphs"])
         log.info("model ready in %.1f s (%s, %s, %s, %s torch threads)", time.perf_counter() - start, spec.backend,
                  spec.device, spec.dtype, info.get("threads"))
+        if info.get("compute_cpus"):
+            log.info("engine process on CPUs %s; gRPC on CPUs %s", _cpus(info["compute_cpus"]), _cpus(info["io_cpus"]))
         self.serving = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -123,6 +125,10 @@ class App:
     async def _set_health(self, status: int) -> None:
         for service in ("", pb.DESCRIPTOR.services_by_name["GenerationService"].full_name):
             await self.health.set(service, status)
+
+
+def _cpus(cpus: tuple[int, ...]) -> str:
+    return ",".join(map(str, cpus)) if len(cpus) < 4 else f"{cpus[0]}-{cpus[-1]} ({len(cpus)})"
 
 
 async def serve(make_runtime: Callable[[], Runtime], config: ServerConfig, engine_config: EngineConfig,

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads of the engine process (default on a CPU device: cores - 1, leaving one "
                         "for the gRPC process and encoding; an OpenMP team that shares its cores with another busy "
                         "thread stalls at every barrier)")
+    p.add_argument("--no-cpu-pinning", action="store_true",
+                   help="on a CPU device, leave process placement to the OS (default: the engine process runs "
+                        "on all CPUs but the first, the gRPC process on the first)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the UNet and VAE eagerly on CUDA")
     p.add_argument("--buckets", type=_buckets, default=None, metavar="N,N,...",
                    help="batch sizes that CUDA graphs are captured for; a batch is padded up to the next one and "
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
                           metrics_port=None if args.metrics_port < 0 else args.metrics_port, threads=args.threads)
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_queued_requests=args.max_queued_requests,
                                  batch_wait_ms=args.batch_wait_ms, cuda_graphs=not args.no_cuda_graphs,
+                                 pin_cpus=not args.no_cpu_pinning,
                                  **({"buckets": args.buckets} if args.buckets else {}))
     limits = Limits(max_images=args.max_images)
     if args.max_batch_size < 2:

@@ -59,6 +59,7 @@ class EngineConfig:
     max_steps: int = 8
     cuda_graphs: bool = True  # capture/replay UNet and VAE per (bucket, resolution) on CUDA
     buckets: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)  # padded batch sizes on CUDA
+    pin_cpus: bool = True  # on a CPU device: the engine process on its own cores (engine_process.py)
 
 
 class Engine:

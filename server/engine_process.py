@@ -103,6 +103,8 @@ class EngineProcess:
             self._process.join(10)
             raise message[1]
         _, self.runtime, self.ready_info = message
+        if self.ready_info.get("io_cpus"):  # the edge on the CPU the engine left free
+            pin_process(self.ready_info["io_cpus"])
         self._reader = threading.Thread(target=self._read, name="lcmserve-engine-reader", daemon=True)
         self._reader.start()
 
@@ -290,16 +292,25 @@ def _child_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
             torch.set_num_threads(threads)
         start = time.perf_counter()
         runtime = make_runtime()
+        split = cpu_split(config) if runtime.spec.device.type == "cpu" else None
+        if split is not None:
+            # This process gets all CPUs but the first, the edge process the first one. Left to the
+            # scheduler, the edge or a load generator often ran on the engine's core: pinned, 64x64
+            # at concurrency 16 went from 53-61 to 69-81 images/s on 2 cores (docs/benchmarks.md).
+            # The encoders and the pipe thread stay here: a GIL handed over on one core is cheap, one
+            # handed to a thread on another core waits for it to be scheduled (measured: no gain).
+            pin_process(split[1])
         if not threads and runtime.spec.device.type == "cpu":
-            # cores - 1: the edge process needs a core, and an OpenMP team that shares its cores with
-            # another busy thread stalls at every barrier (measured 100x slower steps on 2 cores).
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+            # One thread per core of its own: an OpenMP team that shares its cores with another busy
+            # thread stalls at every barrier (measured 100x slower steps on 2 cores).
+            torch.set_num_threads(len(split[1]) if split else max(1, (os.cpu_count() or 2) - 1))
         engine = Engine(runtime, config, MetricsRelay(outbox))
         graphs = engine.capture_graphs(capture_side, capture_side)
         engine.start()
         if do_warm_up:
             warm_up(engine)
-        info = {"graphs": graphs, "load_s": time.perf_counter() - start, "threads": torch.get_num_threads()}
+        info = {"graphs": graphs, "load_s": time.perf_counter() - start, "threads": torch.get_num_threads(),
+                "io_cpus": split[0] if split else (), "compute_cpus": split[1] if split else ()}
         outbox.send(("ready", RuntimeInfo(runtime.spec, runtime.tokenizer), info))
         engine.after_iteration = outbox.flush  # from now on the edge's reader takes event lists
         outbox.flush()  # the warm-up's metrics
@@ -336,6 +347,26 @@ def _child_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
             outbox.flush()
             conn.close()
             return
+
+
+def cpu_split(config: EngineConfig) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(edge cpus, engine cpus) out of the CPUs this process may use: the first one for the gRPC
+    edge, the rest for the engine process; None when pinning is off or impossible."""
+    if not config.pin_cpus or not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return (cpus[0],), tuple(cpus[1:])
+
+
+def pin_process(cpus: tuple[int, ...]) -> None:
+    """Every thread of this process, and those it starts later, on `cpus` only (Linux)."""
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:  # a thread that just ended
+            pass
 
 
 def _picklable(exc: BaseException) -> BaseException:

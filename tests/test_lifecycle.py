@@ -127,3 +127,32 @@ def test_engine_process_never_outlives_the_server(tiny_artifact, sig: int) -> No
         assert _gone(engine, 30), f"engine process {engine} still runs after the server got {sig!r}"
     finally:
         server.kill()
+
+
+def _allowed_cpus(pid: int) -> set[str]:
+    """Cpus_allowed_list of every thread of `pid`."""
+    lists = set()
+    for status in pathlib.Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                lists.add(line.split()[1])
+    return lists
+
+
+@linux_only
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs")
+def test_engine_process_and_edge_get_cpus_of_their_own(tiny_artifact) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    first, rest = str(cpus[0]), f"{cpus[1]}-{cpus[-1]}" if len(cpus) > 2 else str(cpus[1])
+    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1")
+    try:
+        assert _allowed_cpus(server.proc.pid) == {first}
+        assert _allowed_cpus(_engine_pid(server)) == {rest}
+    finally:
+        server.stop()
+    unpinned = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1", "--no-cpu-pinning")
+    try:
+        assert first not in _allowed_cpus(unpinned.proc.pid)
+        assert first not in _allowed_cpus(_engine_pid(unpinned))
+    finally:
+        unpinned.stop()
