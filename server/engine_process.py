@@ -10,9 +10,11 @@ from their scheduler for the same reason.
       EngineProcess.submit  --("submit", rid, params)-->  receiver thread -> Engine.submit
       Request.cancel        --("cancel", rid)-------->    Request.cancel
       EngineProcess.stop    --("stop",)-------------->    Engine.stop (what is left fails UNAVAILABLE)
-      reader thread  <--[(rid, seq, event) | (None, metric, args), ...]--  one message per engine
-        reorders by seq, then request.sink(event)                           iteration, and one per
-                                                                            encoded picture
+      reader thread  <--[(rid, event) | (None, (metric, args)), ...]--  one message per engine
+        request.sink(event)                                                iteration, and one per
+                                                                           encoded picture
+Each request's events leave the child in the order the engine made them: an event waits for the
+pictures before it to be encoded (_Forward), so the edge passes them on as they come.
 The child loads the model, captures CUDA graphs and warms up before it says ("ready", RuntimeInfo).
 Engine-side metrics are relayed (MetricsRelay) into the edge's registry, so /metrics is one page.
 If the child dies, every request in flight fails UNAVAILABLE and `on_death` turns health NOT_SERVING.
@@ -21,6 +23,7 @@ The child exits when its pipe closes, so it never outlives the edge.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -41,7 +44,7 @@ import numpy as np
 from .engine import Engine, EngineConfig
 from .runtime import ModelSpec, Runtime
 from .validation import tokenize
-from .work import EngineStopped, Failure, GenerationParams, ImageOut, QueueFull, Request, StepOut, SummaryOut
+from .work import EngineStopped, Failure, GenerationParams, QueueFull, Request, SummaryOut
 
 log = logging.getLogger("lcmserve.engine_process")
 
@@ -73,7 +76,7 @@ class EngineProcess:
         self._capture_side = capture_side
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _requests and the sending end of the pipe
-        self._requests: dict[int, _Delivery] = {}
+        self._requests: dict[int, Request] = {}
         self._stopping = False
         self._conn: multiprocessing.connection.Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -144,7 +147,7 @@ class EngineProcess:
                 self._conn.send(("submit", rid, request.params, request.deadline, request.arrival))
             except OSError as exc:  # the child just died; the reader is about to say so
                 raise EngineStopped(f"the engine process is gone: {exc}") from exc
-            self._requests[rid] = _Delivery(request)
+            self._requests[rid] = request
             request.on_cancel = lambda: self._cancel(rid)
 
     def _cancel(self, rid: int) -> None:
@@ -173,16 +176,21 @@ class EngineProcess:
             except Exception:  # an event that does not unpickle: a bug, but the others go on
                 log.exception("dropping a message from the engine process")
                 continue
-            for rid, key, value in batch:
+            for rid, value in batch:
                 if rid is None:
                     if self.metrics is not None:
-                        getattr(self.metrics, key)(*value)
+                        name, args = value
+                        getattr(self.metrics, name)(*args)
                     continue
                 with self._lock:
-                    delivery = self._requests.get(rid)
-                if delivery is None:
-                    continue  # finished or failed already
-                if delivery.add(key, value):
+                    request = self._requests.get(rid)
+                if request is None:
+                    continue  # finished or cancelled already
+                try:
+                    request.sink(value)
+                except RuntimeError:  # the edge's event loop closed under us (shutdown): nobody listens
+                    value = Failure("UNAVAILABLE", "the server is shutting down")
+                if isinstance(value, _TERMINAL):
                     with self._lock:
                         self._requests.pop(rid, None)
         if not self._stopping:  # (when stopping, stop() reaps the child: one thread may wait for it)
@@ -200,39 +208,8 @@ class EngineProcess:
         with self._lock:
             left = list(self._requests.values())
             self._requests.clear()
-        for delivery in left:
-            delivery.request.sink(Failure(code, message))
-
-
-class _Delivery:
-    """One request's events on the edge: back in the order the engine made them (encoded pictures
-    arrive when their encoder finishes), and its summary's encode time counted here."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.next_seq = 0
-        self.held: dict[int, Any] = {}
-        self.encode_ms = 0.0
-
-    def add(self, seq: int, event: Any) -> bool:
-        """Deliver what is now in order; True once the request has its last event."""
-        self.held[seq] = event
-        while self.next_seq in self.held:
-            event = self.held.pop(self.next_seq)
-            self.next_seq += 1
-            if isinstance(event, StepOut) and event.preview is not None:
-                self.encode_ms += event.preview.encode_ms
-            elif isinstance(event, ImageOut):
-                self.encode_ms += event.picture.encode_ms
-            elif isinstance(event, SummaryOut):  # pickled before the last encoders had finished
-                event = dataclasses.replace(event, timings=dict(event.timings, encode_ms=self.encode_ms))
-            try:
-                self.request.sink(event)
-            except RuntimeError:  # the edge's event loop closed under us (shutdown): nobody listens
-                return True
-            if isinstance(event, _TERMINAL):
-                return True
-        return False
+        for request in left:
+            request.sink(Failure(code, message))
 
 
 # ---- the child -------------------------------------------------------------------------------------
@@ -247,7 +224,7 @@ class MetricsRelay:
     def __getattr__(self, name: str) -> Callable[..., None]:
         if name not in ("queued", "admitted", "unet_step", "vae", "request_done"):
             raise AttributeError(name)
-        return lambda *args: self._outbox.put(None, name, args)
+        return lambda *args: self._outbox.put(None, (name, args))
 
 
 class _Outbox:
@@ -256,11 +233,11 @@ class _Outbox:
     def __init__(self, conn: multiprocessing.connection.Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
-        self._items: list[tuple[Any, Any, Any]] = []
+        self._items: list[tuple[int | None, Any]] = []
 
-    def put(self, rid: int | None, key: Any, value: Any) -> None:
+    def put(self, rid: int | None, value: Any) -> None:
         with self._lock:
-            self._items.append((rid, key, value))
+            self._items.append((rid, value))
 
     def flush(self) -> None:
         with self._lock:
@@ -328,7 +305,7 @@ def _child_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
         kind = message[0]
         if kind == "submit":
             _, rid, params, deadline, arrival = message
-            request = Request(params=params, sink=_sink(outbox, rid, requests), deadline=deadline, arrival=arrival)
+            request = Request(params=params, sink=_Forward(outbox, rid, requests), deadline=deadline, arrival=arrival)
             requests[rid] = request
             try:
                 engine.submit(request)
@@ -398,31 +375,44 @@ def warm_up(engine: Engine) -> None:
             return
 
 
-def _sink(outbox: _Outbox, rid: int, requests: dict[int, Request]) -> Callable[[Any], None]:
-    """The engine's sink of one request: events go to the outbox with a sequence number; a picture
-    still being encoded goes when its encoder finishes (and the edge puts it back in order)."""
-    seq = itertools.count()
+class _Forward:
+    """The engine's sink of one request: its events go to the outbox in the order the engine made
+    them; one behind a picture still being encoded waits for it, so that a summary leaves with the
+    encoders' times in it."""
 
-    def sink(item: Any) -> None:
-        n = next(seq)
+    def __init__(self, outbox: _Outbox, rid: int, requests: dict[int, Request]) -> None:
+        self._outbox = outbox
+        self._rid = rid
+        self._requests = requests
+        self._lock = threading.Lock()  # the engine thread and the encoders both call in
+        self._queue: collections.deque[Any] = collections.deque()
+
+    def __call__(self, item: Any) -> None:
+        with self._lock:
+            self._queue.append(item)
         if isinstance(item, concurrent.futures.Future):
-            item.add_done_callback(lambda done: _encoded(outbox, rid, n, done))
-            return
-        if isinstance(item, _TERMINAL):
-            requests.pop(rid, None)
-        outbox.put(rid, n, _portable(item))
+            item.add_done_callback(self._encoded)  # (at once, here, if it is done already)
+        else:
+            self._send_ready()
 
-    return sink
+    def _encoded(self, _: concurrent.futures.Future[Any]) -> None:
+        self._send_ready()
+        self._outbox.flush()  # a picture goes when it is ready, not at the end of an iteration
 
-
-def _encoded(outbox: _Outbox, rid: int, seq: int, done: concurrent.futures.Future[Any]) -> None:
-    try:
-        item = done.result()
-    except Exception as exc:  # noqa: BLE001 - the request fails; the server goes on
-        log.exception("encoding failed")
-        item = Failure("INTERNAL", f"encoding the image failed: {exc}")
-    outbox.put(rid, seq, _portable(item))
-    outbox.flush()
+    def _send_ready(self) -> None:
+        with self._lock:
+            while self._queue and not (isinstance(self._queue[0], concurrent.futures.Future)
+                                       and not self._queue[0].done()):
+                item = self._queue.popleft()
+                if isinstance(item, concurrent.futures.Future):
+                    try:
+                        item = item.result()
+                    except Exception as exc:  # noqa: BLE001 - the request fails; the server goes on
+                        log.exception("encoding failed")
+                        item = Failure("INTERNAL", f"encoding the image failed: {exc}")
+                if isinstance(item, _TERMINAL):
+                    self._requests.pop(self._rid, None)
+                self._outbox.put(self._rid, _portable(item))
 
 
 def _portable(item: Any) -> Any:
