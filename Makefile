@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python -m lcmserve.server.demo --out $(OUT)
+	$(BIN)/python -m lcmserve.demo --out $(OUT)
 
 serve: install
 	$(BIN)/lcmserve serve --model $(MODEL) --port $(PORT)
@@ -34,8 +34,14 @@ lint: install
 	$(BIN)/ruff check client server export tests
 	$(BIN)/buf lint
 
+# mypy cannot follow the editable install's package-dir mapping, so it checks a tree of links
+# laid out as the installed package is: lcmserve/ = client/*, lcmserve/server, lcmserve/export.
 typecheck: install
-	$(BIN)/mypy --strict client
+	rm -rf build/typecheck && mkdir -p build/typecheck/lcmserve
+	for f in client/*; do ln -s "$(CURDIR)/$$f" build/typecheck/lcmserve/; done
+	ln -s "$(CURDIR)/server" build/typecheck/lcmserve/server
+	ln -s "$(CURDIR)/export" build/typecheck/lcmserve/export
+	cd build/typecheck && "$(abspath $(BIN))/mypy" --strict --config-file "$(CURDIR)/pyproject.toml" -p lcmserve
 
 # Regenerate the gRPC stubs in client/v1 from protos/ (grpcio-tools pinned in the dev extra).
 proto: install

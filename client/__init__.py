@@ -6,6 +6,9 @@
         result = client.generate("a photo of a cracked concrete wall", seed=7)
         result.images[0].save("wall.jpg")
 
+The options of a request (steps, size, seed, formats...) are keyword arguments of ``generate``
+and ``stream``, or one ``GenerateOptions`` value given after the prompt (see ``options``).
+
 Needs grpcio and protobuf only; Pillow and numpy are imported only by the methods that decode
 pictures (``to_pil``, ``to_numpy``).
 """
@@ -36,6 +39,7 @@ from .errors import (
     UnknownError,
     from_rpc_error,
 )
+from .options import GenerateFields, GenerateOptions
 from .types import (
     GenerateEvent,
     GenerateResult,
@@ -68,6 +72,8 @@ __all__ = [
     "FailedPreconditionError",
     "FieldViolation",
     "GenerateEvent",
+    "GenerateFields",
+    "GenerateOptions",
     "GenerateResult",
     "Image",
     "InternalError",

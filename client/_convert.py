@@ -1,15 +1,17 @@
 """Conversions between lcmserve.v1 protobuf messages and the SDK's dataclasses (``types``).
 
 The only module of the SDK's public surface that touches message classes: requests are built
-here from keyword arguments, and responses become dataclasses here, so no protobuf type leaks
+here from GenerateOptions, and responses become dataclasses here, so no protobuf type leaks
 out of the SDK.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
+from . import names
 from .errors import ProtocolError
+from .options import GenerateFields, GenerateOptions, merge_options
 from .types import (
     GenerateEvent,
     Image,
@@ -26,20 +28,13 @@ from .types import (
 )
 from .v1 import generation_pb2 as pb
 
-OUTPUT_FORMATS: dict[OutputFormat, pb.OutputFormat.ValueType] = {
-    "jpeg": pb.OUTPUT_FORMAT_JPEG,
-    "png": pb.OUTPUT_FORMAT_PNG,
-    "webp": pb.OUTPUT_FORMAT_WEBP,
-    "raw": pb.OUTPUT_FORMAT_RAW,
-}
-_FORMAT_NAMES: dict[int, OutputFormat] = {value: name for name, value in OUTPUT_FORMATS.items()}
-_FORMAT_NAMES[pb.OUTPUT_FORMAT_UNSPECIFIED] = "jpeg"  # the proto's documented default
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-PREVIEW_MODES: dict[PreviewMode, pb.PreviewMode.ValueType] = {
-    "none": pb.PREVIEW_MODE_NONE,
-    "approx": pb.PREVIEW_MODE_APPROX,
-    "full": pb.PREVIEW_MODE_FULL,
-}
+# Name <-> enum number, derived from the generated enums once (names.py, which the server uses
+# too). The Literal types OutputFormat and PreviewMode list the same names (a test checks it).
+OUTPUT_FORMATS = cast("dict[OutputFormat, pb.OutputFormat.ValueType]", names.OUTPUT_FORMAT_VALUES)
+PREVIEW_MODES = cast("dict[PreviewMode, pb.PreviewMode.ValueType]", names.PREVIEW_MODE_VALUES)
 
 _FORMAT_ALIASES = {"jpg": "jpeg"}
 _UINT32_MAX = 2**32 - 1
@@ -50,49 +45,38 @@ _UINT64_MAX = 2**64 - 1
 
 
 def build_generate_request(
-    prompt: str,
-    *,
-    negative_prompt: str | None = None,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    seed: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    num_images: int | None = None,
-    output_format: OutputFormat | str = "jpeg",
-    quality: int | None = None,
-    preview_mode: PreviewMode | str = "none",
-    include_latents: bool = False,
+    prompt: str, options: GenerateOptions | None = None, **fields: Unpack[GenerateFields]
 ) -> pb.GenerateRequest:
-    """Builds a GenerateRequest from the SDK's keyword arguments.
+    """Builds a GenerateRequest from ``options`` (default: all defaults) with ``fields`` changed.
 
-    Only the arguments given (not None) are set, so the server's defaults apply to the others
-    and the server validates ranges (INVALID_ARGUMENT names the field and its limit). Checked
-    here: types, names of formats and preview modes, and values an unsigned field cannot hold.
-    Raises TypeError or ValueError naming the argument.
+    Only the options given (not None) are set, so the server's defaults apply to the others and
+    the server validates ranges (INVALID_ARGUMENT names the field and its limit). Checked here:
+    types, names of formats and preview modes (case-insensitive; "jpg" means "jpeg"), and values
+    an unsigned field cannot hold. Raises TypeError or ValueError naming the option.
     """
+    o = merge_options(options, fields)
     request = pb.GenerateRequest(
         prompt=_check_str("prompt", prompt),
-        output_format=OUTPUT_FORMATS[parse_output_format(output_format)],
-        preview_mode=PREVIEW_MODES[parse_preview_mode(preview_mode)],
-        include_latents=_check_bool("include_latents", include_latents),
+        output_format=OUTPUT_FORMATS[parse_output_format(o.output_format)],
+        preview_mode=PREVIEW_MODES[parse_preview_mode(o.preview_mode)],
+        include_latents=_check_bool("include_latents", o.include_latents),
     )
-    if negative_prompt is not None:
-        request.negative_prompt = _check_str("negative_prompt", negative_prompt)
-    if num_inference_steps is not None:
-        request.num_inference_steps = _check_uint("num_inference_steps", num_inference_steps, _UINT32_MAX)
-    if guidance_scale is not None:
-        request.guidance_scale = _check_float("guidance_scale", guidance_scale)
-    if seed is not None:
-        request.seed = _check_uint("seed", seed, _UINT64_MAX)
-    if width is not None:
-        request.width = _check_uint("width", width, _UINT32_MAX)
-    if height is not None:
-        request.height = _check_uint("height", height, _UINT32_MAX)
-    if num_images is not None:
-        request.num_images = _check_uint("num_images", num_images, _UINT32_MAX)
-    if quality is not None:
-        request.quality = _check_uint("quality", quality, _UINT32_MAX)
+    if o.negative_prompt is not None:
+        request.negative_prompt = _check_str("negative_prompt", o.negative_prompt)
+    if o.num_inference_steps is not None:
+        request.num_inference_steps = _check_uint("num_inference_steps", o.num_inference_steps, _UINT32_MAX)
+    if o.guidance_scale is not None:
+        request.guidance_scale = _check_float("guidance_scale", o.guidance_scale)
+    if o.seed is not None:
+        request.seed = _check_uint("seed", o.seed, _UINT64_MAX)
+    if o.width is not None:
+        request.width = _check_uint("width", o.width, _UINT32_MAX)
+    if o.height is not None:
+        request.height = _check_uint("height", o.height, _UINT32_MAX)
+    if o.num_images is not None:
+        request.num_images = _check_uint("num_images", o.num_images, _UINT32_MAX)
+    if o.quality is not None:
+        request.quality = _check_uint("quality", o.quality, _UINT32_MAX)
     return request
 
 
@@ -147,7 +131,7 @@ def _check_float(argument: str, value: object) -> float:
 
 def picture_from_proto(message: pb.Picture) -> Picture:
     """Picture message -> Picture (an unset format means JPEG, as the proto says)."""
-    fmt = _FORMAT_NAMES.get(message.format)
+    fmt = cast("OutputFormat | None", names.output_format_name(message.format))
     if fmt is None:
         raise ProtocolError(f"picture has unknown OutputFormat value {message.format}")
     return Picture(data=message.data, format=fmt, width=message.width, height=message.height)

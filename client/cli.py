@@ -24,6 +24,7 @@ from ._common import DEFAULT_TARGET
 from ._convert import parse_output_format
 from .client import Client
 from .errors import LcmServeError, UnavailableError
+from .options import GenerateOptions
 from .types import (
     FORMAT_SUFFIXES,
     SUFFIX_FORMATS,
@@ -75,7 +76,7 @@ _PLUGINS = {
         ("torch", "diffusers", "transformers"),
     ),
     "bench": _Plugin(
-        "lcmserve.bench", "load-test a server: throughput and latency", "the benchmark", None, ()
+        "lcmserve.bench.cli", "load-test a server: throughput and latency", "the benchmark", None, ()
     ),
 }
 
@@ -283,25 +284,29 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.target, secure=args.secure, root_certificates=root_certificates, timeout=args.timeout)
 
 
+def _generate_options(args: argparse.Namespace, fmt: OutputFormat) -> GenerateOptions:
+    """The request's options from the command line; options not given take the server's defaults."""
+    return GenerateOptions(
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        output_format=fmt,
+        quality=args.quality,
+        preview_mode=(args.preview_mode or "approx") if args.previews is not None else "none",
+    )
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     if args.preview_mode is not None and args.previews is None:
         raise _CliExit("lcmserve generate: error: --preview-mode needs --previews DIR", 2)
     fmt = _output_format(args)
     with _client(args) as client:
         try:
-            events = client.stream(
-                args.prompt,
-                negative_prompt=args.negative_prompt,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                seed=args.seed,
-                width=args.width,
-                height=args.height,
-                num_images=args.num_images,
-                output_format=fmt,
-                quality=args.quality,
-                preview_mode=(args.preview_mode or "approx") if args.previews is not None else "none",
-            )
+            events = client.stream(args.prompt, _generate_options(args, fmt))
         except (ValueError, TypeError) as exc:  # arguments the SDK refused before sending
             raise _CliExit(f"lcmserve generate: error: {exc}", 2) from exc
         try:

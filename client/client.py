@@ -29,12 +29,13 @@ from ._common import (
 )
 from ._convert import build_generate_request, event_from_proto, model_info_from_proto
 from .errors import DeadlineExceededError, ProtocolError, UnavailableError, from_rpc_error
-from .types import GenerateEvent, GenerateResult, ModelInfo, OutputFormat, PreviewMode, Summary
+from .options import GenerateFields, GenerateOptions
+from .types import GenerateEvent, GenerateResult, ModelInfo, Summary
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing_extensions import Self, Unpack
 
 _READY_POLL_S = 0.2  # seconds between health checks in wait_until_ready
 
@@ -84,60 +85,29 @@ class Client:
     def generate(
         self,
         prompt: str,
+        options: GenerateOptions | None = None,
         *,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        num_images: int | None = None,
-        output_format: OutputFormat = "jpeg",
-        quality: int | None = None,
-        preview_mode: PreviewMode = "none",
-        include_latents: bool = False,
         timeout: float | None = None,
+        **fields: Unpack[GenerateFields],
     ) -> GenerateResult:
         """Generates images for ``prompt`` and returns them with the summary and step events.
 
-        Arguments left None take the server's defaults (4 steps, guidance 1.0, 512x512, one
-        image, JPEG quality 90, a seed chosen by the server). See ``stream`` for the events.
+        ``options`` (a GenerateOptions) with ``fields`` changed, e.g. ``seed=7, width=64``; those
+        left None take the server's defaults (4 steps, guidance 1.0, 512x512, one image, JPEG
+        quality 90, a seed chosen by the server). See ``stream`` for the events.
         """
         collector = ResultCollector()
-        for event in self.stream(
-            prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            width=width,
-            height=height,
-            num_images=num_images,
-            output_format=output_format,
-            quality=quality,
-            preview_mode=preview_mode,
-            include_latents=include_latents,
-            timeout=timeout,
-        ):
+        for event in self.stream(prompt, options, timeout=timeout, **fields):
             collector.add(event)
         return collector.result()
 
     def stream(
         self,
         prompt: str,
+        options: GenerateOptions | None = None,
         *,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        num_images: int | None = None,
-        output_format: OutputFormat = "jpeg",
-        quality: int | None = None,
-        preview_mode: PreviewMode = "none",
-        include_latents: bool = False,
         timeout: float | None = None,
+        **fields: Unpack[GenerateFields],
     ) -> Iterator[GenerateEvent]:
         """Generates images for ``prompt``, yielding events as the server sends them: a
         StepEvent per step of each image, then an Image per image, then one Summary.
@@ -146,20 +116,7 @@ class Client:
         ``next()``. Leaving the loop early (break, exception, ``close()``) cancels the call on
         the server, so its batch slots are freed.
         """
-        request = build_generate_request(
-            prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            width=width,
-            height=height,
-            num_images=num_images,
-            output_format=output_format,
-            quality=quality,
-            preview_mode=preview_mode,
-            include_latents=include_latents,
-        )
+        request = build_generate_request(prompt, options, **fields)
         self._check_open()
         return self._stream(request, call_timeout(timeout, self.timeout))
 

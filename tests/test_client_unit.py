@@ -10,7 +10,10 @@ import asyncio
 import socket
 import subprocess
 import sys
+import ast
+import dataclasses
 import textwrap
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from lcmserve import (
     UnavailableError,
     from_rpc_error,
 )
-from lcmserve import _convert
+from lcmserve import GenerateFields, GenerateOptions, _convert, names
 from lcmserve._common import ResultCollector
 from lcmserve.cli import _image_path, main
 from lcmserve.errors import _error_from_status
@@ -162,7 +165,7 @@ def test_request_sets_what_was_given() -> None:
         width=768,
         height=64,
         num_images=3,
-        output_format="PNG",
+        output_format="PNG",  # type: ignore[arg-type]  # names are case-insensitive at run time
         quality=0,
         preview_mode="full",
         include_latents=True,
@@ -177,14 +180,15 @@ def test_request_sets_what_was_given() -> None:
     assert request.HasField("quality") and request.quality == 0  # given, so sent (the server judges it)
     assert request.output_format == pb.OUTPUT_FORMAT_PNG and request.preview_mode == pb.PREVIEW_MODE_FULL
     assert request.include_latents
-    assert _convert.build_generate_request("x", output_format="jpg").output_format == pb.OUTPUT_FORMAT_JPEG
+    jpg = _convert.build_generate_request("x", output_format="jpg")  # type: ignore[arg-type]  # an alias
+    assert jpg.output_format == pb.OUTPUT_FORMAT_JPEG
 
 
 def test_request_refuses_unknown_names_and_types() -> None:
     with pytest.raises(ValueError, match=r"output_format='bmp'.*'jpeg', 'png', 'webp', 'raw'"):
-        _convert.build_generate_request("x", output_format="bmp")
+        _convert.build_generate_request("x", output_format="bmp")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"preview_mode='vae'.*'none', 'approx', 'full'"):
-        _convert.build_generate_request("x", preview_mode="vae")
+        _convert.build_generate_request("x", preview_mode="vae")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"seed=-1"):
         _convert.build_generate_request("x", seed=-1)
     with pytest.raises(TypeError, match=r"num_inference_steps"):
@@ -193,6 +197,78 @@ def test_request_refuses_unknown_names_and_types() -> None:
         _convert.build_generate_request(None)  # type: ignore[arg-type]
     with Client("127.0.0.1:1") as client, pytest.raises(ValueError, match="output_format"):
         client.stream("x", output_format="gif")  # type: ignore[arg-type]  # checked before any call
+
+
+def test_options_value_and_keywords_are_one_type() -> None:
+    # GenerateFields is GenerateOptions as keyword arguments: same names, same types, same order
+    assert typing.get_type_hints(GenerateFields) == typing.get_type_hints(GenerateOptions)
+    assert list(GenerateFields.__annotations__) == [f.name for f in dataclasses.fields(GenerateOptions)]
+    options = GenerateOptions(num_inference_steps=2, width=64, output_format="png")
+    by_value = _convert.build_generate_request("a wall", options, seed=5, width=72)
+    by_keywords = _convert.build_generate_request(
+        "a wall", num_inference_steps=2, width=72, output_format="png", seed=5
+    )
+    assert by_value == by_keywords and by_value.width == 72 and not by_value.HasField("height")
+    assert options.width == 64  # frozen: the keywords changed a copy
+    with pytest.raises(TypeError, match=r"unknown Generate option 'widht'.*width"):
+        _convert.build_generate_request("x", widht=64)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"options must be a GenerateOptions.*got str"):
+        _convert.build_generate_request("x", "blurry")  # type: ignore[arg-type]
+
+
+def test_format_and_preview_names_are_the_protos() -> None:
+    # The SDK's Literal types list exactly the generated enums' names, in their order
+    assert typing.get_args(lcmserve.OutputFormat) == tuple(names.OUTPUT_FORMAT_VALUES)
+    assert typing.get_args(lcmserve.PreviewMode) == tuple(names.PREVIEW_MODE_VALUES)
+    for name, number in _convert.OUTPUT_FORMATS.items():
+        assert pb.OutputFormat.Name(number) == f"OUTPUT_FORMAT_{name.upper()}"
+    for name, number in _convert.PREVIEW_MODES.items():
+        assert pb.PreviewMode.Name(number) == f"PREVIEW_MODE_{name.upper()}"
+
+
+def _client_import_graph() -> dict[str, set[str]]:
+    """Module -> the lcmserve modules it imports anywhere (top level, functions, TYPE_CHECKING),
+    for every hand-written module of client/ (the implicit import of a parent package left out)."""
+    root = Path(lcmserve.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ["lcmserve", *path.relative_to(root).with_suffix("").parts]
+        if "v1" not in parts:
+            is_package = parts[-1] == "__init__"
+            modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_package) in modules.items():
+        package = name if is_package else name.rpartition(".")[0]
+        edges = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names if alias.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                source = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                for alias in node.names:
+                    target = f"{source}.{alias.name}"
+                    edges.add(target if target in modules else str(source))
+        edges &= set(modules)
+        edges.discard(name)
+    return graph
+
+
+def test_client_modules_import_without_cycles() -> None:
+    graph = _client_import_graph()
+    assert {"lcmserve.bench.driver", "lcmserve.bench.report", "lcmserve.demo"} <= set(graph)
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            raise AssertionError(f"import cycle: {' -> '.join((*path[path.index(name):], name))}")
+        if name not in done:
+            for target in sorted(graph[name]):
+                visit(target, (*path, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
 
 
 # ---- conversions of real messages ---------------------------------------------------------------

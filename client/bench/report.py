@@ -1,5 +1,6 @@
-"""Results of `lcmserve bench`: percentiles, per-level and baseline reports, and their outputs
-(text table, JSON, CSV, PNG plot). No I/O but the writers; matplotlib is imported only by write_plot.
+"""Results of `lcmserve bench`: percentiles, per-request, per-level and baseline reports, and their
+outputs (text table, JSON, CSV, PNG plot). No I/O but the writers; matplotlib is imported only by
+write_plot.
 """
 
 from __future__ import annotations
@@ -13,16 +14,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # annotations only: bench imports this module
-    from .bench import BenchConfig, Level
+from .config import BenchConfig, BenchError, Level
 
 _PERCENTILES = (50, 90, 95, 99)
-
-
-class BenchError(Exception):
-    """The benchmark cannot run as asked (smoke request failed, missing extra, bad option)."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +193,8 @@ class BaselineReport:
 
 @dataclass
 class BenchReport:
+    """A whole run: its config, a LevelReport per level run, the baseline's reports; filled as it goes."""
+
     config: BenchConfig
     levels: list[LevelReport] = field(default_factory=list)
     baseline: list[BaselineReport] = field(default_factory=list)

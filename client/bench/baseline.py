@@ -14,12 +14,10 @@ import io
 import itertools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .bench_report import BaselineReport, BenchError, Stats
-
-if TYPE_CHECKING:
-    from .bench import BenchConfig, RequestShape
+from .config import BenchConfig, BenchError, RequestShape
+from .report import BaselineReport, Stats
 
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 

@@ -1,0 +1,275 @@
+"""The command line of `lcmserve bench` (also `python -m lcmserve.bench`): options -> BenchConfig,
+the run with Ctrl-C handling, then the table and the files asked for. See the package's docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import math
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+from ..names import OUTPUT_FORMAT_VALUES, PREVIEW_MODE_VALUES
+from ..types import OutputFormat, PreviewMode
+from .config import DEFAULT_PROMPTS, BenchConfig, BenchError, Level, RequestShape
+from .driver import run_bench
+from .report import BenchReport, format_table, write_csv, write_json, write_plot
+
+DESCRIPTION = "load-test an lcmserve server: throughput and latency, level by level"
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _positive_floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0 or not all(map(math.isfinite, values)):
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `lcmserve bench`."""
+    parser.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="server to load; leave out with --baseline to time only diffusers",
+    )
+    parser.add_argument("--secure", action="store_true", help="TLS with the system's root certificates")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument(
+        "--concurrency",
+        type=_positive_ints,
+        metavar="N[,N...]",
+        help="closed-loop levels: that many clients sending back to back (default 1)",
+    )
+    load.add_argument(
+        "--rate",
+        type=_positive_floats,
+        metavar="R[,R...]",
+        help="open-loop levels: Poisson arrivals at R requests/s",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        metavar="N",
+        help="with --rate: at most N requests in flight (latency counts from the send)",
+    )
+    span = parser.add_mutually_exclusive_group()
+    span.add_argument(
+        "--requests",
+        type=int,
+        metavar="N",
+        help="requests per level (default: 4 x concurrency, or 10 s of arrivals; at least 32)",
+    )
+    span.add_argument("--duration", type=float, metavar="S", help="seconds per level to send requests for")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        metavar="N",
+        help="requests before each level, not counted (default 4)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="deadline of each request (default 60)"
+    )
+    parser.add_argument("--connections", type=int, default=1, metavar="N", help="gRPC channels (default 1)")
+    shape = parser.add_argument_group("request shape")
+    shape.add_argument("--steps", type=int, default=4, metavar="N", help="num_inference_steps (default 4)")
+    shape.add_argument("--width", type=int, default=512, metavar="PX", help="pixels (default 512)")
+    shape.add_argument("--height", type=int, default=512, metavar="PX", help="pixels (default 512)")
+    shape.add_argument(
+        "--num-images", type=int, default=1, metavar="N", help="images per request (default 1)"
+    )
+    shape.add_argument(
+        "--format", choices=tuple(OUTPUT_FORMAT_VALUES), default="jpeg", help="(default jpeg)"
+    )
+    shape.add_argument(
+        "--guidance", type=float, default=1.0, metavar="SCALE", help="guidance_scale (default 1.0: no CFG)"
+    )
+    shape.add_argument(
+        "--preview-mode",
+        choices=tuple(PREVIEW_MODE_VALUES),
+        default="none",
+        help="preview in each step event (default none)",
+    )
+    shape.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="prompts, one a line (default: a built-in list of cracked concrete walls)",
+    )
+    shape.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="base seed: request i uses seed + i x num-images"
+    )
+    out = parser.add_argument_group("results")
+    out.add_argument("--slo-ms", type=float, metavar="MS", help="goodput: ok requests/s within MS end to end")
+    out.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
+    out.add_argument("--csv", type=Path, metavar="PATH", help="write one CSV row per level")
+    out.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH.png",
+        help="plot latency p50/p99 against images/s (needs the [plot] extra)",
+    )
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    base = parser.add_argument_group("baseline (plain diffusers in this process; needs the [server] extra)")
+    base.add_argument(
+        "--baseline",
+        metavar="MODEL",
+        help="time diffusers on MODEL (hub id, folder or preset such as tiny) for the same request shape",
+    )
+    base.add_argument(
+        "--baseline-batch",
+        type=_positive_ints,
+        metavar="B[,B...]",
+        help="batch sizes (default: 1 and the largest concurrency)",
+    )
+    base.add_argument(
+        "--baseline-iters",
+        type=int,
+        default=3,
+        metavar="N",
+        help="timed calls per batch size, after one warm-up call (default 3)",
+    )
+    base.add_argument("--baseline-device", metavar="DEVICE", help="default: cuda if available, else cpu")
+    base.add_argument(
+        "--baseline-dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="default: float16 on cuda, float32 on cpu",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Checks the options and builds the config; raises BenchError naming the option."""
+    if args.target is None and args.baseline is None:
+        raise BenchError("give --target HOST:PORT (a server to load), --baseline MODEL, or both")
+    if args.max_concurrency is not None and (args.rate is None or args.max_concurrency < 1):
+        raise BenchError(f"--max-concurrency {args.max_concurrency}: needs --rate and a value >= 1")
+    for name in ("requests", "connections", "steps", "width", "height", "num_images", "baseline_iters"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BenchError(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    for name in ("duration", "timeout"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise BenchError(f"--{name} {value}: must be > 0")
+    if args.warmup < 0:
+        raise BenchError(f"--warmup {args.warmup}: must be >= 0")
+    prompts = DEFAULT_PROMPTS
+    if args.prompts is not None:
+        try:
+            lines = args.prompts.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise BenchError(f"--prompts {args.prompts}: {e.strerror}") from e
+        prompts = tuple(line.strip() for line in lines if line.strip())
+        if not prompts:
+            raise BenchError(f"--prompts {args.prompts}: no prompts in the file")
+    if args.rate is not None:
+        levels = tuple(Level(rate=r, max_concurrency=args.max_concurrency) for r in args.rate)
+    else:
+        levels = tuple(Level(concurrency=c) for c in (args.concurrency or [1]))
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise BenchError("--plot needs matplotlib: pip install 'lcmserve[plot]'")
+    if args.baseline is not None:
+        missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise BenchError(
+                f"--baseline runs diffusers in this process and needs the server extra "
+                f"(missing {', '.join(missing)}): pip install 'lcmserve[server]'"
+            )
+    return BenchConfig(
+        target=args.target,
+        levels=levels,
+        requests=args.requests,
+        duration_s=args.duration,
+        warmup=args.warmup,
+        timeout_s=args.timeout,
+        shape=RequestShape(
+            num_inference_steps=args.steps,
+            width=args.width,
+            height=args.height,
+            num_images=args.num_images,
+            output_format=cast(OutputFormat, args.format),
+            guidance_scale=args.guidance,
+            preview_mode=cast(PreviewMode, args.preview_mode),
+        ),
+        prompts=prompts,
+        seed=args.seed,
+        slo_ms=args.slo_ms,
+        secure=args.secure,
+        connections=args.connections,
+        progress=not args.no_progress,
+        baseline_model=args.baseline,
+        baseline_batches=tuple(args.baseline_batch or ()),
+        baseline_iters=args.baseline_iters,
+        baseline_device=args.baseline_device,
+        baseline_dtype=args.baseline_dtype,
+    )
+
+
+async def _run_until_interrupted(config: BenchConfig) -> BenchReport:
+    """run_bench, with the first Ctrl-C ending the current level early (a second one aborts)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_interrupt() -> None:
+        print("\ninterrupted: finishing with the results so far (Ctrl-C again to abort)", file=sys.stderr)
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows' event loop
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    return await run_bench(config, stop=stop)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`lcmserve bench`: 0 when every level ran (failed requests are results), 130 when interrupted,
+    2 when it could not run (bad option, smoke request failed)."""
+    try:
+        config = config_from_args(args)
+        report = asyncio.run(_run_until_interrupted(config))
+    except BenchError as e:
+        print(f"lcmserve bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the second Ctrl-C
+        print("lcmserve bench: aborted", file=sys.stderr)
+        return 130
+    print(format_table(report))
+    try:
+        if args.json is not None:
+            write_json(report, args.json)
+        if args.csv is not None:
+            write_csv(report, args.csv)
+        if args.plot is not None:
+            write_plot(report, args.plot)
+    except (BenchError, OSError) as e:
+        print(f"lcmserve bench: error: {e}", file=sys.stderr)
+        return 2
+    for path in (args.json, args.csv, args.plot):
+        if path is not None:
+            print(f"wrote {path}", file=sys.stderr)
+    return 130 if report.interrupted else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lcmserve.bench ARGS`: the same as `lcmserve bench ARGS`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="lcmserve bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,120 @@
+"""What a benchmark run is asked to do: the request shape, the load levels, the whole run's config.
+
+Frozen dataclasses, filled by the CLI (`bench.cli.config_from_args`) or by hand; no I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..options import GenerateOptions
+
+
+class BenchError(Exception):
+    """The benchmark cannot run as asked (smoke request failed, missing extra, bad option)."""
+
+
+# Cracks in concrete walls, the motivating use: many images of one domain, prompts that vary.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a hairline crack in a grey concrete wall, close-up photo",
+    "a diagonal crack running through a weathered concrete wall, daylight",
+    "a wide structural crack in a reinforced concrete wall with exposed rebar",
+    "a network of fine shrinkage cracks on a smooth concrete surface",
+    "a vertical crack in a concrete retaining wall, moss at the edges",
+    "a spalled concrete wall with a deep crack and rust stains, overcast light",
+    "a crack in a painted concrete basement wall, flash photo",
+    "a stair-step crack along a concrete block wall, side light",
+    "a repaired crack filled with epoxy in a concrete wall, close-up",
+    "a map cracking pattern on an old concrete bridge pier",
+    "a thin crack branching across a wet concrete wall after rain",
+    "a crack near a window corner in a cast-in-place concrete wall",
+)
+
+
+@dataclass(frozen=True)
+class RequestShape(GenerateOptions):
+    """What every request asks for: the SDK's GenerateOptions with the server's defaults written
+    out as values, so that the report and the diffusers baseline can use them.
+
+    `seed` is not used: request i of a run gets `BenchConfig.seed + i * num_images`.
+    """
+
+    num_inference_steps: int = 4
+    guidance_scale: float = 1.0
+    width: int = 512  # pixels
+    height: int = 512  # pixels
+    num_images: int = 1  # per request
+
+
+@dataclass(frozen=True)
+class Level:
+    """One load level: closed loop with `concurrency` clients, or open loop at `rate` requests/s."""
+
+    concurrency: int | None = None
+    rate: float | None = None  # requests/s, Poisson arrivals
+    max_concurrency: int | None = None  # open loop only: most requests in flight
+
+    def __post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError(f"a level has a concurrency or a rate, not both or neither: {self}")
+
+    @property
+    def label(self) -> str:
+        """The level's name in the table and the progress bar: "c=8", or "r=2/s max 16"."""
+        if self.concurrency is not None:
+            return f"c={self.concurrency}"
+        cap = f" max {self.max_concurrency}" if self.max_concurrency else ""
+        return f"r={self.rate:g}/s{cap}"
+
+    def default_requests(self) -> int:
+        """Requests when neither --requests nor --duration is given: enough to fill the level."""
+        if self.concurrency is not None:
+            return max(32, 4 * self.concurrency)
+        return max(32, math.ceil(10 * (self.rate or 0.0)))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a benchmark run needs; filled by the CLI or by hand."""
+
+    target: str | None  # HOST:PORT of the server; None: only the baseline runs
+    levels: tuple[Level, ...] = (Level(concurrency=1),)
+    requests: int | None = None  # per level; None and no duration: Level.default_requests()
+    duration_s: float | None = None  # per level: send new requests for this long
+    warmup: int = 4  # requests before each level, not counted
+    timeout_s: float = 60.0  # gRPC deadline of each request
+    shape: RequestShape = field(default_factory=RequestShape)
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    seed: int = 0  # request i gets seed + i * num_images (image j of it: + j, on the server)
+    slo_ms: float | None = None  # goodput counts ok requests within this end-to-end latency
+    secure: bool = False
+    connections: int = 1  # gRPC channels, requests spread round-robin over them
+    progress: bool = True
+    baseline_model: str | None = None
+    baseline_batches: tuple[int, ...] = ()  # empty: 1 and the largest concurrency
+    baseline_iters: int = 3  # timed pipeline calls per batch size, after one warm-up call
+    baseline_device: str | None = None  # None: cuda if available, else cpu
+    baseline_dtype: str | None = None  # None: float16 on cuda, float32 on cpu
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("prompts is empty")
+        if self.requests is not None and self.duration_s is not None:
+            raise ValueError("give requests or duration_s, not both")
+
+    def baseline_batch_sizes(self) -> tuple[int, ...]:
+        """The baseline's batch sizes: as given, else 1 and the widest level's concurrency."""
+        if self.baseline_batches:
+            return self.baseline_batches
+        widest = max((lv.concurrency or lv.max_concurrency or 1 for lv in self.levels), default=1)
+        return tuple(sorted({1, widest}))
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as the JSON report records it (the number of prompts, not their text)."""
+        data = dataclasses.asdict(self)
+        data["levels"] = [{k: v for k, v in lv.items() if v is not None} for lv in data["levels"]]
+        data["prompts"] = len(self.prompts)
+        return data

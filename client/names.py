@@ -1,0 +1,38 @@
+"""The proto's enums as the short lowercase names the SDK, CLI and server use ("jpeg", "approx").
+
+Derived once from the generated enum descriptors, so that a value added to the proto appears here
+by itself, and client and server cannot disagree: `OUTPUT_FORMAT_JPEG` -> "jpeg",
+`PREVIEW_MODE_APPROX` -> "approx". The `*_UNSPECIFIED` zero values are not names; they read as the
+proto's documented default (DEFAULT_OUTPUT_FORMAT, DEFAULT_PREVIEW_MODE).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lcmserve.v1 import generation_pb2 as pb
+
+
+def enum_names(enum: Any, prefix: str) -> dict[str, int]:
+    """{"jpeg": 1, ...} for the values of a generated enum wrapper, less its *_UNSPECIFIED value."""
+    return {name.removeprefix(prefix).lower(): int(number) for name, number in enum.items()
+            if not name.endswith("_UNSPECIFIED")}
+
+
+OUTPUT_FORMAT_VALUES: dict[str, int] = enum_names(pb.OutputFormat, "OUTPUT_FORMAT_")
+OUTPUT_FORMAT_NAMES: dict[int, str] = {number: name for name, number in OUTPUT_FORMAT_VALUES.items()}
+PREVIEW_MODE_VALUES: dict[str, int] = enum_names(pb.PreviewMode, "PREVIEW_MODE_")
+PREVIEW_MODE_NAMES: dict[int, str] = {number: name for name, number in PREVIEW_MODE_VALUES.items()}
+
+DEFAULT_OUTPUT_FORMAT = "jpeg"  # what OUTPUT_FORMAT_UNSPECIFIED means (generation.proto)
+DEFAULT_PREVIEW_MODE = "none"  # what PREVIEW_MODE_UNSPECIFIED means
+
+
+def output_format_name(number: int) -> str | None:
+    """The name of an OutputFormat value (UNSPECIFIED -> the default), None for an unknown number."""
+    return DEFAULT_OUTPUT_FORMAT if number == pb.OUTPUT_FORMAT_UNSPECIFIED else OUTPUT_FORMAT_NAMES.get(number)
+
+
+def preview_mode_name(number: int) -> str | None:
+    """The name of a PreviewMode value (UNSPECIFIED -> the default), None for an unknown number."""
+    return DEFAULT_PREVIEW_MODE if number == pb.PREVIEW_MODE_UNSPECIFIED else PREVIEW_MODE_NAMES.get(number)
