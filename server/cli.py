@@ -7,6 +7,13 @@ import argparse
 import logging
 import sys
 
+from .config import EngineConfig, FaultInjection, Limits, ServerConfig
+
+_ENGINE = EngineConfig()
+_SERVER = ServerConfig()
+_LIMITS = Limits()
+BACKENDS = ("auto", "eager", "compile", "aoti", "onnx")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
@@ -15,20 +22,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA to fuse at start (file, folder or hub id; scale default 1.0); repeatable")
     p.add_argument("--allow-partial-lora", action="store_true",
                    help="fuse a --lora some of whose modules match nothing in the model (warns; default: refuse)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "compile", "aoti", "onnx"],
+    p.add_argument("--host", default=_SERVER.host, help=f"address to bind (default {_SERVER.host}; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=_SERVER.port,
+                   help=f"gRPC port (default {_SERVER.port}; 0 picks a free one)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="runtime (default auto: the best compiled artifact present for this machine, else eager)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="default: the artifact's, else float16 on CUDA and float32 on CPU")
-    p.add_argument("--max-batch-size", type=int, default=32,
-                   help="most rows in one UNet call; a guided image takes two (default 32)")
-    p.add_argument("--max-queued-requests", type=int, default=256,
-                   help="waiting requests before RESOURCE_EXHAUSTED (default 256)")
-    p.add_argument("--batch-wait-ms", type=float, default=0.0,
-                   help="wait this long to fill an idle batch (default 0: never delay a lone request)")
-    p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--max-batch-size", type=int, default=_ENGINE.max_batch_size,
+                   help=f"most rows in one UNet call; a guided image takes two (default {_ENGINE.max_batch_size})")
+    p.add_argument("--max-queued-requests", type=int, default=_ENGINE.max_queued_requests,
+                   help=f"waiting requests before RESOURCE_EXHAUSTED (default {_ENGINE.max_queued_requests})")
+    p.add_argument("--batch-wait-ms", type=float, default=_ENGINE.batch_wait_ms,
+                   help=f"wait this long to fill an idle batch (default {_ENGINE.batch_wait_ms:g}: never delay a "
+                        "lone request)")
+    p.add_argument("--max-images", type=int, default=_LIMITS.max_images,
+                   help=f"most images per request (default {_LIMITS.max_images})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of the engine process (default on a CPU device: cores - 1, leaving one "
                         "for the gRPC process and encoding; an OpenMP team that shares its cores with another busy "
@@ -39,11 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the UNet and VAE eagerly on CUDA")
     p.add_argument("--buckets", type=_buckets, default=None, metavar="N,N,...",
                    help="batch sizes that CUDA graphs are captured for; a batch is padded up to the next one and "
-                        "a larger batch runs eagerly (default 1,2,4,8,12,16,24,32,48,64)")
-    p.add_argument("--metrics-port", type=int, default=8002,
-                   help="Prometheus /metrics port (default 8002; 0 picks a free one; -1 disables)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+                        f"a larger batch runs eagerly (default {','.join(map(str, _ENGINE.buckets))})")
+    p.add_argument("--metrics-port", type=int, default=_SERVER.metrics_port,
+                   help=f"Prometheus /metrics port (default {_SERVER.metrics_port}; 0 picks a free one; -1 disables)")
+    p.add_argument("--drain-timeout", type=float, default=_SERVER.drain_timeout_s,
+                   help=f"seconds in-flight requests get to finish on SIGTERM (default {_SERVER.drain_timeout_s:g})")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
 
 
@@ -67,16 +77,19 @@ def run(args: argparse.Namespace) -> int:
 
     from lcmserve.export.errors import ExportError
 
-    from .app import ServerConfig, serve
-    from .engine import EngineConfig
+    from .app import serve
     from .loader import LoadError, load_runtime
-    from .validation import Limits
 
+    try:
+        faults = FaultInjection.from_env()
+    except ValueError as exc:
+        print(f"lcmserve serve: {exc}", file=sys.stderr)
+        return 2
     config = ServerConfig(host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
                           metrics_port=None if args.metrics_port < 0 else args.metrics_port, threads=args.threads)
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_queued_requests=args.max_queued_requests,
                                  batch_wait_ms=args.batch_wait_ms, cuda_graphs=not args.no_cuda_graphs,
-                                 pin_cpus=not args.no_cpu_pinning,
+                                 pin_cpus=not args.no_cpu_pinning, faults=faults,
                                  **({"buckets": args.buckets} if args.buckets else {}))
     limits = Limits(max_images=args.max_images)
     if args.max_batch_size < 2:

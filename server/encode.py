@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-FORMATS = ("jpeg", "png", "webp", "raw")
+from .protocol import Picture
 
 # Linear map from SD v1.5's 4 latent channels to RGB in about [-1, 1] (a widely used fit; rows are
 # latent channels, columns R, G, B). Good enough to watch a picture form; not a decoder.
@@ -23,15 +22,6 @@ LATENT_RGB_FACTORS = torch.tensor([
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.6431],
 ])
-
-
-@dataclass(frozen=True)
-class EncodedPicture:
-    data: bytes
-    format: str  # one of FORMATS
-    width: int
-    height: int
-    encode_ms: float
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
@@ -47,8 +37,8 @@ def approx_preview(latents: torch.Tensor) -> torch.Tensor:
     return to_uint8(rgb)
 
 
-def encode(image: np.ndarray, fmt: str, quality: int) -> EncodedPicture:
-    """(H, W, 3) uint8 RGB -> encoded bytes."""
+def encode(image: np.ndarray, fmt: str, quality: int) -> tuple[Picture, float]:
+    """(H, W, 3) uint8 RGB -> (the encoded picture, ms it took)."""
     start = time.perf_counter()
     height, width = image.shape[:2]
     if fmt == "raw":
@@ -65,7 +55,7 @@ def encode(image: np.ndarray, fmt: str, quality: int) -> EncodedPicture:
         elif fmt == "png":
             pil.save(buf, format="PNG", compress_level=1)  # level 1: 3-5x faster than 6, a little larger
         else:
-            raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+            raise ValueError(f"unknown format {fmt!r}; expected jpeg, png, webp or raw")
         data = buf.getvalue()
-    return EncodedPicture(data, fmt, width, height, (time.perf_counter() - start) * 1e3)
+    return Picture(data, fmt, width, height), (time.perf_counter() - start) * 1e3
 

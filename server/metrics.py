@@ -5,7 +5,10 @@ Each server gets its own registry (no module globals), so several servers can li
 
 from __future__ import annotations
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .protocol import Admitted, MetricUpdate, Queued, RequestDone, UNetCall, VaeDecode
 
 _MS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -32,23 +35,23 @@ class Metrics:
         self.pending = Gauge("lcmserve_inference_pending_request_count", "Requests waiting for a batch slot",
                              registry=r)
 
-    # What the engine reports, as methods, so that the engine process can relay the same calls
-    # (server/engine_process.py, MetricsRelay) to the edge's registry.
-    def queued(self, delta: int) -> None:
-        self.pending.inc(delta)
+    def record(self, update: MetricUpdate) -> None:
+        """One measurement of the engine's (relayed from the engine process)."""
+        match update:
+            case Queued(delta=delta):
+                self.pending.inc(delta)
+            case Admitted(queue_s=seconds):
+                self.queue_time.observe(seconds)
+            case UNetCall(seconds=seconds, rows=rows):
+                self.unet_time.observe(seconds)
+                self.batch_size.observe(rows)
+            case VaeDecode(seconds=seconds):
+                self.vae_time.observe(seconds)
+            case RequestDone(status=status):
+                self.request_done(status)
 
-    def admitted(self, queue_seconds: float) -> None:
-        self.queue_time.observe(queue_seconds)
-
-    def unet_step(self, seconds: float, rows: int) -> None:
-        self.unet_time.observe(seconds)
-        self.batch_size.observe(rows)
-
-    def vae(self, seconds: float) -> None:
-        self.vae_time.observe(seconds)
-
-    def request_done(self, status: str) -> None:
-        self.requests.labels(status=status).inc()
+    def request_done(self, status: grpc.StatusCode) -> None:
+        self.requests.labels(status=status.name).inc()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port (0 picks a free one)."""

@@ -5,31 +5,17 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from lcmserve.names import output_format_name, preview_mode_name
 from lcmserve.v1 import generation_pb2 as pb
 
-from .work import GenerationParams
+from .config import Limits
+from .protocol import GenerationParams
 
-FORMAT_NAMES = {pb.OUTPUT_FORMAT_UNSPECIFIED: "jpeg", pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT_FORMAT_PNG: "png",
-                pb.OUTPUT_FORMAT_WEBP: "webp", pb.OUTPUT_FORMAT_RAW: "raw"}
-FORMAT_ENUMS = {"jpeg": pb.OUTPUT_FORMAT_JPEG, "png": pb.OUTPUT_FORMAT_PNG, "webp": pb.OUTPUT_FORMAT_WEBP,
-                "raw": pb.OUTPUT_FORMAT_RAW}
-PREVIEW_NAMES = {pb.PREVIEW_MODE_UNSPECIFIED: "none", pb.PREVIEW_MODE_NONE: "none",
-                 pb.PREVIEW_MODE_APPROX: "approx", pb.PREVIEW_MODE_FULL: "full"}
+# The request's `optional` scalar fields: unset means the default.
+OptionalField = Literal["num_inference_steps", "guidance_scale", "width", "height", "num_images", "seed", "quality"]
 MAX_SEED = 2**63 - 1
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_steps: int = 8
-    min_side: int = 64
-    max_side: int = 1024
-    side_multiple: int = 8
-    max_images: int = 8
-    max_prompt_chars: int = 2000
-    min_guidance_scale: float = 1.0
-    max_guidance_scale: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +41,7 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
     """Check every field (collecting all problems), tokenize the prompts, fill defaults."""
     bad: list[tuple[str, str]] = []
 
-    def value(name: str, default: Any) -> Any:
+    def value(name: OptionalField, default: Any) -> Any:
         return getattr(request, name) if request.HasField(name) else default
 
     prompt = request.prompt
@@ -77,7 +63,9 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
                                       f"{limits.max_guidance_scale:g} (1.0 means no guidance)")))
 
     sides = {}
-    for name, default in (("width", defaults.width), ("height", defaults.height)):
+    side_fields: tuple[tuple[Literal["width", "height"], int], ...] = (("width", defaults.width),
+                                                                       ("height", defaults.height))
+    for name, default in side_fields:
         side = value(name, default)
         sides[name] = side
         if not limits.min_side <= side <= limits.max_side or side % limits.side_multiple:
@@ -96,13 +84,15 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
     if not 1 <= quality <= 100:
         bad.append(("quality", f"is {quality}; the range is 1 to 100"))
 
-    if request.output_format not in FORMAT_NAMES:
+    output_format = output_format_name(request.output_format)
+    if output_format is None:
         bad.append(("output_format", (f"is {request.output_format}, not a known OutputFormat value "
                                      f"({', '.join(pb.OutputFormat.keys())})")))
-    if request.preview_mode not in PREVIEW_NAMES:
+    preview_mode = preview_mode_name(request.preview_mode)
+    if preview_mode is None:
         bad.append(("preview_mode", (f"is {request.preview_mode}, not a known PreviewMode value "
                                     f"({', '.join(pb.PreviewMode.keys())})")))
-    if bad:
+    if bad or output_format is None or preview_mode is None:
         raise InvalidRequest(bad)
 
     prompt_ids, prompt_tokens, truncated = tokenize(tokenizer, prompt)
@@ -116,9 +106,9 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
         width=sides["width"],
         height=sides["height"],
         num_images=num_images,
-        output_format=FORMAT_NAMES[request.output_format],
+        output_format=output_format,
         quality=quality,
-        preview_mode=PREVIEW_NAMES[request.preview_mode],
+        preview_mode=preview_mode,
         include_latents=request.include_latents,
         prompt_truncated=truncated or (guidance > 1 and negative_truncated),
         prompt_tokens=prompt_tokens,

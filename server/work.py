@@ -1,76 +1,24 @@
-"""What flows through the engine: a validated request, its samples (one per image), and the
-events it gets back, in this order: StepOut..., ImageOut..., SummaryOut, or a Failure."""
+"""The engine's own bookkeeping: a request inside the engine, its samples (one per image), and the
+ordered hand-off of its events (server/protocol.py has the events themselves)."""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+import grpc
 import torch
 
-from .encode import EncodedPicture
-from .lcm import StepConstants
+from .lcm import Step
+from .protocol import TERMINAL, Event, Failure, GenerationParams, Timings
 
+log = logging.getLogger("lcmserve.engine")
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """A validated request (server/validation.py makes these from GenerateRequest)."""
-
-    prompt_ids: tuple[int, ...]  # CLIP ids, truncated and padded to 77
-    negative_ids: tuple[int, ...]  # ids of the negative prompt ("" when none)
-    num_steps: int
-    guidance_scale: float
-    seed: int
-    width: int
-    height: int
-    num_images: int
-    output_format: str  # jpeg | png | webp | raw
-    quality: int
-    preview_mode: str  # none | approx | full
-    include_latents: bool
-    prompt_truncated: bool = False
-    prompt_tokens: int = 0
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1.0
-
-
-# Events, in the order a request receives them: StepOut..., ImageOut..., SummaryOut, or Failure.
-@dataclass(frozen=True)
-class StepOut:
-    image_index: int
-    step: int
-    num_steps: int
-    timestep: int
-    preview: EncodedPicture | None
-    latents: Any  # None, or (4, h, w) float32 on the host: a tensor, a numpy array once sent to the edge
-
-
-@dataclass(frozen=True)
-class ImageOut:
-    index: int
-    seed: int
-    picture: EncodedPicture
-    latents: Any  # as StepOut.latents
-
-
-@dataclass(frozen=True)
-class SummaryOut:
-    seed: int
-    num_images: int
-    prompt_truncated: bool
-    prompt_tokens: int
-    timings: dict[str, float]  # ms; complete once every earlier event of the request was read
-
-
-@dataclass(frozen=True)
-class Failure:
-    code: str  # gRPC status code name, e.g. "INTERNAL"
-    message: str
+EventSink = Callable[[int, Event], None]  # (rid, event), called in each request's order
 
 
 class QueueFull(Exception):
@@ -81,38 +29,77 @@ class EngineStopped(Exception):
     pass
 
 
+class OrderedEvents:
+    """One request's events, handed to the sink in the order the engine made them. An event behind a
+    picture still being encoded (a Future from the encoder pool) waits for it, so a summary always
+    leaves after its images, with their encode times in it."""
+
+    def __init__(self, rid: int, sink: EventSink, on_encoded: Callable[[], None] | None) -> None:
+        self._rid = rid
+        self._sink = sink
+        self._on_encoded = on_encoded  # e.g. send the encoded picture now, not at the iteration's end
+        self._lock = threading.Lock()  # the engine thread and the encoder threads both call in
+        self._pending: collections.deque[Event | concurrent.futures.Future[Event]] = collections.deque()
+        self.closed = False  # a terminal event was handed on
+
+    def put(self, item: Event | concurrent.futures.Future[Event]) -> None:
+        with self._lock:
+            self._pending.append(item)
+        if isinstance(item, concurrent.futures.Future):
+            item.add_done_callback(self._encoded)  # (at once, here, if it is done already)
+        else:
+            self._hand_on()
+
+    def _encoded(self, _: concurrent.futures.Future[Event]) -> None:
+        self._hand_on()
+        if self._on_encoded is not None:
+            self._on_encoded()
+
+    def _hand_on(self) -> None:
+        with self._lock:
+            while self._pending and not self.closed:
+                head = self._pending[0]
+                if isinstance(head, concurrent.futures.Future):
+                    if not head.done():
+                        return
+                    try:
+                        event: Event = head.result()
+                    except Exception as exc:  # noqa: BLE001 - the request fails; the server goes on
+                        log.exception("encoding failed")
+                        event = Failure(grpc.StatusCode.INTERNAL, f"encoding the image failed: {exc}")
+                else:
+                    event = head
+                self._pending.popleft()
+                self.closed = isinstance(event, TERMINAL)
+                self._sink(self._rid, event)
+
+
 @dataclass(eq=False)
 class Request:
-    """One Generate call inside the engine. `sink` delivers events (or futures of events) in order."""
+    """One Generate call inside the engine."""
 
+    rid: int
     params: GenerationParams
-    sink: Callable[[Any], None]
+    events: OrderedEvents
     deadline: float | None = None  # time.monotonic() after which no more work is done for it
-    arrival: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False  # set by the gRPC edge (any thread); read by the loop
-    on_cancel: Callable[[], None] | None = None  # tells an engine in another process (engine_process.py)
+    arrival: float = 0.0  # time.perf_counter() at the edge (same clock: one machine)
+    cancelled: bool = False  # set by the pipe's receiver thread; read by the loop
     next_image: int = 0  # images [0, next_image) have been admitted
     unfinished: int = 0
     admitted_at: float | None = None
-    failed: bool = False
+    failed: bool = False  # ended (failed, cancelled or expired): its samples leave the batch
+    timings: Timings = field(default_factory=Timings)
     lock: threading.Lock = field(default_factory=threading.Lock)  # encoders add to timings from the pool
-    timings: dict[str, float] = field(default_factory=lambda: {
-        "queue_ms": 0.0, "text_ms": 0.0, "unet_ms": 0.0, "vae_ms": 0.0, "encode_ms": 0.0, "total_ms": 0.0})
 
     def __post_init__(self) -> None:
         self.unfinished = self.params.num_images
 
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.on_cancel is not None:
-            self.on_cancel()
-
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
 
-    @property
-    def rows_per_image(self) -> int:
-        return 2 if self.params.guided else 1
+    def add_encode_ms(self, ms: float) -> None:
+        with self.lock:
+            self.timings.encode_ms += ms
 
 
 @dataclass(eq=False)
@@ -121,10 +108,10 @@ class Sample:
 
     request: Request
     index: int  # image index within the request
-    seed: int
-    generator: torch.Generator  # CPU, seeded with `seed`: initial latents, then one renoise per step
-    consts: list[StepConstants]
+    seed: int  # request seed + index
+    steps: list[Step]  # its schedule
     latents: torch.Tensor  # (1, 4, h, w) float32 on the device: x_t at the current step
+    noise: torch.Tensor  # (num_steps - 1, 4, h, w) float32 on the device: each step's renoise noise
     cond: torch.Tensor  # (77, D) text embedding, model dtype
     uncond: torch.Tensor | None  # (77, D) negative-prompt embedding when guided
     step: int = 0
@@ -132,3 +119,7 @@ class Sample:
     @property
     def resolution(self) -> tuple[int, int]:
         return self.request.params.height, self.request.params.width
+
+    @property
+    def current(self) -> Step:
+        return self.steps[self.step]

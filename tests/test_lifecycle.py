@@ -117,6 +117,45 @@ def test_engine_process_death_fails_in_flight_requests_and_health(tiny_artifact)
         server.kill()
 
 
+def test_engine_loop_death_fails_in_flight_requests_and_health(tiny_artifact, monkeypatch) -> None:
+    """The loop thread dies inside a live engine process (an exception that escapes the loop, not a
+    failed batch): exactly as a dead process, health turns NOT_SERVING and in-flight work UNAVAILABLE."""
+    monkeypatch.setenv("LCMSERVE_FAULT_INJECTION", "loop_death_seed=666")
+    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1")
+    try:
+        with Client(server.target) as client, Client(server.target) as killer:
+            stream = client.stream("in flight", seed=1, num_inference_steps=8, width=256, height=256)
+            next(stream)
+            with pytest.raises(UnavailableError, match="engine loop died"):
+                killer.generate("the fault", seed=666, num_inference_steps=1, width=64, height=64, timeout=60)
+            with pytest.raises(UnavailableError, match="engine loop died"):
+                list(stream)
+            deadline = time.monotonic() + 10
+            while client.health_status() == "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.health_status() == "NOT_SERVING"
+            with pytest.raises(UnavailableError, match="not serving"):
+                client.generate("after", num_inference_steps=1, width=64, height=64, timeout=10)
+    finally:
+        server.kill()
+
+
+def test_injected_iteration_fault_fails_only_that_batch(tiny_artifact, monkeypatch) -> None:
+    from lcmserve import InternalError
+
+    monkeypatch.setenv("LCMSERVE_FAULT_INJECTION", "iteration_fault_seed=667")
+    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1")
+    try:
+        with Client(server.target) as client:
+            with pytest.raises(InternalError, match="injected iteration fault"):
+                client.generate("bad batch", seed=667, num_inference_steps=2, width=64, height=64, timeout=60)
+            assert client.health_status() == "SERVING"
+            after = client.generate("next batch", seed=5, num_inference_steps=2, width=64, height=64, timeout=60)
+            assert len(after.images) == 1
+    finally:
+        server.stop()
+
+
 @linux_only
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_engine_process_never_outlives_the_server(tiny_artifact, sig: int) -> None:

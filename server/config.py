@@ -1,0 +1,80 @@
+"""The server's configuration, one frozen dataclass per component, filled by the serve CLI (cli.py).
+
+Standard library only: the client's `lcmserve` command builds the serve parser, whose defaults and
+help come from these classes, where torch and the server extras are not installed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What Generate validates against (also sent in GetModelInfo)."""
+
+    max_steps: int = 8
+    min_side: int = 64  # pixels
+    max_side: int = 1024
+    side_multiple: int = 8
+    max_images: int = 8  # per request
+    max_prompt_chars: int = 2000
+    min_guidance_scale: float = 1.0
+    max_guidance_scale: float = 20.0
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hooks, off by default, read from LCMSERVE_FAULT_INJECTION="name=value,..." by the serve CLI.
+
+    iteration_fault_seed: an engine iteration holding a request with this seed raises inside the
+      iteration (as a bad batch or CUDA out-of-memory would): that batch fails, the engine goes on.
+    loop_death_seed: a request with this seed arriving kills the engine loop itself (an exception
+      that escapes it): health turns NOT_SERVING and what is in flight fails UNAVAILABLE.
+    """
+
+    iteration_fault_seed: int | None = None
+    loop_death_seed: int | None = None
+
+    ENV = "LCMSERVE_FAULT_INJECTION"
+
+    @classmethod
+    def from_env(cls) -> FaultInjection:
+        text = os.environ.get(cls.ENV, "").strip()
+        if not text:
+            return cls()
+        values: dict[str, int] = {}
+        known = {"iteration_fault_seed", "loop_death_seed"}
+        for item in text.split(","):
+            name, _, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if name not in known or not value.strip().isdigit():
+                raise ValueError(f"{cls.ENV}: {item!r} is not one of {sorted(known)} = an integer seed")
+            values[name] = int(value)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32  # most rows in one UNet call (a guided image takes two)
+    max_queued_requests: int = 256  # waiting requests before submit() refuses (RESOURCE_EXHAUSTED)
+    batch_wait_ms: float = 0.0  # wait this long for company before starting an idle batch; 0: never delay
+    vae_batch_size: int = 8  # most images in one VAE decode
+    text_cache_size: int = 1024  # prompt embeddings kept (LRU)
+    encode_threads: int = 4  # host image encoders
+    max_steps: int = Limits.max_steps
+    cuda_graphs: bool = True  # capture/replay UNet and VAE per (bucket, resolution) on CUDA
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)  # padded batch sizes on CUDA
+    pin_cpus: bool = True  # on a CPU device: the engine process on its own cores (placement.py)
+    faults: FaultInjection = field(default_factory=FaultInjection)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    metrics_port: int | None = 8002  # None: no metrics endpoint; 0 picks a free port
+    drain_timeout_s: float = 30.0  # most time in-flight requests get to finish on SIGTERM
+    max_message_mb: int = 64  # gRPC send/receive limit (RAW 1024x1024 images are 3 MiB)
+    threads: int | None = None  # torch CPU threads of the engine process (None: cores - 1 on a CPU device)

@@ -1,0 +1,217 @@
+"""Everything that crosses the pipe between the gRPC edge and the engine process, as frozen dataclasses.
+
+    edge -> engine   Submit(rid, params, deadline, arrival)   a validated request to run
+                     Cancel(rid)                              the client went away: drop its samples
+                     Stop()                                   fail what is left UNAVAILABLE, then exit
+    engine -> edge   Ready(info) | LoadFailed(error)          once, after loading and warm-up
+                     Events(events, metrics)                  per engine iteration (and per encoded picture):
+                                                              each request's events in order, metric updates
+                     LoopDied(reason)                         the engine loop itself died; the process exits
+
+A request's events, in the order the engine emits them: StepEvent..., ImageEvent..., Summary, or a
+Failure at any point (Summary and Failure are terminal). Both sides dispatch on these types with
+`match`; nothing here imports torch, so the edge can unpickle them without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+if TYPE_CHECKING:
+    from .runtime import ModelSpec
+
+
+# ---- a validated request ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A validated GenerateRequest (server/validation.py makes these), defaults filled in."""
+
+    prompt_ids: tuple[int, ...]  # CLIP ids, truncated and padded to 77
+    negative_ids: tuple[int, ...]  # ids of the negative prompt ("" when none)
+    num_steps: int
+    guidance_scale: float  # > 1: classifier-free guidance with the negative prompt
+    seed: int  # of image 0; image i uses seed + i
+    width: int  # pixels
+    height: int
+    num_images: int
+    output_format: str  # a name of lcmserve.names.OUTPUT_FORMAT_VALUES: jpeg | png | webp | raw
+    quality: int  # JPEG/WEBP quality, 1..100
+    preview_mode: str  # a name of lcmserve.names.PREVIEW_MODE_VALUES: none | approx | full
+    include_latents: bool
+    prompt_truncated: bool = False
+    prompt_tokens: int = 0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def rows_per_image(self) -> int:
+        """Rows of a UNet call one image takes: conditional (+ unconditional when guided)."""
+        return 2 if self.guided else 1
+
+
+# ---- what a request gets back ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostTensor:
+    """A float32 tensor copied off the device once, in the engine process: little-endian bytes."""
+
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Picture:
+    """Encoded pixels: JPEG/PNG/WEBP bytes, or RAW uint8 RGB in (H, W, 3) order."""
+
+    data: bytes
+    format: str  # jpeg | png | webp | raw
+    width: int
+    height: int
+
+
+@dataclass
+class Timings:
+    """Where a request's time went, in ms of wall time (the proto's Timings)."""
+
+    queue_ms: float = 0.0  # arrival -> first image admitted to the batch
+    text_ms: float = 0.0  # text encoding (0 when cached)
+    unet_ms: float = 0.0  # UNet calls it took part in (shared with its batch)
+    vae_ms: float = 0.0  # VAE decodes of its images and full previews (shared)
+    encode_ms: float = 0.0  # host image encoding
+    total_ms: float = 0.0  # arrival -> summary, filled by the edge
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    image_index: int
+    step: int  # 0-based
+    num_steps: int
+    timestep: int  # diffusion timestep of this step, 0..999
+    preview: Picture | None  # the denoised prediction, when a preview was asked for
+    latents: HostTensor | None  # (4, h, w) denoised latents, when asked for
+
+
+@dataclass(frozen=True)
+class ImageEvent:
+    index: int
+    seed: int
+    picture: Picture
+    latents: HostTensor | None  # (4, h, w) final latents, when asked for
+
+
+@dataclass(frozen=True)
+class Summary:
+    seed: int
+    num_images: int
+    prompt_truncated: bool
+    prompt_tokens: int
+    timings: Timings  # complete: every earlier event of the request was encoded
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: grpc.StatusCode
+    message: str
+
+
+Event = StepEvent | ImageEvent | Summary | Failure
+TERMINAL = (Summary, Failure)
+
+
+# ---- metric updates (the engine measures, the edge owns the Prometheus registry) -------------------
+
+
+@dataclass(frozen=True)
+class Queued:
+    delta: int  # +1 a request waits for a batch slot, -1 it left the queue
+
+
+@dataclass(frozen=True)
+class Admitted:
+    queue_s: float  # arrival -> admitted
+
+
+@dataclass(frozen=True)
+class UNetCall:
+    seconds: float
+    rows: int
+
+
+@dataclass(frozen=True)
+class VaeDecode:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RequestDone:
+    status: grpc.StatusCode  # the final status of a request the engine ended
+
+
+MetricUpdate = Queued | Admitted | UNetCall | VaeDecode | RequestDone
+
+
+# ---- the pipe ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submit:
+    rid: int
+    params: GenerationParams
+    deadline: float | None  # time.monotonic() past which no more work is done for it
+    arrival: float  # time.perf_counter() when the edge received it
+
+
+@dataclass(frozen=True)
+class Cancel:
+    rid: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine process tells the edge once it is ready."""
+
+    spec: ModelSpec  # model info (GetModelInfo) and shapes
+    tokenizer: Any  # a transformers CLIPTokenizer: the edge tokenizes while validating
+    graphs: int  # CUDA graphs captured before serving
+    load_s: float
+    threads: int  # torch CPU threads of the engine process
+    io_cpus: tuple[int, ...] = ()  # where the edge should run (CPU pinning), () for anywhere
+    compute_cpus: tuple[int, ...] = ()  # where the engine process runs
+
+
+@dataclass(frozen=True)
+class Ready:
+    info: EngineInfo
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    error: BaseException  # re-raised by the edge (a LoadError with its message, usually)
+
+
+@dataclass(frozen=True)
+class Events:
+    events: tuple[tuple[int, Event], ...] = ()  # (rid, event), each request's in order
+    metrics: tuple[MetricUpdate, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class LoopDied:
+    reason: str
+
+
+ToEngine = Submit | Cancel | Stop
+FromEngine = Ready | LoadFailed | Events | LoopDied
