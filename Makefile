@@ -57,6 +57,13 @@ clean:
 # Wheels the GPU machine lacks (it has no registry), carried there in .device/ (git-ignored).
 gpu-check-prepare: install
 	rm -rf .device && mkdir -p .device/wheels
-	$(BIN)/pip wheel --quiet --no-deps --wheel-dir .device/wheels .
-	$(BIN)/pip download --quiet --no-deps --dest .device/wheels diffusers==0.42.1 grpcio-status==1.84.0 \
-	    grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 prometheus-client googleapis-common-protos
+	set -e; for312="--only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64"; \
+	$(BIN)/pip download --quiet --no-deps $$for312 --dest .device/wheels grpcio==1.84.0 protobuf==7.36.2 \
+	    grpcio-status==1.84.0 grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 \
+	    googleapis-common-protos==1.76.0 prometheus-client==0.26.0 diffusers==0.42.1; \
+	rm -rf /tmp/lcmserve-wheel-check; \
+	$(BIN)/pip install --quiet --no-index --no-deps $$for312 --target /tmp/lcmserve-wheel-check .device/wheels/*.whl; \
+	rm -rf /tmp/lcmserve-wheel-check; echo "pip install --target accepts .device/wheels for CPython 3.12 manylinux x86_64"
+	if [ -f ../shared/anchors/gpu_baseline.py ]; then mkdir -p .device/anchors && cp ../shared/anchors/gpu_baseline.py .device/anchors/; fi
+	du -sh .device

@@ -1,182 +1,376 @@
-"""The project's one GPU check: build sd15-random, export it with two LoRAs, time plain diffusers,
-serve it, load it through gRPC, print a table. Fits one `device` call (about 8 minutes).
+"""The project's GPU check: build sd15-random + two LoRAs, export, serve, load it over gRPC, time
+plain and like-for-like diffusers beside it, print one table. Fits one `device` call.
 
-    bash scripts/gpu_check.sh            # on the GPU machine (see the script for the setup)
-    python scripts/gpu_check.py --tiny   # a dry run of the same path on the CPU with `tiny` at 64x64
+    bash scripts/gpu_check.sh                # on the GPU machine: install, probe, then this
+    python scripts/gpu_check.py --tiny       # a dry run of the same path on a CPU (tiny, 64x64)
 
-Each result is appended as a JSON line to $OUT/results.jsonl as soon as it exists, so a run cut
-short still leaves data; the table comes last. Stages and their budget on an H100:
-  build sd15-random + 2 LoRAs (r64 "LCM" at 1.0, r32 "crack" at 0.8)  ~60 s
-  export --backend eager (fuse + parity check), fp16                   ~60 s
-  diffusers, fused model, batch 1 and 32 (the baseline)                ~30 s
-  serve eager + CUDA graphs, bench c=1,8,32,64                         ~90 s
-  export --backend aoti and serve it, bench c=1,32,64 (if time is left) ~180 s
+Before anything imports lcmserve it prints the versions (read from package metadata) and stops,
+with the table, if grpcio < 1.84 or protobuf < 7.35.1 (the generated stubs refuse to import).
+Every stage runs in a child process under its own deadline (`--stage-timeout NAME=SECONDS`
+overrides one; all share `--budget`); a stage that fails or times out is recorded, whatever needs
+it is skipped, and the table is printed in every case, SIGTERM included. Heavy files (preset cache,
+artifacts, logs) go to --work (default /tmp/lcmserve-gpu-work); only results.jsonl and table.md go
+to --out ($OUT). Stages, default deadline on an H100 (s):
+  import 60 | loras 240 (builds the sd15-random preset unless the probe did) | export_eager 300
+  serve_eager 180, bench_eager_low 120 (c=1,8, 32 requests each), bench_eager_high 150 (c=32,64,
+  --duration s each: a fixed request count would make c=64 one wave) | baseline_plain 180
+  (`lcmserve bench --baseline`: diffusers eager, PIL, serial encode, prompts re-encoded) |
+  baseline_cached 180 (scripts/baseline_cached.py: same prompt cache and threaded JPEG encoding
+  as the server, no per-step sync) | with --aoti: export_aoti 420, serve_aoti 240, bench_aoti_*
+  | with --anchor S: ../shared/anchors/gpu_baseline.py (or .device/anchors/) for S seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pathlib
-import signal
-import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-OUT = pathlib.Path(os.environ.get("OUT", "/tmp/lcmserve-gpu-check"))
-T0 = time.time()
-RESULTS: list[dict] = []
+from stagekit import (
+    Budget,
+    Child,
+    Interrupted,
+    Recorder,
+    StageTimeout,
+    fmt,
+    markdown_table,
+    on_termination,
+    parse_timeouts,
+    run,
+    too_old,
+    versions,
+)
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PY = sys.executable
+MIN_STAGE_S = 3.0  # a stage with less time than this left is skipped, not started
+Body = Callable[[float], dict[str, Any]]
 
 
-def emit(**record: object) -> None:
-    record["t_s"] = round(time.time() - T0, 1)
-    RESULTS.append(record)
-    line = json.dumps(record, default=str)
-    print(line, flush=True)
-    with (OUT / "results.jsonl").open("a") as f:
-        f.write(line + "\n")
+def make_loras(base: str, folder: pathlib.Path) -> None:
+    """Child mode: two LoRAs as the user stacks them: r64 diffusers-format "LCM", r32 kohya "crack"
+    with text-encoder keys. make_lora lives in tests/synthetic.py (formerly lcmserve.export.synthetic)."""
+    sys.path.insert(0, str(REPO / "tests"))  # tests/ is no package: its modules import by name
+    try:
+        synthetic = importlib.import_module("synthetic")
+    except ImportError:
+        synthetic = importlib.import_module("lcmserve.export.synthetic")  # a tree from before the move
+    make_lora = synthetic.make_lora
+    import torch
 
+    from lcmserve.export.loading import load_pipeline
 
-def cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "lcmserve.cli", *args]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, text=True, capture_output=True, timeout=timeout)
+    pipe = load_pipeline(base, dtype=torch.float32, device="cpu")
+    folder.mkdir(parents=True, exist_ok=True)
+    make_lora(pipe, folder / "lcm.safetensors", fmt="diffusers", rank=64, seed=1)
+    make_lora(pipe, folder / "crack.safetensors", fmt="kohya", rank=32, seed=2, include_text_encoder=True)
 
 
 class Server:
-    def __init__(self, *args: str, timeout: float) -> None:
-        start = time.time()
-        self.log = (OUT / f"server-{int(start)}.log").open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "lcmserve.cli", "serve", "--port", "0",
-                                      "--metrics-port", "-1", *args], stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
+    """`lcmserve serve --port 0` in its own process group; ready once it prints `listening on`.
+    stdout is read by a thread, so the deadline holds even while the server prints nothing."""
+
+    def __init__(self, args: list[str], log: pathlib.Path, timeout_s: float, env: dict[str, str]) -> None:
+        start = time.monotonic()
+        self.child = Child([PY, "-m", "lcmserve.cli", "serve", "--port", "0", "--metrics-port", "-1", *args],
+                           log, stdout_pipe=True, env=env)
         self.target = ""
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("listening on "):
-                self.target = line.split()[-1]
-                break
-            if time.time() - start > timeout:
-                break
-        self.ready_s = time.time() - start
-        if not self.target:
-            self.stop()
-            raise RuntimeError(f"server did not start; see {self.log.name}")
+        found = threading.Event()
+
+        def read() -> None:
+            assert self.child.proc.stdout is not None
+            for line in self.child.proc.stdout:
+                if line.startswith("listening on ") and not found.is_set():
+                    self.target = line.split()[-1]
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        try:
+            while not found.wait(0.2):
+                if self.child.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.child.proc.returncode}: {self.child.tail()}")
+                if time.monotonic() - start > timeout_s:
+                    raise StageTimeout(f"not listening after {timeout_s:.0f} s")
+        except BaseException:  # the deadline, an exit, or SIGTERM while waiting: no server left behind
+            self.child.kill()
+            raise
+        self.ready_s = time.monotonic() - start
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
+        self.child.terminate(grace_s=30)
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace, rec: Recorder, budget: Budget, work: pathlib.Path) -> None:
+        self.args = args
+        self.rec = rec
+        self.budget = budget
+        self.work = work
+        self.status: dict[str, str] = {}
+        self.current = ""  # the stage running now (for the record of an interruption)
+        self.servers: list[Server] = []
+        self.tiny = bool(args.tiny)
+        self.base = "tiny" if self.tiny else "sd15-random"
+        self.side = "64" if self.tiny else "512"
+        self.device = "cpu" if self.tiny else "cuda"
+        self.dtype = "float32" if self.tiny else "float16"
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.env.setdefault("LCMSERVE_CACHE", str(work / "cache"))
+        self.shape = ["--width", self.side, "--height", self.side, "--steps", "4", "--format", "jpeg"]
+
+    # ---- running a stage ------------------------------------------------------------------
+
+    def stage(self, name: str, default_s: float, body: Body, needs: tuple[str, ...] = ()) -> bool:
+        """Run `body(limit_s)` under its deadline and record it; True when it succeeded."""
+        missing = [n for n in needs if self.status.get(n) != "ok"]
+        limit = self.budget.limit(name, default_s)
+        if missing:
+            self._record(name, "skipped", 0.0, limit, {"reason": f"needs {', '.join(missing)}"})
+            return False
+        if self.budget.left() < MIN_STAGE_S:
+            self._record(name, "skipped", 0.0, limit, {"reason": "no time left in --budget"})
+            return False
+        start = time.monotonic()
+        self.current = name
         try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+            fields, status = body(limit), "ok"
+        except StageTimeout as exc:
+            fields, status = {"error": str(exc)}, "timeout"
+        except Exception as exc:  # noqa: BLE001 - recorded, and the check goes on
+            fields, status = {"error": f"{type(exc).__name__}: {exc}"[-600:]}, "failed"
+        self._record(name, status, time.monotonic() - start, limit, fields)
+        return status == "ok"
 
+    def _record(self, name: str, status: str, seconds: float, limit: float, fields: dict[str, Any]) -> None:
+        self.status[name] = status
+        self.rec.emit(stage=name, status=status, seconds=round(seconds, 1), limit_s=round(max(limit, 0.0)),
+                      **fields)
 
-def bench(target: str, levels: str, shape: list[str], requests: int, name: str) -> None:
-    path = OUT / f"bench-{name}.json"
-    r = cli("bench", "--target", target, "--concurrency", levels, "--requests", str(requests),
-                 "--warmup", "8", "--no-progress", "--json", str(path), *shape, timeout=300)
-    print(r.stdout[-3000:], r.stderr[-2000:], flush=True)
-    if path.exists():
-        for level in json.loads(path.read_text())["levels"]:
-            emit(stage=f"serve_{name}", concurrency=level.get("concurrency"), ok=level["ok"], failed=level["failed"],
-                 images_per_s=level["images_per_s"], p50_ms=level["latency_ms"]["p50"],
-                 p99_ms=level["latency_ms"]["p99"], first_step_p50_ms=level["first_step_ms"]["p50"])
+    def cli(self, name: str, args: list[str], limit: float) -> dict[str, Any]:
+        rc, tail = run([PY, "-m", "lcmserve.cli", *args], self.work / f"{name}.log", limit, env=self.env)
+        if rc:
+            raise RuntimeError(f"exit {rc}: {tail}")
+        return {}
 
+    # ---- stages -----------------------------------------------------------------------------
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny preset at 64x64")
-    parser.add_argument("--skip-aoti", action="store_true")
-    args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
+    def run_all(self) -> None:
+        loras, eager = self.work / "loras", self.work / "artifact-eager"
+        self.stage("import", 60, lambda limit: self._import(limit))
+        self.stage("loras", 240 if not self.tiny else 180, lambda limit: self._loras(loras, limit), needs=("import",))
+        self.stage("export_eager", 300, lambda limit: self._export(eager, "eager", loras, limit), needs=("loras",))
+        self.serve_and_bench("eager", eager, needs="export_eager")
+        batches = "1,8" if self.tiny else "1,32"
+        iters = "2" if self.tiny else "5"
+        self.stage("baseline_plain", 180, lambda limit: self._baseline_plain(eager, batches, iters, limit),
+                   needs=("export_eager",))
+        self.stage("baseline_cached", 180, lambda limit: self._baseline_cached(eager, batches, iters, limit),
+                   needs=("export_eager",))
+        if self.args.aoti:
+            aoti = self.work / "artifact-aoti"
+            self.stage("export_aoti", 420, lambda limit: self._export(aoti, "aoti", loras, limit), needs=("loras",))
+            self.serve_and_bench("aoti", aoti, needs="export_aoti")
+        if self.args.anchor:
+            self.stage("anchor", self.args.anchor, self._anchor)
 
-    import torch
+    def serve_and_bench(self, backend: str, artifact: pathlib.Path, needs: str) -> None:
+        holder: list[Server] = []
 
-    import lcmserve
-    from lcmserve.export.loading import load_pipeline
-    from lcmserve.export.synthetic import make_lora
+        def serve(limit: float) -> dict[str, Any]:
+            server = Server(["--model", str(artifact), "--backend", backend, "--max-batch-size", "64",
+                             "--device", self.device], self.work / f"serve-{backend}.log", limit, self.env)
+            holder.append(server)
+            self.servers.append(server)
+            return {"ready_s": round(server.ready_s, 1)}
 
-    cuda = torch.cuda.is_available() and not args.tiny
-    base = "tiny" if args.tiny else "sd15-random"
-    side = "64" if args.tiny else "512"
-    dtype = "float16" if cuda else "float32"
-    device = "cuda" if cuda else "cpu"
-    versions = {}
-    for module in ("diffusers", "transformers", "peft", "grpc", "google.protobuf", "onnxruntime", "triton"):
+        if not self.stage(f"serve_{backend}", 180 if backend == "eager" else 240, serve, needs=(needs,)):
+            return
+        server = holder[0]
+        low, requests = ("1,4", "12") if self.tiny else ("1,8", "32")
+        high = "16" if self.tiny else "32,64"
+        duration = str(self.args.duration or (3 if self.tiny else 10))
         try:
-            versions[module] = __import__(module, fromlist=["x"]).__version__
-        except Exception as exc:  # noqa: BLE001
-            versions[module] = f"missing ({type(exc).__name__})"
-    emit(stage="env", card=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-         cuda=torch.version.cuda, lcmserve=lcmserve.__version__, cpus=os.cpu_count(), **versions)
+            self.stage(f"bench_{backend}_low", 120, lambda limit: self._bench(
+                server.target, f"bench_{backend}_low", ["--concurrency", low, "--requests", requests], limit))
+            self.stage(f"bench_{backend}_high", 150, lambda limit: self._bench(
+                server.target, f"bench_{backend}_high", ["--concurrency", high, "--duration", duration], limit))
+        finally:
+            server.stop()
+            self.servers.remove(server)
 
-    # 1. base + two LoRAs, as the user stacks them
-    t = time.time()
-    pipe = load_pipeline(base, dtype=torch.float32, device="cpu")
-    loras = OUT / "loras"
-    loras.mkdir(exist_ok=True)
-    make_lora(pipe, loras / "lcm.safetensors", fmt="diffusers", rank=64, seed=1)
-    make_lora(pipe, loras / "crack.safetensors", fmt="kohya", rank=32, seed=2, include_text_encoder=True)
-    del pipe
-    emit(stage="build", base=base, seconds=round(time.time() - t, 1))
+    def _import(self, limit: float) -> dict[str, Any]:
+        code = "import lcmserve, lcmserve.cli, lcmserve.server, lcmserve.export.loading; print(lcmserve.__version__)"
+        log = self.work / "import.log"
+        rc, tail = run([PY, "-c", code], log, limit, env=self.env)
+        if rc:
+            raise RuntimeError(f"import lcmserve failed: {tail}")
+        return {"lcmserve": tail.strip().splitlines()[-1] if tail.strip() else "?"}
 
-    # 2. export (fuse + parity check), eager
-    artifact = OUT / "artifact-eager"
-    t = time.time()
-    r = cli("export", "--base", base, "--lora", f"{loras / 'lcm.safetensors'}:1.0",
-                 "--lora", f"{loras / 'crack.safetensors'}:0.8", "--out", str(artifact), "--dtype", dtype,
-                 "--device", device, "--force", timeout=400)
-    emit(stage="export_eager", rc=r.returncode, seconds=round(time.time() - t, 1), tail=r.stderr[-400:])
-    if r.returncode:
-        return 1
+    def _loras(self, folder: pathlib.Path, limit: float) -> dict[str, Any]:
+        rc, tail = run([PY, str(pathlib.Path(__file__).resolve()), "--make-loras", str(folder), "--base", self.base],
+                       self.work / "loras.log", limit, env=self.env)
+        if rc:
+            raise RuntimeError(f"exit {rc}: {tail}")
+        return {"base": self.base}
 
-    shape = ["--width", side, "--height", side, "--steps", "4", "--format", "jpeg"]
-    # 3. the baseline: plain diffusers on the fused model, same run, same card
-    path = OUT / "baseline.json"
-    r = cli("bench", "--baseline", str(artifact), "--baseline-batch", "1,32" if cuda else "1,8",
-                 "--baseline-iters", "5", "--no-progress", "--json", str(path), *shape, timeout=300)
-    print(r.stdout[-2000:], r.stderr[-1500:], flush=True)
-    if path.exists():
-        emit(stage="diffusers_baseline", **{"result": json.loads(path.read_text()).get("baseline")})
+    def _export(self, out: pathlib.Path, backend: str, loras: pathlib.Path, limit: float) -> dict[str, Any]:
+        return self.cli(f"export_{backend}", [
+            "export", "--base", self.base, "--lora", f"{loras / 'lcm.safetensors'}:1.0",
+            "--lora", f"{loras / 'crack.safetensors'}:0.8", "--out", str(out), "--dtype", self.dtype,
+            "--device", self.device, "--backend", backend, "--force", "--no-progress"], limit)
 
-    # 4. serve eager (+ CUDA graphs on a GPU) and load it
-    levels = "1,8,32,64" if cuda else "1,4,16"
-    server = Server("--model", str(artifact), "--backend", "eager", "--max-batch-size", "64", timeout=300)
-    emit(stage="serve_eager_ready", seconds=round(server.ready_s, 1))
+    def _bench(self, target: str, name: str, load: list[str], limit: float) -> dict[str, Any]:
+        path = self.work / f"{name}.json"
+        self.cli(name, ["bench", "--target", target, *load, "--warmup", "8", "--no-progress",
+                        "--json", str(path), *self.shape], limit)
+        levels = json.loads(path.read_text())["levels"]
+        for level in levels:
+            self.rec.emit(stage=name, status="level", concurrency=level.get("concurrency"), ok=level["ok"],
+                          failed=level["failed"], images_per_s=level["images_per_s"],
+                          p50_ms=level["latency_ms"]["p50"], p99_ms=level["latency_ms"]["p99"],
+                          first_step_p50_ms=level["first_step_ms"]["p50"], errors=level.get("errors"))
+        return {"levels": len(levels), "failed": sum(level["failed"] for level in levels)}
+
+    def _baseline_plain(self, artifact: pathlib.Path, batches: str, iters: str, limit: float) -> dict[str, Any]:
+        path = self.work / "baseline_plain.json"
+        self.cli("baseline_plain", ["bench", "--baseline", str(artifact), "--baseline-batch", batches,
+                                    "--baseline-iters", iters, "--baseline-device", self.device,
+                                    "--no-progress", "--json", str(path), *self.shape], limit)
+        return self._baseline_rows("baseline_plain", json.loads(path.read_text()).get("baseline") or [])
+
+    def _baseline_cached(self, artifact: pathlib.Path, batches: str, iters: str, limit: float) -> dict[str, Any]:
+        path = self.work / "baseline_cached.json"
+        cmd = [PY, str(REPO / "scripts" / "baseline_cached.py"), str(artifact), "--batch", batches, "--iters", iters,
+               "--device", self.device, "--side", self.side, "--json", str(path)]
+        if self.args.baseline_compile:
+            cmd.append("--compile-unet")
+        rc, tail = run(cmd, self.work / "baseline_cached.log", limit, env=self.env)
+        if rc:
+            raise RuntimeError(f"exit {rc}: {tail}")
+        return self._baseline_rows("baseline_cached", json.loads(path.read_text())["baseline"])
+
+    def _baseline_rows(self, name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        for b in rows:
+            self.rec.emit(stage=name, status="level", batch=b["batch_size"], images_per_s=b["images_per_s"],
+                          p50_ms=b["latency_ms"]["p50"], p99_ms=b["latency_ms"]["p99"],
+                          first_step_p50_ms=(b.get("first_step_ms") or {}).get("p50"), how=b.get("how"))
+        return {"batches": len(rows)}
+
+    def _anchor(self, limit: float) -> dict[str, Any]:
+        """The project's measuring stick, where it was carried; its results.jsonl read back (cut or not)."""
+        script = next((p for p in (REPO.parent / "shared" / "anchors" / "gpu_baseline.py",
+                                   REPO / ".device" / "anchors" / "gpu_baseline.py") if p.is_file()), None)
+        if script is None:
+            raise RuntimeError("gpu_baseline.py is neither in ../shared/anchors nor in .device/anchors")
+        out = self.work / "anchor"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.jsonl").unlink(missing_ok=True)
+        cmd = [PY, str(script), *(["--tiny"] if self.tiny else [])]
+        try:
+            run(cmd, self.work / "anchor.log", limit, env=dict(self.env, OUT=str(out)))
+        finally:
+            lines = (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").exists() else []
+            for line in lines:
+                row = json.loads(line)
+                if row.get("stage") not in ("env", "versions"):
+                    self.rec.emit(stage=f"anchor:{row.pop('stage', '?')}", status="level", **row)
+        return {"rows": len(lines)}
+
+    def cleanup(self) -> None:
+        for server in list(self.servers):
+            server.stop()
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    """Stage rows with their status, and a row per bench level / baseline batch with its numbers."""
+    rows: list[list[object]] = []
+    for r in records:
+        if r["stage"] == "env":
+            continue
+        if r.get("status") == "level":
+            load = r.get("concurrency") if "concurrency" in r else f"batch {r.get('batch', '')}"
+            notes = f"ok {r['ok']} failed {r['failed']}" if "ok" in r else r.get("how") or ""
+            if r.get("errors"):
+                notes += f" {r['errors']}"
+            if r["stage"].startswith("anchor:"):
+                load, notes = "", json.dumps({k: v for k, v in r.items() if k not in ("stage", "status", "t_s")})
+            rows.append([r["stage"], "", "", load, fmt(r.get("images_per_s")), fmt(r.get("p50_ms")),
+                         fmt(r.get("p99_ms")), fmt(r.get("first_step_p50_ms")), notes])
+        else:
+            notes = {k: v for k, v in r.items() if k not in ("stage", "status", "seconds", "limit_s", "t_s")}
+            rows.append([r["stage"], r.get("status", ""), f"{r.get('seconds', '')}/{r.get('limit_s', '')}", "", "",
+                         "", "", "", json.dumps(notes, default=str)[:400] if notes else ""])
+    return markdown_table(["stage", "status", "s / limit", "c", "images/s", "p50 ms", "p99 ms",
+                           "first step p50 ms", "notes"], rows)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny preset, 64x64, float32")
+    p.add_argument("--aoti", action="store_true", help="also export, serve and load an AOTInductor artifact")
+    p.add_argument("--anchor", type=float, default=0.0, metavar="S",
+                   help="also run the anchor script gpu_baseline.py for at most S seconds (default: off)")
+    p.add_argument("--baseline-compile", action="store_true",
+                   help="baseline_cached with the UNet under torch.compile(mode='reduce-overhead') (cold: minutes)")
+    p.add_argument("--duration", type=float, default=0.0, metavar="S",
+                   help="seconds per level at c >= 32 (default 10; 3 with --tiny)")
+    p.add_argument("--budget", type=float, default=540.0, metavar="S",
+                   help="seconds for the whole check; each stage gets min(its deadline, what is left)")
+    p.add_argument("--stage-timeout", action="append", default=[], metavar="NAME=S",
+                   help="override one stage's deadline (repeatable), e.g. export_eager=30")
+    p.add_argument("--out", type=pathlib.Path, help="small results: results.jsonl, table.md (default $OUT)")
+    p.add_argument("--work", type=pathlib.Path, help="artifacts, caches, logs (default /tmp/lcmserve-gpu-work)")
+    p.add_argument("--make-loras", type=pathlib.Path, help=argparse.SUPPRESS)  # child mode of the loras stage
+    p.add_argument("--base", default="sd15-random", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.make_loras:
+        make_loras(args.base, args.make_loras)
+        return 0
     try:
-        bench(server.target, levels, shape, 64 if cuda else 24, "eager")
+        overrides = parse_timeouts(args.stage_timeout)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    out = args.out or pathlib.Path(os.environ.get("OUT", "/tmp/lcmserve-gpu-out"))
+    work = args.work or pathlib.Path("/tmp/lcmserve-gpu-work")
+    work.mkdir(parents=True, exist_ok=True)
+    rec = Recorder(out / "results.jsonl")
+    on_termination()
+    check = Check(args, rec, Budget(args.budget, overrides), work)
+    found = versions()
+    rec.emit(stage="env", **found)  # printed before anything imports lcmserve
+    problems = too_old(found)
+    code = 0
+    try:
+        if problems:
+            rec.emit(stage="versions", status="failed", error="; ".join(problems),
+                     fix="carry newer wheels: make gpu-check-prepare, then scripts/gpu_check.sh installs them")
+            code = 2
+        else:
+            check.run_all()
+    except Interrupted as exc:
+        rec.emit(stage="interrupted", status="stopped", error=str(exc), during=check.current)
     finally:
-        server.stop()
-
-    # 5. compiled artifact (AOTInductor), if there is time left in the budget
-    if not args.skip_aoti and time.time() - T0 < 280:
-        compiled = OUT / "artifact-aoti"
-        t = time.time()
-        r = cli("export", "--base", base, "--lora", f"{loras / 'lcm.safetensors'}:1.0",
-                     "--lora", f"{loras / 'crack.safetensors'}:0.8", "--out", str(compiled), "--dtype", dtype,
-                     "--device", device, "--backend", "aoti", "--force", timeout=420 - (time.time() - T0))
-        emit(stage="export_aoti", rc=r.returncode, seconds=round(time.time() - t, 1), tail=r.stderr[-400:])
-        if r.returncode == 0:
-            server = Server("--model", str(compiled), "--backend", "aoti", "--max-batch-size", "64", timeout=120)
-            emit(stage="serve_aoti_ready", seconds=round(server.ready_s, 1))
-            try:
-                bench(server.target, "1,32,64" if cuda else "1,16", shape, 64 if cuda else 24, "aoti")
-            finally:
-                server.stop()
-
-    # 6. the table
-    print("\n| stage | concurrency | images/s | p50 ms | p99 ms | first step p50 ms | other |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for rec in RESULTS:
-        if rec["stage"].startswith("serve_") and "concurrency" in rec:
-            print(f"| {rec['stage']} | {rec['concurrency']} | {rec['images_per_s']:.1f} | {rec['p50_ms']:.1f} | "
-                  f"{rec['p99_ms']:.1f} | {rec['first_step_p50_ms']:.1f} | ok {rec['ok']} failed {rec['failed']} |")
-        elif rec["stage"] not in ("env",):
-            other = {k: v for k, v in rec.items() if k not in ("stage", "t_s", "tail")}
-            print(f"| {rec['stage']} | | | | | | {json.dumps(other, default=str)[:300]} |")
-    print(f"\nenv: {json.dumps(RESULTS[0], default=str)}")
-    return 0
+        check.cleanup()
+        table = render(rec.records)
+        env = ", ".join(f"{k} {v}" for k, v in found.items())
+        text = f"\n## lcmserve GPU check ({'tiny, CPU' if args.tiny else 'sd15-random'})\n\n{table}\n\nenv: {env}\n"
+        print(text, flush=True)
+        (out / "table.md").write_text(text)
+    if code == 0 and any(s != "ok" for s in check.status.values()):
+        code = 1
+    return code
 
 
 if __name__ == "__main__":

@@ -1,73 +1,232 @@
-"""CUDA graphs for the model callables, one per (padded batch size, input shapes).
+"""CUDA graphs for the model callables, one per (padded batch size, resolution), bounded.
 
 At batch 1 a UNet step is launch-bound: 25.3 ms eager against 7.8 ms replayed from a CUDA graph on
 an H100 (DESIGN.md). A graph has fixed shapes, so batches are padded up to a few bucket sizes; the
-padded rows hold earlier valid inputs and their outputs are dropped. Graphs are captured lazily, the
-first time a (bucket, shape) is met (warm-up meets the common ones), and share one memory pool:
-they never run at the same time, and each output is copied out before the next replay.
+padded rows hold earlier valid inputs and their outputs are dropped.
+
+When graphs are captured: every bucket of 512x512 before the server turns SERVING
+(`Engine.capture_graphs`); any other resolution on first use, inline (about a second per bucket, the
+batch waits). A "resolution" is the shapes and dtypes of the inputs past the batch dimension.
+
+Bounds (issue #15, item 6): at most `max_resolutions` resolutions hold graphs, kept as an LRU. While
+there is room, a new resolution gets graphs on first use. Once full, a new resolution runs eagerly
+until it has been met `admit_after` times; then it takes the place of the least recently used one,
+whose graphs are freed. So once full, a one-off size costs no capture, and sizes that keep coming
+do get graphs, at most one round of captures per `admit_after` calls each. Counters (`captures`, `evictions`,
+`eager_calls`, `replays`) are plain attributes for the engine to export as metrics.
+
+A failed capture (item 3) turns graphs off for this callable: the thread's current stream is
+restored (`torch.cuda.graph` leaves the capture stream current when `capture_end` raises), the
+allocator's routing to the graph pool is ended, the device is synchronized, every graph of this
+callable is freed, it is logged once, and every later call runs eagerly.
+
+All graphs of one `BucketedGraphs` share one memory pool: they never run at the same time, and each
+output is copied out before the next replay. Not thread-safe: the engine's loop thread calls it.
+How a graph is captured is a parameter (`capture`), so the bookkeeping runs and is tested on a CPU.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 log = logging.getLogger("lcmserve.cuda_graphs")
 
+Resolution = tuple[tuple[tuple[int, ...], torch.dtype], ...]  # per input: (shape past batch, dtype)
+
+
+class Replayable(Protocol):
+    """A captured piece of work: `replay()` reruns it on its static buffers; `release()` frees it."""
+
+    def replay(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+# capture(fn, static_inputs) -> (graph, static_output): records fn on the static buffers, whose
+# rows are all valid inputs. Raises on failure; BucketedGraphs then runs fn eagerly from then on.
+Capture = Callable[[Callable[..., torch.Tensor], list[torch.Tensor]], tuple[Replayable, torch.Tensor]]
+
+
+class _CudaGraph:
+    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
+        self.graph = graph
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    def release(self) -> None:
+        self.graph.reset()  # its memory goes back to the shared pool for later captures
+
+
+class CudaGraphCapture:
+    """The real `Capture`: warm-up on a side stream, then `torch.cuda.graph` into one shared pool."""
+
+    def __init__(self, warmup_runs: int = 2) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+        # One capture stream for every capture into this pool: the allocator reuses a freed block
+        # only on the stream it was freed on, so graphs captured on one stream share the most memory.
+        self.stream = _new_stream()
+        self.warmup_runs = warmup_runs  # allocator, cuDNN/cuBLAS heuristics, lazy init: off the graph
+
+    def __call__(self, fn: Callable[..., torch.Tensor], static: list[torch.Tensor]) -> tuple[_CudaGraph, torch.Tensor]:
+        caller = torch.cuda.current_stream()
+        side = _new_stream()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_runs):
+                    fn(*static)
+            caller.wait_stream(side)
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                output = fn(*static)
+        except BaseException:
+            self._recover(caller)
+            raise
+        return _CudaGraph(graph), output
+
+    def _recover(self, caller: torch.cuda.Stream) -> None:
+        """After a failed capture: the caller's stream current again, no allocation routed to the
+        pool, nothing in flight. Each step is tried even if an earlier one fails."""
+        torch.cuda.set_stream(caller)  # capture_end raised before torch.cuda.graph restored it
+        try:  # capture_end may raise before it ends the pool's allocation routing; ending it twice raises
+            torch._C._cuda_endAllocateToPool(caller.device_index, self.pool)
+            log.info("ended the allocator's routing to the graph pool left by the failed capture")
+        except RuntimeError:
+            pass
+        if torch.cuda.is_current_stream_capturing():  # cannot happen once the stream is restored
+            log.error("still capturing on stream %s after a failed capture", caller)
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as exc:  # a sticky CUDA error: eager calls will raise it too, and say so
+            log.error("synchronize after a failed capture raised: %s", exc)
+
+
+def _new_stream() -> torch.cuda.Stream:
+    return torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch.cuda.Stream.__new__ is unannotated
+
 
 @dataclass
-class _Captured:
-    graph: torch.cuda.CUDAGraph
+class _Graph:
+    graph: Replayable
     inputs: list[torch.Tensor]  # static input buffers, (bucket, ...)
     output: torch.Tensor  # static output buffer, (bucket, ...)
 
 
 class BucketedGraphs:
-    """Wraps `fn(*tensors) -> tensor` (batch first); replays a captured graph per bucket and shape."""
+    """Wraps `fn(*tensors) -> tensor` (batch first); replays a captured graph per bucket and resolution.
 
-    def __init__(self, fn: Callable[..., torch.Tensor], buckets: tuple[int, ...], name: str) -> None:
+    `buckets`: padded batch sizes (a batch larger than all runs eagerly). `max_resolutions`: how
+    many resolutions hold graphs at once. `admit_after`: calls of a new resolution, once full,
+    before it evicts the least recently used one. `capture`: how to record a graph (CUDA by default).
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], buckets: tuple[int, ...], name: str, *,
+                 max_resolutions: int = 4, admit_after: int = 16, capture: Capture | None = None) -> None:
+        if not buckets or any(b < 1 for b in buckets):
+            raise ValueError(f"buckets must be positive batch sizes, got {buckets!r}")
+        if max_resolutions < 1:
+            raise ValueError(f"max_resolutions must be >= 1, got {max_resolutions}")
+        if admit_after < 1:
+            raise ValueError(f"admit_after must be >= 1, got {admit_after}")
         self.fn = fn
-        self.buckets = sorted(buckets)
+        self.buckets: tuple[int, ...] = tuple(sorted(set(buckets)))
         self.name = name
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[object, ...], _Captured | None] = {}  # None: capture failed, run eagerly
+        self.max_resolutions = max_resolutions
+        self.admit_after = admit_after
+        self.capture: Capture = capture if capture is not None else CudaGraphCapture()
+        # resolution -> bucket -> graph; least recently used first
+        self.graphs: collections.OrderedDict[Resolution, dict[int, _Graph]] = collections.OrderedDict()
+        self._waiting: collections.OrderedDict[Resolution, int] = collections.OrderedDict()  # eager calls
+        self.disabled: str | None = None  # why graphs are off for good (the first failed capture)
+        self.captures = 0  # graphs captured
+        self.evictions = 0  # resolutions whose graphs were freed for another
+        self.eager_calls = 0  # calls run eagerly: too large, resolution without graphs, or disabled
+        self.replays = 0
+
+    def stats(self) -> dict[str, int]:
+        """The counters, for metrics and logs."""
+        return {"captures": self.captures, "evictions": self.evictions, "eager_calls": self.eager_calls,
+                "replays": self.replays, "resolutions": len(self.graphs), "disabled": int(self.disabled is not None)}
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         n = inputs[0].shape[0]
         bucket = next((b for b in self.buckets if b >= n), None)
-        if bucket is None:
-            return self.fn(*inputs)  # larger than every bucket
-        key = (bucket, *((tuple(x.shape[1:]), x.dtype) for x in inputs))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, inputs)
-        captured = self.graphs[key]
+        if self.disabled is not None or bucket is None:
+            return self._eager(inputs)
+        resolution: Resolution = tuple((tuple(x.shape[1:]), x.dtype) for x in inputs)
+        graphs = self.graphs.get(resolution)
+        if graphs is None:
+            graphs = self._admit(resolution)
+            if graphs is None:
+                return self._eager(inputs)
+        else:
+            self.graphs.move_to_end(resolution)
+        captured = graphs.get(bucket)
         if captured is None:
-            return self.fn(*inputs)
+            captured = self._capture(bucket, resolution, inputs)
+            if captured is None:
+                return self._eager(inputs)
+            graphs[bucket] = captured
         for static, x in zip(captured.inputs, inputs):
             static[:n].copy_(x)
         captured.graph.replay()
-        return captured.output[:n].clone()
+        self.replays += 1
+        return captured.output[:n].clone()  # the static output is overwritten by the next replay
 
-    def _capture(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> _Captured | None:
+    def _eager(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        self.eager_calls += 1
+        return self.fn(*inputs)
+
+    def _admit(self, resolution: Resolution) -> dict[int, _Graph] | None:
+        """A resolution without graphs: room for it, or its turn after `admit_after` eager calls."""
+        if len(self.graphs) >= self.max_resolutions:
+            seen = self._waiting.pop(resolution, 0) + 1
+            if seen < self.admit_after:
+                self._waiting[resolution] = seen
+                while len(self._waiting) > 8 * self.max_resolutions:  # remember a bounded few
+                    self._waiting.popitem(last=False)
+                return None
+            old, old_graphs = self.graphs.popitem(last=False)
+            self._free(old_graphs)
+            self.evictions += 1
+            log.info("%s CUDA graphs: evicted resolution %s (%d graphs) for %s", self.name, _shapes(old),
+                     len(old_graphs), _shapes(resolution))
+        graphs: dict[int, _Graph] = {}
+        self.graphs[resolution] = graphs
+        return graphs
+
+    def _capture(self, bucket: int, resolution: Resolution, inputs: tuple[torch.Tensor, ...]) -> _Graph | None:
         # Static buffers filled with copies of the first row: padding rows must hold valid values.
         static = [x[:1].expand(bucket, *x.shape[1:]).clone() for x in inputs]
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up runs (allocator, cuDNN/cuBLAS heuristics) off the graph
-                for _ in range(2):
-                    self.fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                output = self.fn(*static)
-            log.info("captured %s CUDA graph for batch %d, shapes %s", self.name, bucket,
-                     [tuple(x.shape) for x in static])
-            return _Captured(graph, static, output)
+            graph, output = self.capture(self.fn, static)
         except Exception as exc:  # a backend that cannot be captured still serves, eagerly
-            log.warning("CUDA graph capture of %s (batch %d) failed, running eagerly: %s", self.name, bucket, exc)
-            torch.cuda.synchronize()
+            self.disabled = f"{type(exc).__name__}: {exc}"
+            log.warning("CUDA graph capture of %s (batch %d, %s) failed; graphs are off for %s from now on: %s",
+                        self.name, bucket, _shapes(resolution), self.name, self.disabled)
+            for graphs in self.graphs.values():
+                self._free(graphs)
+            self.graphs.clear()
+            self._waiting.clear()
             return None
+        self.captures += 1
+        log.info("%s CUDA graph captured: batch %d, %s (%d resolutions hold graphs)", self.name, bucket,
+                 _shapes(resolution), len(self.graphs))
+        return _Graph(graph, static, output)
+
+    @staticmethod
+    def _free(graphs: dict[int, _Graph]) -> None:
+        for captured in graphs.values():
+            captured.graph.release()
+        graphs.clear()
+
+
+def _shapes(resolution: Resolution) -> str:
+    return ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, dtype in resolution)

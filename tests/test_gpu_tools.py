@@ -1,0 +1,234 @@
+"""The GPU-readiness tools on a CPU: BucketedGraphs' bookkeeping (buckets, LRU of resolutions, a failed
+capture -> eager from then on), and the GPU scripts' dry runs, which must always print their table.
+
+BucketedGraphs takes its capture function as a parameter: here a "graph" whose replay reruns the
+real (small) torch callable on the static buffers, so padding, copy-in/out, eviction and failure
+handling run for real; only the CUDA recording is left out. The CUDA-only test runs on a GPU host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lcmserve.server.cuda_graphs import BucketedGraphs
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WEIGHT = torch.linspace(-1, 1, 16 * 8).view(8, 16)
+
+
+def small_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B, ..., 16) features, (B,) scales -> (B, ..., 8): a real torch callable, rows independent."""
+    return torch.nn.functional.linear(x, WEIGHT).tanh() * t.view(-1, *([1] * (x.dim() - 1)))
+
+
+class RerunGraph:
+    """A CPU stand-in for a CUDA graph: replay() recomputes fn on the static inputs into the static output."""
+
+    def __init__(self, fn, static: list[torch.Tensor], output: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
+        self.fn, self.static, self.output = fn, static, output
+        self.released = False
+
+    def replay(self) -> None:
+        assert not self.released, "replay of a freed graph"
+        self.output.copy_(self.fn(*self.static))
+
+    def release(self) -> None:
+        self.released = True
+
+
+class CpuCapture:
+    """The capture function under test: records every graph it made; fails on the calls listed."""
+
+    def __init__(self, fail_on: tuple[int, ...] = ()) -> None:
+        self.made: list[RerunGraph] = []
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def __call__(self, fn, static: list[torch.Tensor]) -> tuple[RerunGraph, torch.Tensor]:  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        output = fn(*static)
+        graph = RerunGraph(fn, static, output)
+        self.made.append(graph)
+        return graph, output
+
+
+def inputs(batch: int, side: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, side, 16, generator=g), torch.rand(batch, generator=g) + 0.5
+
+
+def test_replay_pads_to_the_bucket_and_matches_eager() -> None:
+    capture = CpuCapture()
+    graphs = BucketedGraphs(small_model, (4, 1, 2), "t", capture=capture)
+    assert graphs.buckets == (1, 2, 4)
+    first = inputs(3, seed=1)
+    assert torch.equal(graphs(*first), small_model(*first))  # captured at bucket 4, 3 real rows
+    other = inputs(3, seed=2)
+    out = graphs(*other)  # replayed on other values: the graph reads its static buffers
+    assert out.shape == (3, 4, 8) and torch.equal(out, small_model(*other))
+    assert torch.equal(graphs(*inputs(4, seed=3)), small_model(*inputs(4, seed=3)))
+    assert (capture.calls, graphs.captures, graphs.replays, graphs.eager_calls) == (1, 1, 3, 0)
+    out.add_(1)  # the caller owns its result: the static output is not handed out
+    assert torch.equal(graphs(*other), small_model(*other))
+    big = inputs(5)
+    assert torch.equal(graphs(*big), small_model(*big))  # above every bucket: eager
+    assert graphs.eager_calls == 1 and capture.calls == 1
+
+
+def test_resolutions_are_an_lru_and_newcomers_run_eagerly_until_admitted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    capture = CpuCapture()
+    graphs = BucketedGraphs(small_model, (2,), "unet", max_resolutions=2, admit_after=3, capture=capture)
+    a, b, c = inputs(2, side=1), inputs(2, side=2), inputs(2, side=3)
+    graphs(*a)
+    graphs(*b)  # room for both: captured on first use
+    assert graphs.captures == 2 and len(graphs.graphs) == 2
+    graphs(*a)  # a is now the most recently used; b is next out
+    with caplog.at_level(logging.INFO, logger="lcmserve.cuda_graphs"):
+        for _ in range(2):  # full: c runs eagerly while it earns a place
+            assert torch.equal(graphs(*c), small_model(*c))
+        assert graphs.eager_calls == 2 and graphs.captures == 2 and graphs.evictions == 0
+        assert torch.equal(graphs(*c), small_model(*c))  # third call: evicts b, captures c
+    assert graphs.evictions == 1 and graphs.captures == 3
+    b_graph = capture.made[1]
+    assert b_graph.released and not capture.made[0].released  # b's graph freed, a's kept
+    assert [r[0][0] for r in graphs.graphs] == [(1, 16), (3, 16)]  # a, then c (most recent last)
+    assert any("evicted" in rec.message for rec in caplog.records)
+    assert torch.equal(graphs(*b), small_model(*b))  # b comes back as a newcomer: eager again
+    assert graphs.captures == 3 and graphs.eager_calls == 3
+    assert graphs.stats() == {"captures": 3, "evictions": 1, "eager_calls": 3, "replays": 4,
+                              "resolutions": 2, "disabled": 0}
+
+
+def test_a_failed_capture_turns_graphs_off_for_good(caplog: pytest.LogCaptureFixture) -> None:
+    capture = CpuCapture(fail_on=(2,))
+    graphs = BucketedGraphs(small_model, (1, 4), "vae", capture=capture)
+    graphs(*inputs(1))  # captured fine
+    with caplog.at_level(logging.WARNING, logger="lcmserve.cuda_graphs"):
+        x = inputs(3, seed=5)
+        assert torch.equal(graphs(*x), small_model(*x))  # its capture fails: this call runs eagerly
+        for seed in range(4):  # and so does every later call, at any size, without trying again
+            y = inputs(1 + seed % 4, seed=seed)
+            assert torch.equal(graphs(*y), small_model(*y))
+    assert graphs.disabled is not None and "stream is capturing" in graphs.disabled
+    assert capture.calls == 2 and graphs.captures == 1 and graphs.replays == 1 and graphs.eager_calls == 5
+    assert capture.made[0].released and not graphs.graphs  # the earlier graph was freed too
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "graphs are off" in warnings[0].message
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="buckets"):
+        BucketedGraphs(small_model, (), "t", capture=CpuCapture())
+    with pytest.raises(ValueError, match="max_resolutions"):
+        BucketedGraphs(small_model, (1,), "t", max_resolutions=0, capture=CpuCapture())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_failed_cuda_capture_restores_the_stream_and_runs_eagerly() -> None:
+    def host_sync(x: torch.Tensor) -> torch.Tensor:
+        if float(x.sum()) > 1e30:  # a host sync: invalidates the capture
+            x = -x
+        return x * 2
+
+    caller = torch.cuda.current_stream()
+    x = torch.randn(3, 8, device="cuda")
+    graphs = BucketedGraphs(host_sync, (4,), "bad")
+    assert torch.equal(graphs(x), x * 2)
+    assert graphs.disabled and torch.cuda.current_stream() == caller
+    assert not torch.cuda.is_current_stream_capturing()
+    good = BucketedGraphs(lambda t: t + 1, (4,), "good")  # the allocator is not stuck in capture mode
+    assert torch.equal(good(x), x + 1) and good.replays == 1
+
+
+# ---- the scripts' dry runs ---------------------------------------------------------------------
+
+
+def run_script(*args: str, out: pathlib.Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OUT": str(out)})
+
+
+def records(path: pathlib.Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_gpu_check_stage_timeout_still_prints_the_table(tmp_path: pathlib.Path) -> None:
+    r = run_script("scripts/gpu_check.py", "--tiny", "--stage-timeout", "loras=0.5", "--work", str(tmp_path / "w"),
+                   out=tmp_path, timeout=240)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {rec["stage"]: rec for rec in records(tmp_path / "results.jsonl")}
+    assert rows["env"]["grpcio"] and rows["import"]["status"] == "ok"
+    assert rows["loras"]["status"] == "timeout"
+    assert rows["export_eager"]["status"] == "skipped" and "loras" in rows["export_eager"]["reason"]
+    assert rows["serve_eager"]["status"] == "skipped"
+    table = (tmp_path / "table.md").read_text()
+    assert "| loras | timeout |" in table and table in r.stdout
+    assert r.stdout.index('"stage": "env"') < r.stdout.index('"stage": "import"')  # versions first
+
+
+def test_gpu_probe_part_timeout_still_prints_the_table(tmp_path: pathlib.Path) -> None:
+    r = run_script("scripts/gpu_probe.py", "--device", "cpu", "--stage-timeout", "build=0.05",
+                   "--out", str(tmp_path / "probe.jsonl"), out=tmp_path, timeout=240)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {rec["part"]: rec for rec in records(tmp_path / "probe.jsonl")}
+    assert rows["build"]["status"] == "timeout"
+    assert rows["unet_graphs"]["status"] == "skipped" and rows["aoti_graph"]["reason"] == "needs CUDA"
+    assert "| build | timeout" in r.stdout and (tmp_path / "probe.md").exists()
+
+
+@pytest.mark.slow
+def test_gpu_probe_dry_runs_on_the_cpu(tmp_path: pathlib.Path) -> None:
+    r = run_script("scripts/gpu_probe.py", "--device", "cpu", "--out", str(tmp_path / "probe.jsonl"),
+                   out=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = records(tmp_path / "probe.jsonl")
+    parts = {rec["part"]: rec for rec in recs if rec["status"] != "row"}
+    assert all(parts[p]["status"] == "ok" for p in ("build", "unet_graphs", "vae_graphs", "lcm_step"))
+    assert {p for p, rec in parts.items() if rec["status"] == "skipped"} == {
+        "failed_capture", "aoti_graph", "compile_thread", "memory"}
+    unet = [rec for rec in recs if rec["part"] == "unet_graphs" and rec["status"] == "row"]
+    assert [rec["bucket"] for rec in unet] == [1, 8, 32, 64] and all(rec["finite"] for rec in unet)
+    step = next(rec for rec in recs if rec["part"] == "lcm_step" and rec["status"] == "row")
+    assert step["max_abs_diff"] == 0.0  # host-side and device-side constants give the same step
+    assert "skipped: failed_capture, aoti_graph, compile_thread, memory" in r.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_dry_run(tmp_path: pathlib.Path) -> None:
+    r = run_script("scripts/gpu_check.py", "--tiny", "--work", str(tmp_path / "w"), out=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    recs = records(tmp_path / "results.jsonl")
+    stages = {rec["stage"]: rec.get("status") for rec in recs if rec.get("status") != "level"}
+    assert all(status == "ok" for name, status in stages.items() if name != "env"), stages
+    levels = [rec for rec in recs if rec.get("status") == "level"]
+    assert {rec["stage"] for rec in levels} == {"bench_eager_low", "bench_eager_high", "baseline_plain",
+                                                 "baseline_cached"}
+    assert all(rec.get("failed", 0) == 0 and rec["images_per_s"] > 0 for rec in levels)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["results.jsonl", "table.md"]
+
+
+def test_versions_too_old_for_the_stubs_are_named() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import stagekit
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert stagekit.too_old({"grpcio": "1.84.0", "protobuf": "7.35.1"}) == []
+    assert stagekit.too_old({"grpcio": "1.85.3", "protobuf": "7.36.2"}) == []
+    problems = stagekit.too_old({"grpcio": "1.83.9", "protobuf": "6.33.5"})
+    assert len(problems) == 2 and "grpcio 1.83.9" in problems[0] and "protobuf 6.33.5" in problems[1]
+    assert stagekit.too_old({"grpcio": "1.84.0rc1", "protobuf": "missing"}) == [
+        "protobuf missing is older than 7.35.1, the oldest the generated stubs import under"]
+    assert stagekit.parse_timeouts(["loras=0.5", "export_eager=30"]) == {"loras": 0.5, "export_eager": 30.0}
+    with pytest.raises(ValueError, match="NAME=SECONDS"):
+        stagekit.parse_timeouts(["loras"])
