@@ -15,8 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-BACKENDS = ("eager", "compile", "aoti", "onnx")  # same as lcmserve.export.fuse.BACKENDS
-DTYPES = ("float16", "bfloat16", "float32")
+from lcmserve.export.artifact import BACKENDS, DTYPES  # no torch import: the client CLI builds this parser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,8 +111,8 @@ def _quiet_libraries() -> None:
 
     diffusers.utils.logging.set_verbosity(logging.CRITICAL)
     diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # untyped in transformers
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers
 
 
 def main(argv: Sequence[str] | None = None) -> int:

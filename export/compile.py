@@ -1,9 +1,9 @@
 """Compile a fused pipeline for one machine: `compiled/<backend>/` of an export artifact.
 
 `compile_artifact` is called by `lcmserve export --backend aoti|compile|onnx` on the pipeline whose
-model/ folder it saves (LoRAs already fused), and returns the manifest's `compiled` entry. The
-server side (what each backend serves, how an artifact for another machine is refused) is
-server/compiled.py; docs/backends.md has the reasons and measured times.
+model/ folder it saves (LoRAs already fused), and returns the manifest's typed `compiled` entry
+(artifact.py). The server side (what each backend serves, how an artifact for another machine is
+refused) is server/compiled.py and server/loader.py; docs/backends.md has the reasons and measured times.
 
     aoti     torch.export of three adapters (UNet step, VAE decode, text encode) with a dynamic batch
              (1..63) and dynamic latent sides, each compiled by AOTInductor into a `.pt2` package.
@@ -27,15 +27,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from lcmserve.server.artifact import (
-    IMAGE_SIDE_RANGE,
-    IO_NAMES,
-    MAX_BATCH,
-    PARTS,
+from lcmserve.export.adapters import (
     TextEncode,
     UNetStep,
     VaeDecode,
@@ -43,17 +39,25 @@ from lcmserve.server.artifact import (
     compile_parts,
     compile_settings,
     copy_cpp_kernels,
-    device_arch,
-    device_name,
     inductor_cache_dir,
-    onnxruntime_version,
     optimizations_for,
     warm_compiled,
 )
-from lcmserve.server.compiled import BACKEND_ORDER
-
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+from lcmserve.export.artifact import (
+    COMPILED_BACKENDS,
+    COMPILED_DIR,
+    ENTRY_TYPES,
+    IMAGE_SIDE_RANGE,
+    IO_NAMES,
+    MAX_BATCH,
+    PARTS,
+    CompiledEntry,
+    Served,
+    device_arch,
+    device_name,
+    onnxruntime_version,
+)
+from lcmserve.export.pipeline import SDPipeline, as_module
 
 log = logging.getLogger("lcmserve.export.compile")
 
@@ -63,7 +67,7 @@ PARITY_LIMIT = {torch.float32: 4 / 255, torch.float16: 0.1, torch.bfloat16: 0.25
 
 
 def compile_artifact(
-    pipe: StableDiffusionPipeline,
+    pipe: SDPipeline,
     out_dir: Path,
     *,
     backend: str,
@@ -72,10 +76,10 @@ def compile_artifact(
     resolutions: Sequence[tuple[int, int]] = (),
     warm_batches: Sequence[int] = (1, 2, MAX_BATCH),
     vae_warm_batches: Sequence[int] = (1, 2, 8),
-) -> dict[str, Any]:
+) -> CompiledEntry:
     """Write `out_dir/compiled/<backend>/` for `pipe` (fused, on `device` in `dtype`).
 
-    Returns `info`, the manifest's `compiled[backend]` entry: the machine it was
+    Returns the manifest's `compiled[backend]` entry (an AotiEntry, CompileEntry or OnnxEntry): the machine it was
     made for (device, device_arch, torch / onnxruntime versions), the files (relative to `out_dir`),
     the exported input shapes and dynamic dims, what is served, and the export time of each step.
     `resolutions` ((height, width) in pixels; default: the model's nominal size), `warm_batches` (UNet)
@@ -84,25 +88,24 @@ def compile_artifact(
     guards may split (tiny's UNet on the CPU: 2..15 and 16..63), hence a warm batch at each end. The
     VAE default stops at 8, the engine's largest decode batch.
     """
-    if backend not in BACKEND_ORDER:
-        raise ValueError(f"backend {backend!r}: compiled backends are {', '.join(BACKEND_ORDER)}")
+    if backend not in COMPILED_BACKENDS:
+        raise ValueError(f"backend {backend!r}: compiled backends are {', '.join(COMPILED_BACKENDS)}")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     out_dir = Path(out_dir)
-    dest = out_dir / "compiled" / backend
+    dest = out_dir / COMPILED_DIR / backend
     dest.mkdir(parents=True, exist_ok=True)
     shapes = _model_shapes(pipe)
     start = time.perf_counter()
-    info: dict[str, Any] = {
-        "backend": backend,
+    info: dict[str, Any] = {  # the fields of the entry, filled in by the backend's exporter
         "device": dev.type,
         "device_arch": device_arch(dev),
         "device_name": device_name(dev),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "dtype": str(dtype).removeprefix("torch."),
-        "optimizations": list(optimizations_for(dev)),
+        "optimizations": optimizations_for(dev),
     }
     with torch.no_grad():
         if backend == "aoti":
@@ -121,13 +124,13 @@ def compile_artifact(
     info["export_seconds"]["total"] = round(time.perf_counter() - start, 1)
     log.info("compiled %s for %s (%s) in %.1f s: %s", backend, info["device_arch"], info["device_name"],
              info["export_seconds"]["total"], info["export_seconds"])
-    return info
+    return ENTRY_TYPES[backend](**info)
 
 
 # --- shapes -------------------------------------------------------------------------------------------
 
 
-def _model_shapes(pipe: StableDiffusionPipeline) -> dict[str, int]:
+def _model_shapes(pipe: SDPipeline) -> dict[str, int]:
     """Sizes the exports need, read off the pipeline."""
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     # The UNet halves the latent (num_upsamplers) times; sides that are not a multiple of
@@ -154,7 +157,7 @@ def _model_shapes(pipe: StableDiffusionPipeline) -> dict[str, int]:
     }
 
 
-def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
+def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[str, Any], Served]:
     """torch.export dynamic_shapes per part, and the same in JSON for the manifest."""
     from torch.export import Dim
 
@@ -180,12 +183,12 @@ def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[s
                  "unet_w_blocks": [s["k_lo"], s["k_hi"]], "vae_h": [s["vae_lo"], s["vae_hi"]],
                  "vae_w": [s["vae_lo"], s["vae_hi"]]},
     }
-    served = {
-        "batch_range": [1, MAX_BATCH],  # larger batches run in chunks
-        "unet_latent_multiple": m,
-        "unet_latent_range": [m * s["k_lo"], m * s["k_hi"]],
-        "vae_latent_range": [s["vae_lo"], s["vae_hi"]],
-    }
+    served = Served(  # larger batches run in chunks
+        batch_range=(1, MAX_BATCH),
+        unet_latent_multiple=m,
+        unet_latent_range=(m * s["k_lo"], m * s["k_hi"]),
+        vae_latent_range=(s["vae_lo"], s["vae_hi"]),
+    )
     return specs, shapes_json, served
 
 
@@ -204,7 +207,7 @@ def _example_inputs(s: dict[str, int], dev: torch.device, dtype: torch.dtype, ba
     }
 
 
-def _adapters(pipe: StableDiffusionPipeline, dev: torch.device, dtype: torch.dtype,
+def _adapters(pipe: SDPipeline, dev: torch.device, dtype: torch.dtype,
               optimizations: Sequence[str]) -> dict[str, torch.nn.Module]:
     """Rewritten copies of the three parts behind plain-tensor adapters (the pipeline is untouched)."""
     text = _copy_to(pipe.text_encoder, dev, dtype)
@@ -214,18 +217,19 @@ def _adapters(pipe: StableDiffusionPipeline, dev: torch.device, dtype: torch.dty
             "vae_decoder": VaeDecode(vae).eval()}
 
 
-def _copy_to(module: Any, dev: torch.device, dtype: torch.dtype) -> Any:
+def _copy_to(part: object, dev: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A deep copy in eval mode on `dev` in `dtype` (cast only when needed: diffusers warns on every cast)."""
-    module = copy.deepcopy(module).eval()
-    if module.dtype != dtype or module.device != dev:
+    module = as_module(copy.deepcopy(part)).eval()
+    weight = next(module.parameters())
+    if weight.dtype != dtype or weight.device != dev:
         module.to(dev, dtype)
     return module
 
 
-def _references(pipe: StableDiffusionPipeline, inputs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+def _references(pipe: SDPipeline, inputs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
     """The unrewritten pipeline's outputs at the example inputs: what each compiled part must match."""
-    eager = {"text_encoder": TextEncode(pipe.text_encoder), "unet": UNetStep(pipe.unet),
-             "vae_decoder": VaeDecode(pipe.vae)}
+    eager = {"text_encoder": TextEncode(as_module(pipe.text_encoder)), "unet": UNetStep(as_module(pipe.unet)),
+             "vae_decoder": VaeDecode(as_module(pipe.vae))}
     return {part: eager[part](*inputs[part]) for part in eager}
 
 
@@ -240,7 +244,7 @@ def _check_parity(part: str, got: torch.Tensor, want: torch.Tensor, dtype: torch
 # --- aoti ---------------------------------------------------------------------------------------------
 
 
-def _export_aoti(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
+def _export_aoti(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
                  s: dict[str, int]) -> dict[str, Any]:
     specs, shapes_json, served = _dynamic_specs(s)
     inputs = _example_inputs(s, dev, dtype)
@@ -274,9 +278,9 @@ def _export_aoti(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device, d
 # --- onnx ---------------------------------------------------------------------------------------------
 
 
-def _export_onnx(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
+def _export_onnx(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
                  s: dict[str, int]) -> dict[str, Any]:
-    import onnxruntime as ort
+    import onnxruntime as ort  # type: ignore[import-untyped]  # onnxruntime ships no type information
 
     specs, shapes_json, served = _dynamic_specs(s)
     inputs = _example_inputs(s, dev, dtype)
@@ -302,7 +306,7 @@ def _export_onnx(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device, d
             files[part + "_data"] = path.name + ".data"
         log.info("onnx %s: export %.1f s, max |diff| %.2g", part, t1 - t0, parity[part])
     info = {"files": files, "shapes": shapes_json, "served": served, "parity_max_abs_diff": parity,
-            "export_seconds": seconds, "optimizations": optimizations}
+            "export_seconds": seconds, "optimizations": tuple(optimizations)}
     return info
 
 
@@ -328,17 +332,16 @@ def _onnx_parity(ort: Any, path: Path, part: str, inputs: tuple[torch.Tensor, ..
 # --- compile ------------------------------------------------------------------------------------------
 
 
-def _export_compile(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
+def _export_compile(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
                     s: dict[str, int], resolutions: Sequence[tuple[int, int]],
                     warm_batches: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     settings = compile_settings(dev)
-    cudagraphs = settings.get("mode") == "reduce-overhead"
     optimizations = optimizations_for(dev)
     f = s["vae_scale"]
     for h, w in resolutions:
         if h % f or w % f:
             raise ValueError(f"resolution {h}x{w}: sides must be multiples of {f} pixels")
-    warm_shapes = {part: [[int(b), h // f, w // f] for h, w in resolutions for b in batches]
+    warm_shapes = {part: tuple((int(b), h // f, w // f) for h, w in resolutions for b in batches)
                    for part, batches in warm_batches.items()}
     unet, vae = _copy_to(pipe.unet, dev, dtype), _copy_to(pipe.vae, dev, dtype)
     # Parity at a warm shape both parts have (no new compile): batch 2 by default.
@@ -354,18 +357,16 @@ def _export_compile(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device
         unet_c, vae_c = compile_parts(unet, vae, optimizations, settings)
         t0 = time.perf_counter()
         warm_compiled(unet_c, vae_c, warm_shapes, device=dev, dtype=dtype, latent_channels=s["latent_channels"],
-                      text_len=s["text_len"], text_dim=s["text_dim"], cudagraphs=cudagraphs)
+                      text_len=s["text_len"], text_dim=s["text_dim"])
         t1 = time.perf_counter()
         parity = {}
         with torch.inference_mode():
             for part, fn in (("unet", unet_c), ("vae_decoder", vae_c)):
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                parity[part] = _check_parity(part, fn(*inputs[part]).clone(), references[part], dtype)
+                parity[part] = _check_parity(part, fn(*inputs[part]), references[part], dtype)
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             raise RuntimeError("torch.compiler.save_cache_artifacts() returned nothing: no compile cache to save")
-        data, cache_info = saved
+        data, _ = saved
         (dest / PARTS["compile"]["cache"]).write_bytes(data)
         kernels = copy_cpp_kernels(Path(tmp), dest / PARTS["compile"]["cpp_kernels"])
     (dest / PARTS["compile"]["cpp_kernels"]).mkdir(exist_ok=True)
@@ -374,9 +375,9 @@ def _export_compile(pipe: StableDiffusionPipeline, dest: Path, dev: torch.device
     return {
         "files": dict(PARTS["compile"]),
         "torch_compile": settings,
-        "optimizations": list(optimizations),
-        "warm_shapes": warm_shapes,  # per part, [batch, latent_h, latent_w]
-        "served": {"batch_range": [1, None], "any_shape": True},
+        "optimizations": tuple(optimizations),
+        "warm_shapes": warm_shapes,  # per part, (batch, latent_h, latent_w)
+        "served": Served(batch_range=(1, None), any_shape=True),
         "parity_max_abs_diff": parity,
         "cache_bytes": len(data),
         "cpp_kernels": kernels,

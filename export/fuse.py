@@ -17,14 +17,17 @@ pixels in [0, 1]. Tolerances (max |difference|):
   dropped LoRA changes that image by 0.3 (the synthetic LoRAs), far above either tolerance.
 
 The artifact is written into a temp folder beside `out` and renamed into place at the end, so a
-failed export never leaves something that looks like a valid artifact.
+failed export never leaves something that looks like a valid artifact; its modes are then what a
+plain mkdir / open would give (0755 / 0644 under umask 022), not mkdtemp's 0700, so other users (a
+container's uid 1000 reading a mounted /models) can read it. The folder layout and manifest are
+artifact.py's; compiled backends are built by compile.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -32,22 +35,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 import torch
-from diffusers import StableDiffusionPipeline
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed (types-tqdm)
 
-from lcmserve.export.errors import ExportError, ParityError, UserInputError
-from lcmserve.export.loading import dtype_name, load_pipeline, parse_dtype, resolve_model
-from lcmserve.export.lora import LoraRecord, LoraSpec, apply_loras, resolve_source
-from lcmserve.export.manifest import (
+from lcmserve.export.artifact import (
+    BACKENDS,
     MODEL_DIR,
+    CompiledEntry,
     Manifest,
-    device_architecture,
+    device_arch,
+    device_name,
     library_versions,
     now_utc,
 )
-
-BACKENDS = ("eager", "compile", "aoti", "onnx")
+from lcmserve.export.errors import ExportError, ParityError, UserInputError
+from lcmserve.export.loading import dtype_name, load_pipeline, parse_dtype, resolve_model
+from lcmserve.export.lora import LoraRecord, LoraSpec, apply_loras, resolve_source
+from lcmserve.export.pipeline import SDPipeline
 
 # Max |fused - unfused| over pixels in [0, 1] (reasons in the module doc). Measured on `tiny` with
 # a kohya (UNet + text encoder) and a diffusers LoRA at 1.0 / 0.8, CPU: float32 8e-7, float16 2e-3,
@@ -70,7 +75,7 @@ class ParityCheck:
     steps: int = 4
     guidance_scale: float = 1.0
 
-    def render(self, pipe: StableDiffusionPipeline) -> np.ndarray:
+    def render(self, pipe: SDPipeline) -> NDArray[np.float32]:
         """(H, W, 3) float32 in [0, 1], with the generator on the CPU (the project's seed contract)."""
         generator = torch.Generator("cpu").manual_seed(self.seed)
         out = pipe(
@@ -131,7 +136,7 @@ def _load_and_fuse(
     device: str,
     stages: _Stages,
     check: ParityCheck,
-) -> tuple[StableDiffusionPipeline, list[LoraRecord], dict[str, Any] | None, str]:
+) -> tuple[SDPipeline, list[LoraRecord], dict[str, Any] | None, str]:
     """Load, attach, render unfused, fuse, render fused, compare. -> (pipe, records, parity, base kind)."""
     stages.start("load")
     for spec in loras:  # a missing LoRA file fails here, before the model loads
@@ -185,17 +190,18 @@ def _manifest(
     device: str,
     backend: str,
     parity: dict[str, Any] | None,
+    compiled: dict[str, CompiledEntry] | None = None,
 ) -> Manifest:
-    arch, name = device_architecture(device)
     return Manifest(
         base=base,
         base_kind=kind,
-        loras=[r.to_json() for r in records],
+        loras=tuple(r.to_json() for r in records),
         dtype=dtype_name(dtype),
         device=device,
-        device_arch=arch,
-        device_name=name,
+        device_arch=device_arch(device),
+        device_name=device_name(device),
         backend=backend,
+        compiled=compiled or {},
         versions=library_versions(),
         created=now_utc(),
         parity=parity,
@@ -209,7 +215,7 @@ def fuse_in_memory(
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
     progress: bool = False,
-) -> tuple[StableDiffusionPipeline, Manifest]:
+) -> tuple[SDPipeline, Manifest]:
     """Base + LoRAs fused and parity-checked in memory, for a server started from a hub id + --lora.
     The manifest is what an export would have written (backend "eager")."""
     device = device or default_device()
@@ -223,19 +229,6 @@ def fuse_in_memory(
     finally:
         stages.close()
     return pipe, _manifest(base, kind, records, torch_dtype, device, "eager", parity)
-
-
-def _compiler(backend: str) -> Any:
-    """lcmserve.export.compile.compile_artifact, or UserInputError when that backend is not there yet."""
-    if backend not in BACKENDS:
-        raise UserInputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    try:
-        module = importlib.import_module("lcmserve.export.compile")
-    except ModuleNotFoundError as e:
-        if e.name != "lcmserve.export.compile":
-            raise
-        raise UserInputError(f"backend {backend} not available yet (only eager is)") from None
-    return module.compile_artifact
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -267,9 +260,10 @@ def export_model(
     _check_device(device)
     torch_dtype = _as_dtype(dtype, device)
     _check_out(out, force)
-    compile_artifact = None if backend == "eager" else _compiler(backend)
+    if backend not in BACKENDS:
+        raise UserInputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
 
-    names = ["load", "loras", "reference", "fuse", "check", "save"] + ([backend] if compile_artifact else [])
+    names = ["load", "loras", "reference", "fuse", "check", "save"] + ([backend] if backend != "eager" else [])
     stages = _Stages(names, progress)
     tmp: Path | None = None
     try:
@@ -279,21 +273,23 @@ def export_model(
         if not records:  # no LoRA: nothing to fuse or check
             for _ in range(3):
                 stages.done()
-        manifest = _manifest(base, kind, records, torch_dtype, device, backend, parity)
-
         stages.start("save")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         pipe.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
         stages.done()
 
-        if compile_artifact is not None:
+        compiled: dict[str, CompiledEntry] = {}
+        if backend != "eager":
+            from lcmserve.export.compile import compile_artifact  # torch.export / inductor / onnx machinery
+
             stages.start(backend)
-            info = compile_artifact(pipe, tmp, backend=backend, device=device, dtype=torch_dtype)
-            manifest.compiled[backend] = info if info is not None else {}
+            compiled[backend] = compile_artifact(pipe, tmp, backend=backend, device=device, dtype=torch_dtype)
             stages.done()
 
+        manifest = _manifest(base, kind, records, torch_dtype, device, backend, parity, compiled)
         manifest.write(tmp)  # last file: a folder with a manifest is complete
+        make_readable(tmp)
         _swap_into_place(tmp, out, force)
         tmp = None
         return manifest
@@ -322,3 +318,33 @@ def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def make_readable(root: Path) -> None:
+    """Give the artifact tree the modes a plain `mkdir` / `open` would have under the current umask
+    (0755 folders, 0644 files under 022). Export builds it in a `mkdtemp` folder (mode 0700), renamed
+    into place: without this, other users (a container's uid 1000 reading a mounted /models) cannot
+    read it. Executable bits of files (none expected) are kept as the umask allows."""
+    umask = _current_umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode) or mode & 0o111:
+            path.chmod(0o777 & ~umask)
+        else:
+            path.chmod(0o666 & ~umask)
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only set it,
+    and setting it briefly would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

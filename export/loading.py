@@ -12,41 +12,34 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
 
+from lcmserve.export.artifact import DTYPES, MANIFEST_NAME, MODEL_DIR, read_manifest
 from lcmserve.export.errors import ModelNotFoundError, UserInputError
-from lcmserve.export.manifest import MANIFEST_NAME, MODEL_DIR, read_manifest
+from lcmserve.export.pipeline import SDPipeline, lcm_scheduler, pipeline_from_pretrained
 from lcmserve.export.presets import PRESETS, preset_dir
 
 __all__ = [
     "load_pipeline",
     "parse_dtype",
-    "read_manifest",
     "resolve_model",
     "dtype_name",
     "set_lcm_scheduler",
 ]
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """The torch dtype of "float16" | "fp16" | "bfloat16" | "bf16" | "float32" | "fp32"."""
-    try:
-        return _DTYPES[name.lower()]
-    except KeyError:
-        raise UserInputError(f"dtype {name!r} is not one of float32, float16, bfloat16") from None
+    """The torch dtype of one of DTYPES ("float16", "bfloat16", "float32") or an alias ("fp16", "bf16"...)."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    dtype = getattr(torch, key) if key in DTYPES else None
+    if not isinstance(dtype, torch.dtype):
+        raise UserInputError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -81,21 +74,23 @@ def resolve_model(model: str) -> tuple[str, str]:
     )
 
 
-def set_lcm_scheduler(pipe: StableDiffusionPipeline) -> None:
+def set_lcm_scheduler(pipe: SDPipeline) -> None:
     """Swap in LCMScheduler with the model's own schedule (SD v1.5: scaled_linear, steps_offset 1...)."""
+    from diffusers import LCMScheduler
+
     if not isinstance(pipe.scheduler, LCMScheduler):
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = lcm_scheduler(pipe.scheduler.config)
 
 
 def load_pipeline(
     model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> StableDiffusionPipeline:
+) -> SDPipeline:
     """Load MODEL (see the module doc) with the LCM scheduler, no safety checker, no progress bars."""
     kind, location = resolve_model(model)
-    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs: dict[str, Any] = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if kind == "hub":
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(location, **kwargs)
+            pipe = pipeline_from_pretrained(location, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
             lines = [line for line in str(e).strip().splitlines() if line.strip()]
             reason = lines[0][:200] if lines else type(e).__name__
@@ -105,7 +100,7 @@ def load_pipeline(
                 f"({', '.join(PRESETS)}), or set HF_HUB_OFFLINE=1 with the model already in the cache"
             ) from e
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(location, **kwargs)
+        pipe = pipeline_from_pretrained(location, **kwargs)
     set_lcm_scheduler(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
-
 from lcmserve.export.errors import LoraError
+
+if TYPE_CHECKING:
+    from lcmserve.export.pipeline import SDPipeline
 
 log = logging.getLogger("lcmserve.export.lora")
 
@@ -223,7 +223,7 @@ def _max_rank(state_dict: dict[str, Any], fmt: str) -> int | None:
 # --- attaching -------------------------------------------------------------------------------------
 
 
-def apply_loras(pipe: StableDiffusionPipeline, specs: list[LoraSpec]) -> list[LoraRecord]:
+def apply_loras(pipe: SDPipeline, specs: list[LoraSpec]) -> list[LoraRecord]:
     """Load every LoRA as its own adapter (`lora_0`, `lora_1`, ...), check each one really attached,
     then activate them together with their scales (`set_adapters`). Raises LoraError on any problem;
     the pipeline may then hold part of an adapter: discard it."""

@@ -22,13 +22,14 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lcmserve.export.errors import ModelNotFoundError
 
 if TYPE_CHECKING:  # heavy imports are deferred: importing this module must stay cheap
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from lcmserve.export.pipeline import SDPipeline
 
 PRESETS: tuple[str, ...] = ("tiny", "sd15-random")
 PRESET_VERSION = 1
@@ -284,7 +285,7 @@ def init_weights(
         raise RuntimeError(f"preset init left parameters untouched: {sorted(missing)[:5]}")
 
 
-def weights_sha256(pipe: StableDiffusionPipeline) -> str:
+def weights_sha256(pipe: SDPipeline) -> str:
     """sha256 over the names, shapes, dtypes and bytes of every UNet / VAE / text-encoder parameter
     (parameters only: buffers such as CLIP's position ids differ between library versions)."""
     import torch
@@ -301,11 +302,13 @@ def weights_sha256(pipe: StableDiffusionPipeline) -> str:
 # --- building --------------------------------------------------------------------------------------
 
 
-def build_preset(name: str, tokenizer_folder: Path | None = None) -> StableDiffusionPipeline:
+def build_preset(name: str, tokenizer_folder: Path | None = None) -> SDPipeline:
     """Build the preset in memory (float32, CPU). `tokenizer_folder` gets vocab.json + merges.txt
     (a temp folder when None)."""
     from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lcmserve.export.pipeline import SDPipeline, as_module
 
     spec = preset_spec(name)
     if tokenizer_folder is None:
@@ -314,8 +317,9 @@ def build_preset(name: str, tokenizer_folder: Path | None = None) -> StableDiffu
     else:
         tokenizer = write_tokenizer(tokenizer_folder)
 
-    unet = UNet2DConditionModel(**spec.unet)
-    vae = AutoencoderKL(**spec.vae)
+    # diffusers' constructors are untyped to mypy (its config decorators): narrowed with as_module.
+    unet = as_module(UNet2DConditionModel(**spec.unet))  # type: ignore[no-untyped-call]
+    vae = as_module(AutoencoderKL(**spec.vae))  # type: ignore[no-untyped-call]
     text_cfg = dict(spec.text_encoder)
     text_cfg.setdefault("vocab_size", len(tokenizer))
     text_encoder = CLIPTextModel(
@@ -329,8 +333,8 @@ def build_preset(name: str, tokenizer_folder: Path | None = None) -> StableDiffu
     for comp, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         init_weights(comp, model, spec.weight_gain, spec.unet_gain if comp == "unet" else None)
         model.eval()
-    scheduler = LCMScheduler(**SD15_SCHEDULER_CONFIG)
-    return StableDiffusionPipeline(
+    scheduler = LCMScheduler(**SD15_SCHEDULER_CONFIG)  # type: ignore[no-untyped-call]
+    pipe = StableDiffusionPipeline(  # type: ignore[no-untyped-call]
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -340,6 +344,7 @@ def build_preset(name: str, tokenizer_folder: Path | None = None) -> StableDiffu
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return cast(SDPipeline, pipe)
 
 
 def cache_root() -> Path:

@@ -2,7 +2,7 @@
 
 The CUDA execution provider with IO binding on a GPU (ORT reads and writes torch's device memory, on
 torch's stream), the CPU provider otherwise (IO binding on host memory). Shapes outside what the
-export holds fall back to eager as for aoti (see compiled.py).
+export holds fall back to eager as for aoti (compiled_common.py). Chosen in loader.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 
-from .artifact import IO_NAMES
-from .compiled import _chunked, _CompiledRuntime, _files, _timesteps
+from lcmserve.export.artifact import IO_NAMES, Manifest, OnnxEntry
+
+from .compiled_common import CompiledRuntimeBase, batch_timesteps, chunked
+
 
 def onnx_providers(device: torch.device) -> list[Any]:
     """Execution providers for `device`, or an error saying what to install."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # type: ignore[import-untyped]  # onnxruntime ships no type information
 
     if device.type != "cuda":
         return ["CPUExecutionProvider"]
@@ -37,7 +39,7 @@ def onnx_providers(device: torch.device) -> list[Any]:
 _ORT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 
 
-class OnnxRuntime(_CompiledRuntime):
+class OnnxRuntime(CompiledRuntimeBase):
     """ONNX Runtime sessions, fed through IO binding. On CUDA ORT runs on torch's current stream;
     `run_with_iobinding` waits for its work before returning (a host sync), so these calls cannot sit
     inside a CUDA graph capture (`cuda_graph_capturable` False)."""
@@ -45,10 +47,11 @@ class OnnxRuntime(_CompiledRuntime):
     backend = "onnx"
     graph_capturable = False
 
-    def __init__(self, artifact_dir: Path, info: dict[str, Any], device: torch.device, *, warmup: bool) -> None:
+    def __init__(self, artifact_dir: Path, manifest: Manifest, entry: OnnxEntry, device: torch.device,
+                 *, warmup: bool = True) -> None:
         import onnxruntime as ort
 
-        super().__init__(artifact_dir, info, device, warmup=warmup)
+        super().__init__(artifact_dir, manifest, entry, device)
         providers = onnx_providers(device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -58,8 +61,7 @@ class OnnxRuntime(_CompiledRuntime):
             # torch code between runs (eager fallbacks, the LCM step): measured about 60x slower eager UNet
             # calls on 2 cores right after ORT runs.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        files = _files(info)
-        self._sessions = {part: ort.InferenceSession(str(artifact_dir / files[part]), options, providers=providers)
+        self._sessions = {part: ort.InferenceSession(str(artifact_dir / entry.files[part]), options, providers=providers)
                           for part in ("text_encoder", "unet", "vae_decoder")}
         self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
@@ -88,25 +90,27 @@ class OnnxRuntime(_CompiledRuntime):
             shape = (ids.shape[0], ids.shape[1], self.spec.text_hidden_size)
             return self._run("text_encoder", (ids.to(torch.int64),), shape, self.dtype)
 
-        return _chunked(run, input_ids)
+        return chunked(run, input_ids)
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        timesteps = _timesteps(timesteps, latents.shape[0])
-        if not self._unet_serves(latents):
-            return self._eager_part("unet", tuple(latents.shape))(latents, timesteps, text)
+        timesteps = batch_timesteps(timesteps, latents.shape[0])
+        if not self.unet_serves(latents):
+            noise: torch.Tensor = self.eager_part("unet", tuple(latents.shape))(latents, timesteps, text)
+            return noise
 
         def run(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return self._run("unet", (x, t, c), tuple(x.shape), self.dtype)
 
-        return _chunked(run, latents, timesteps, text)
+        return chunked(run, latents, timesteps, text)
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if not self._vae_serves(latents):
-            return self._eager_part("vae_decoder", tuple(latents.shape))(latents)
+        if not self.vae_serves(latents):
+            pixels: torch.Tensor = self.eager_part("vae_decoder", tuple(latents.shape))(latents)
+            return pixels
         f = self.spec.vae_scale_factor
 
         def run(x: torch.Tensor) -> torch.Tensor:
             shape = (x.shape[0], 3, x.shape[2] * f, x.shape[3] * f)
             return self._run("vae_decoder", (x,), shape, self.dtype)
 
-        return _chunked(run, latents)
+        return chunked(run, latents)

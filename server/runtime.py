@@ -5,21 +5,28 @@
     vae_decode(latents)                 (B, 4, h, w) unscaled    -> (B, 3, 8h, 8w) pixels in [-1, 1]
 
 Tensors live on `spec.device` in `spec.dtype` (timesteps and ids are int64 on the device). The engine
-does not know which backend runs them: eager PyTorch here, compiled ones in `runtimes_compiled`
-(torch.compile, AOTInductor, ONNX Runtime). All calls run under `torch.inference_mode()` on the
-engine's thread; none of them may keep references to their inputs (the engine reuses buffers).
+does not know which backend runs them: eager PyTorch here, compiled ones in compiled.py (AOTInductor,
+torch.compile) and compiled_onnx.py (ONNX Runtime); loader.py picks one. All calls run under
+`torch.inference_mode()` on the engine's thread; none of them may keep references to their inputs
+(the engine reuses buffers).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from lcmserve.export.pipeline import as_module
+
 if TYPE_CHECKING:
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    # The defining module: `from diffusers import LCMScheduler` gives mypy diffusers' dummy class.
+    from diffusers.schedulers.scheduling_lcm import LCMScheduler
     from transformers import CLIPTokenizer
+
+    from lcmserve.export.pipeline import SDPipeline
 
 
 @dataclass(frozen=True)
@@ -56,26 +63,30 @@ class Runtime(Protocol):
 class EagerRuntime:
     """Plain PyTorch modules of a (fused) StableDiffusionPipeline."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, spec: ModelSpec) -> None:
+    def __init__(self, pipe: SDPipeline, spec: ModelSpec) -> None:
         self.spec = spec
-        self.tokenizer = pipe.tokenizer
-        self.scheduler = pipe.scheduler
-        self.text_encoder = pipe.text_encoder.eval()
-        self.unet_module = pipe.unet.eval()
-        self.vae = pipe.vae.eval()
+        self.tokenizer: CLIPTokenizer = pipe.tokenizer
+        self.scheduler: LCMScheduler = pipe.scheduler
+        self.text_encoder = as_module(pipe.text_encoder).eval()
+        self.unet_module = as_module(pipe.unet).eval()
+        self.vae = as_module(pipe.vae).eval()
+        self._vae_decode: Callable[..., Any] = getattr(self.vae, "decode")  # AutoencoderKL.decode
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         # As StableDiffusionPipeline.encode_prompt: last hidden state, no attention mask for CLIP.
-        return self.text_encoder(input_ids)[0].to(self.spec.dtype)
+        hidden: torch.Tensor = self.text_encoder(input_ids)[0]
+        return hidden.to(self.spec.dtype)
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.unet_module(latents, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+        noise: torch.Tensor = self.unet_module(latents, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+        return noise
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents, return_dict=False)[0]
+        pixels: torch.Tensor = self._vae_decode(latents, return_dict=False)[0]
+        return pixels
 
 
-def spec_from_pipeline(pipe: StableDiffusionPipeline, *, base: str, backend: str,
+def spec_from_pipeline(pipe: SDPipeline, *, base: str, backend: str,
                        loras: tuple[dict[str, Any], ...] = ()) -> ModelSpec:
     """Read the shapes the engine needs off a loaded pipeline."""
     return ModelSpec(

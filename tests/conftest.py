@@ -84,7 +84,7 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     from lcmserve.export.fuse import export_model
     from lcmserve.export.loading import load_pipeline
     from lcmserve.export.lora import LoraSpec
-    from lcmserve.export.synthetic import make_lora
+    from synthetic import make_lora
 
     root = tmp_path_factory.mktemp("artifact")
     lora = root / "crack_kohya.safetensors"

@@ -4,11 +4,15 @@ One artifact per backend (module-scoped, parametrized: exported once, shared by 
 backend). Each callable is compared with the eager one at batch 1 and 3, mixed timesteps, several
 seeds, with a tolerance of 2/255 on decoded images: the UNet's noise through the LCM denoised
 prediction and the eager VAE, the text embeddings through the eager UNet and VAE.
+
+The tests that export are marked slow; the few at the top are not (they check the CUDA-graph
+settings of the aoti and compile runtimes without an export).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,21 +23,47 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcmserve.server.compiled import (
-    ArtifactMismatchError,
-    available_backends,
-    load_compiled_runtime,
-    pick_backend,
-)
+from lcmserve.export.artifact import ArtifactMismatchError
+from lcmserve.server.compiled import TorchCompileRuntime, aoti_load_kwargs, serving_compile_settings
+from lcmserve.server.compiled_onnx import OnnxRuntime
+from lcmserve.server.loader import available_backends, load_compiled_runtime, pick_backend
 from lcmserve.server.runtime import EagerRuntime, spec_from_pipeline
 
 # Exporting the three backends compiles for about 9 minutes on 2 shared cores (aoti ~170 s, compile
 # ~300 s, onnx ~55 s): marked slow so `pytest -m "not slow"` can skip them; `make test` runs them.
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 BACKENDS = ("aoti", "compile", "onnx")
 PIXEL_TOL = 2 / 255  # on images in [0, 1]
 LCM_TIMESTEPS = (999, 759, 499, 259)  # LCMScheduler's 4-step schedule for SD v1.5's config
+
+
+# --- CUDA-graph settings, no export needed ------------------------------------------------------------
+
+
+def test_aoti_packages_load_single_threaded(caplog: pytest.LogCaptureFixture) -> None:
+    """This torch's loader takes run_single_threaded, and the aoti runtime passes it (a runner that
+    records CUDA events of its own breaks the engine's graph capture after the first one); an older
+    loader without it gets no such argument and a logged note."""
+    assert aoti_load_kwargs(torch._inductor.aoti_load_package) == {"run_single_threaded": True}
+
+    def old_loader(path: str, device_index: int = -1) -> None:
+        return None
+
+    with caplog.at_level(logging.WARNING, logger="lcmserve.compiled"):
+        assert aoti_load_kwargs(old_loader) == {}
+    assert "run_single_threaded" in caplog.text
+
+
+def test_compile_runtime_is_capturable_and_never_reduce_overhead(caplog: pytest.LogCaptureFixture) -> None:
+    """The compile runtime serves in the default mode, so the engine captures it in its own graphs;
+    an artifact that recorded reduce-overhead is served in the default mode too, with a warning."""
+    assert TorchCompileRuntime.graph_capturable and not OnnxRuntime.graph_capturable
+    with caplog.at_level(logging.WARNING, logger="lcmserve.compiled"):
+        assert serving_compile_settings({"mode": "reduce-overhead"}) == {}
+    assert "re-export" in caplog.text
+    cpu = {"options": {"cpp_wrapper": True}}
+    assert serving_compile_settings(cpu) == cpu
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -45,7 +75,7 @@ def artifact(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     start = time.perf_counter()
     manifest = export_model("tiny", [], out, dtype="float32", device="cpu", backend=backend, progress=False)
     took = time.perf_counter() - start
-    steps = manifest.compiled[backend]["export_seconds"]
+    steps = manifest.compiled[backend].export_seconds
     print(f"\nexport tiny --backend {backend}: {took:.1f} s in all; compile steps {steps}")
     return backend, out
 
@@ -98,6 +128,7 @@ def _denoised(eager: EagerRuntime, latents: torch.Tensor, timesteps: torch.Tenso
     return x0 / eager.spec.scaling_factor
 
 
+@slow
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_callables_match_eager(runtime: object, eager: EagerRuntime, batch: int, seed: int) -> None:
@@ -131,6 +162,7 @@ def test_callables_match_eager(runtime: object, eager: EagerRuntime, batch: int,
     assert vae_px <= PIXEL_TOL
 
 
+@slow
 def test_large_batch_and_unserved_shapes(runtime: object, eager: EagerRuntime, caplog: pytest.LogCaptureFixture) -> None:
     """Batches past the exported 63 run in chunks; a latent side the export does not hold (odd, for
     tiny's UNet with one upsampler) runs on the eager UNet, with a log line. (The compile backend
@@ -154,6 +186,18 @@ def test_large_batch_and_unserved_shapes(runtime: object, eager: EagerRuntime, c
                 assert "running it eagerly" in caplog.text
 
 
+@slow
+def test_spec_says_how_the_engine_may_capture(runtime: object) -> None:
+    extra = runtime.spec.extra  # type: ignore[attr-defined]
+    backend = runtime.spec.backend  # type: ignore[attr-defined]
+    assert extra["cuda_graph_capturable"] is (backend != "onnx"), extra
+    if backend == "aoti":
+        assert extra["aoti_run_single_threaded"] is True
+    if backend == "compile":
+        assert "mode" not in runtime.settings  # type: ignore[attr-defined]
+
+
+@slow
 def test_pick_and_available(artifact: tuple[str, Path]) -> None:
     backend, out = artifact
     assert available_backends(out) == [backend, "eager"]
@@ -171,6 +215,7 @@ def _edited_copy(out: Path, dest: Path, backend: str, **changes: str) -> Path:
     return dest
 
 
+@slow
 @pytest.mark.parametrize("claim", ["arch", "version"])
 def test_foreign_artifact_refused(artifact: tuple[str, Path], tmp_path: Path, claim: str) -> None:
     backend, out = artifact
@@ -191,6 +236,7 @@ def test_foreign_artifact_refused(artifact: tuple[str, Path], tmp_path: Path, cl
     assert pick_backend(foreign, "cpu") == "eager"
 
 
+@slow
 def test_aoti_loads_in_seconds(artifact: tuple[str, Path]) -> None:
     backend, out = artifact
     if backend != "aoti":
@@ -205,7 +251,7 @@ def test_aoti_loads_in_seconds(artifact: tuple[str, Path]) -> None:
 _COLD_START = """
 import json, sys, time, torch
 from torch._dynamo.utils import counters
-from lcmserve.server.compiled import load_compiled_runtime
+from lcmserve.server.loader import load_compiled_runtime
 start = time.perf_counter()
 rt = load_compiled_runtime(sys.argv[1], backend="compile", device="cpu")
 print(json.dumps({"seconds": time.perf_counter() - start, "hit": counters["inductor"]["fxgraph_cache_hit"],
@@ -213,6 +259,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "hit": counters["induc
 """
 
 
+@slow
 def test_compile_cache_skips_cold_compile(artifact: tuple[str, Path], tmp_path: Path) -> None:
     """A fresh process with empty inductor caches (as a new server host) compiles nothing: every
     graph comes from the cache saved in the artifact."""
@@ -229,6 +276,7 @@ def test_compile_cache_skips_cold_compile(artifact: tuple[str, Path], tmp_path: 
     assert result["hit"] > 0 and result["miss"] == 0, result
 
 
+@slow
 def test_served_images_match_eager(artifact: tuple[str, Path]) -> None:
     """End to end: `lcmserve serve --backend X` of the artifact gives, seed for seed, the images that
     `--backend eager` of the same artifact gives (RAW, within 2/255); time to SERVING is printed."""

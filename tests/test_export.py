@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import stat
 import subprocess
 import sys
 import threading
@@ -19,12 +21,23 @@ import pytest
 import torch
 
 from lcmserve.export import cli
-from lcmserve.export.errors import LoraError, ModelNotFoundError
-from lcmserve.export.fuse import PARITY_TOLERANCE, ParityCheck, fuse_in_memory
+from lcmserve.export.adapters import compile_settings
+from lcmserve.export.artifact import (
+    FORMAT_VERSION,
+    AotiEntry,
+    CompileEntry,
+    Manifest,
+    OnnxEntry,
+    Served,
+    device_arch,
+    read_manifest,
+)
+from lcmserve.export.errors import LoraError, ModelNotFoundError, UserInputError
+from lcmserve.export.fuse import PARITY_TOLERANCE, ParityCheck, export_model, fuse_in_memory
 from lcmserve.export.loading import load_pipeline, parse_dtype
 from lcmserve.export.lora import LoraSpec, apply_loras, parse_lora_arg
 from lcmserve.export.presets import PRESETS, build_preset, preset_dir, preset_spec, weights_sha256
-from lcmserve.export.synthetic import make_lora
+from synthetic import make_lora
 
 # weights_sha256 of the tiny preset: the same on every machine, with any library version.
 # If this changes, the preset changed: bump PRESET_VERSION in export/presets.py and update it here.
@@ -367,15 +380,100 @@ def test_lora_from_folder_and_hub_offline(tiny, loras, tmp_path, monkeypatch):
         apply_loras(load_pipeline("tiny"), [LoraSpec("no-such-org/no-such-lora", 1.0)])
 
 
-def test_other_backends_wait_for_the_compile_module(tmp_path, capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("lcmserve.export.compile") is not None:
-        pytest.skip("lcmserve.export.compile exists: its own tests cover the backends")
+def test_unknown_backend_is_refused_before_loading(tmp_path):
     out = tmp_path / "artifact"
-    assert run_cli("--base", "tiny", "--out", str(out), "--backend", "aoti") == 2
-    assert "backend aoti not available yet" in capsys.readouterr().err
+    with pytest.raises(UserInputError, match="backend 'tensorrt' is not one of eager, compile, aoti, onnx"):
+        export_model("tiny", [], out, backend="tensorrt", progress=False)
     assert not out.exists()
+
+
+# --- the artifact contract -------------------------------------------------------------------------
+
+
+def test_exported_artifact_is_readable_by_other_users(tmp_path):
+    """Folders 0755 and files 0644 under umask 022, the root included (mkdtemp makes it 0700)."""
+    out = tmp_path / "artifact"
+    previous = os.umask(0o022)
+    try:
+        assert run_cli("--base", "tiny", "--out", str(out)) == 0
+    finally:
+        os.umask(previous)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes[out] == 0o755
+    assert {oct(m) for p, m in modes.items() if p.is_dir()} == {"0o755"}
+    assert {oct(m) for p, m in modes.items() if p.is_file()} == {"0o644"}
+    assert (out / "manifest.json") in modes and (out / "model" / "model_index.json") in modes
+    # One machine identity: the manifest's is the one compiled entries are checked against.
+    assert read_manifest(out).device_arch == device_arch("cpu")
+
+
+def _entries() -> dict[str, AotiEntry | CompileEntry | OnnxEntry]:
+    common = dict(device="cpu", device_arch="cpu-x86_64-avx2", device_name="a CPU", torch="2.13.0+cpu",
+                  python="3.11.9", dtype="float32", optimizations=("fused_qkv",),
+                  parity_max_abs_diff={"unet": 1e-6}, export_seconds={"total": 1.0})
+    served = Served(batch_range=(1, 63), unet_latent_multiple=2, unet_latent_range=(4, 128),
+                    vae_latent_range=(8, 128))
+    return {
+        "aoti": AotiEntry(**common, files={"unet": "compiled/aoti/unet.pt2"}, served=served,
+                          shapes={"dims": {"batch": [1, 63]}}),
+        "onnx": OnnxEntry(**common, files={"unet": "compiled/onnx/unet.onnx"}, served=served,
+                          onnxruntime="1.30.0"),
+        "compile": CompileEntry(**common, files={"cache": "compiled/compile/inductor_cache.bin"},
+                                served=Served(batch_range=(1, None), any_shape=True),
+                                torch_compile={"options": {"cpp_wrapper": True}},
+                                warm_shapes={"unet": ((1, 8, 8), (2, 8, 8))}, cache_bytes=10),
+    }  # fmt: skip
+
+
+def test_manifest_round_trip_and_json_layout(tmp_path):
+    """The one writer and the one reader agree; the JSON keeps the layout earlier exports wrote."""
+    manifest = Manifest(base="tiny", base_kind="preset", loras=(), dtype="float32", device="cpu",
+                        device_arch="cpu-x86_64-avx2", device_name="a CPU", backend="aoti", compiled=_entries())
+    manifest.write(tmp_path)
+    assert read_manifest(tmp_path) == manifest
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["format_version"] == FORMAT_VERSION == 1
+    assert data["compiled"]["aoti"]["backend"] == "aoti"
+    assert data["compiled"]["aoti"]["served"] == {"batch_range": [1, 63], "unet_latent_multiple": 2,
+                                                  "unet_latent_range": [4, 128], "vae_latent_range": [8, 128]}
+    assert data["compiled"]["compile"]["served"] == {"batch_range": [1, None], "any_shape": True}
+    assert data["compiled"]["compile"]["warm_shapes"] == {"unet": [[1, 8, 8], [2, 8, 8]]}
+    # Keys a newer lcmserve may add, and backends it may know, are ignored by this reader.
+    data["compiled"]["aoti"]["new_key"] = 1
+    data["compiled"]["tensorrt"] = {"files": {}}
+    data["new_top_level_key"] = {}
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert read_manifest(tmp_path) == manifest
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format_version": FORMAT_VERSION + 1}, "has format_version 2; this lcmserve reads up to 1"),
+    ({"format_version": None}, "has format_version None"),
+    ({"base": None, "dtype": None}, "lacks base, dtype"),
+], ids=["newer", "missing-version", "missing-keys"])  # fmt: skip
+def test_manifest_reader_refuses_what_it_cannot_read(tmp_path, change, message):
+    Manifest(base="tiny", base_kind="preset", loras=(), dtype="float32", device="cpu",
+             device_arch="cpu-x86_64-avx2", device_name="a CPU").write(tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data.update(change)
+    data = {k: v for k, v in data.items() if v is not None}
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ModelNotFoundError, match=message):
+        read_manifest(tmp_path)
+
+
+def test_compile_backend_leaves_cuda_graphs_to_the_engine():
+    """No reduce-overhead on CUDA: the engine captures its own bucketed graphs (adapters.compile_settings)."""
+    assert "mode" not in compile_settings("cuda") and "mode" not in compile_settings("cuda:1")
+    assert compile_settings("cpu") == {"options": {"cpp_wrapper": True}}
+
+
+def test_export_imports_nothing_of_the_server():
+    """Imports run one way: server -> export."""
+    modules = ["adapters", "artifact", "cli", "compile", "errors", "fuse", "loading", "lora", "pipeline", "presets"]
+    code = ("import sys\n" + "".join(f"import lcmserve.export.{m}\n" for m in modules)
+            + "bad = sorted(m for m in sys.modules if m.startswith('lcmserve.server'))\nassert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_cli_module_imports_no_torch():

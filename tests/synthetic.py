@@ -1,4 +1,4 @@
-"""Random LoRA files, for tests, the offline demo and the GPU benchmark.
+"""Random LoRA files: test tooling (tests import it as `synthetic`; tests/ is on sys.path under pytest).
 
 `make_lora` writes the two formats users bring:
 - diffusers / PEFT (what `StableDiffusionPipeline.save_lora_weights` writes): keys

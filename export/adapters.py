@@ -1,0 +1,162 @@
+"""What export/compile.py and the server's compiled runtimes must build identically.
+
+The adapters that give each part a plain tensor signature (so export and compile see one clean graph
+each), the module rewrites applied before export or compile (the server applies the same ones, or
+the compile backend's cache misses), the torch.compile settings, and the inductor cache plumbing.
+The file layout and machine identity are the artifact contract, in artifact.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class UNetStep(torch.nn.Module):
+    """(latents (B, 4, h, w), timesteps (B,) int64, text (B, 77, D)) -> predicted noise (B, 4, h, w)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        noise: torch.Tensor = self.unet(latents, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+        return noise
+
+
+class VaeDecode(torch.nn.Module):
+    """Unscaled latents (B, 4, h, w) -> pixels (B, 3, 8h, 8w) in [-1, 1]."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        decode: Callable[..., Any] = getattr(self.vae, "decode")  # AutoencoderKL.decode; Module attrs type as Module
+        pixels: torch.Tensor = decode(latents, return_dict=False)[0]
+        return pixels
+
+
+class TextEncode(torch.nn.Module):
+    """Token ids (B, 77) int64 -> last hidden state (B, 77, D), as StableDiffusionPipeline.encode_prompt."""
+
+    def __init__(self, text_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden: torch.Tensor = self.text_encoder(input_ids)[0]
+        return hidden
+
+
+def optimizations_for(device: str | torch.device) -> tuple[str, ...]:
+    """Module rewrites applied before export / compile (attention is SDPA in every case: diffusers'
+    default AttnProcessor2_0, and transformers' CLIP "sdpa" attention).
+
+    fused_qkv: one matmul for q, k, v in self-attention (k, v in cross-attention): fewer, larger GEMMs
+      on both devices.
+    channels_last: NHWC convolutions. On CUDA the tensor-core conv kernels are NHWC (fp16/bf16), so it
+      pays there; on the CPU inductor lowers convs to oneDNN, which picks its own blocked layout, and a
+      channels-last UNet measured no faster here, so it is left off.
+    """
+    return ("fused_qkv", "channels_last") if torch.device(device).type == "cuda" else ("fused_qkv",)
+
+
+def apply_optimizations(module: torch.nn.Module, optimizations: Sequence[str]) -> torch.nn.Module:
+    """Rewrite a diffusers UNet / VAE in place (callers pass a copy: fusing adds `to_qkv` weights that
+    must not reach the saved model/ folder)."""
+    fuse = getattr(module, "fuse_qkv_projections", None)
+    if "fused_qkv" in optimizations and callable(fuse):
+        fuse()
+    if "channels_last" in optimizations:
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # documented; not in torch's stubs
+    return module
+
+
+def compile_settings(device: str | torch.device) -> dict[str, Any]:
+    """torch.compile keyword arguments for the UNet and VAE decode on `device` (recorded in the manifest;
+    the server compiles with the recorded ones).
+
+    CUDA: the default mode, not "reduce-overhead". The engine captures its own CUDA graphs, one per
+    padded batch bucket and resolution (server/cuda_graphs.py), around whatever callables the runtime
+    gives it, and they capture default-mode inductor code as well as eager code: the launch overhead
+    that reduce-overhead would remove (a batch-1 UNet step: 25 ms eager, 8 ms replayed on an H100) is
+    removed by the engine's graphs instead. reduce-overhead would also break serving: its cudagraph
+    trees keep thread-local state that torch (before pytorch PR #184357) sets up only in the thread
+    that compiled, while warm-up runs in the engine process's main thread and serving in the engine
+    thread, so the first unseen batch size raises AssertionError in cudagraph_trees; and graphs
+    recorded inside the engine's capture would nest two graph managers.
+    CPU: the C++ wrapper (`cpp_wrapper`), one compiled library per graph: on tiny's UNet here it
+    compiled in 108 s against 133 s with the default Python wrapper, and ran a step in 13 ms against
+    183 ms (eager: 26 ms).
+    """
+    if torch.device(device).type == "cuda":
+        return {}
+    return {"options": {"cpp_wrapper": True}}
+
+
+def compile_parts(unet: torch.nn.Module, vae: torch.nn.Module, optimizations: Sequence[str],
+                  settings: Mapping[str, Any]) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """torch.compile'd UNetStep and VaeDecode. Export and server must build them identically (same
+    rewrites, same settings), or the cache keys differ and the server compiles cold."""
+    apply_optimizations(unet, optimizations)
+    apply_optimizations(vae, optimizations)
+    # fullgraph: a graph break would leave eager islands between compiled pieces; fail instead.
+    unet_c: Callable[..., torch.Tensor] = torch.compile(UNetStep(unet).eval(), fullgraph=True, **settings)
+    vae_c: Callable[..., torch.Tensor] = torch.compile(VaeDecode(vae).eval(), fullgraph=True, **settings)
+    return unet_c, vae_c
+
+
+def warm_compiled(unet: Callable[..., torch.Tensor], vae: Callable[..., torch.Tensor],
+                  shapes: Mapping[str, Sequence[Sequence[int]]], *, device: torch.device, dtype: torch.dtype,
+                  latent_channels: int, text_len: int, text_dim: int) -> None:
+    """Run each (batch, latent_h, latent_w) of shapes["unet"] / shapes["vae_decoder"] once through its
+    part: this compiles (export), or loads from the cache (server start)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for part, fn in (("unet", unet), ("vae_decoder", vae)):
+            for batch, h, w in shapes.get(part, ()):
+                latents = torch.randn(batch, latent_channels, h, w, generator=gen).to(device, dtype)
+                if part == "unet":
+                    timesteps = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+                    fn(latents, timesteps, torch.randn(batch, text_len, text_dim, generator=gen).to(device, dtype))
+                else:
+                    fn(latents)
+
+
+@contextlib.contextmanager
+def inductor_cache_dir(path: Path) -> Iterator[Path]:
+    """Point inductor's local caches at `path` for the block (it reads TORCHINDUCTOR_CACHE_DIR on each
+    use), so what one compile builds can be collected from there."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+def copy_cpp_kernels(src: Path, dest: Path) -> int:
+    """Copy the compiled kernels (`*.so`, named by a hash of their source and compiler command, not of
+    the cache folder) from one inductor cache tree to another, keeping relative paths; existing files
+    are kept. Returns how many were copied."""
+    copied = 0
+    for so in Path(src).rglob("*.so"):
+        target = Path(dest) / so.relative_to(src)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(so, tmp)
+        os.replace(tmp, target)  # atomic: a concurrent reader never sees half a library
+        copied += 1
+    return copied
