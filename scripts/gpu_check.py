@@ -56,13 +56,9 @@ Body = Callable[[float], dict[str, Any]]
 
 def make_loras(base: str, folder: pathlib.Path) -> None:
     """Child mode: two LoRAs as the user stacks them: r64 diffusers-format "LCM", r32 kohya "crack"
-    with text-encoder keys. make_lora lives in tests/synthetic.py (formerly lcmserve.export.synthetic)."""
+    with text-encoder keys. make_lora lives in tests/synthetic.py (test tooling)."""
     sys.path.insert(0, str(REPO / "tests"))  # tests/ is no package: its modules import by name
-    try:
-        synthetic = importlib.import_module("synthetic")
-    except ImportError:
-        synthetic = importlib.import_module("lcmserve.export.synthetic")  # a tree from before the move
-    make_lora = synthetic.make_lora
+    make_lora = importlib.import_module("synthetic").make_lora
     import torch
 
     from lcmserve.export.loading import load_pipeline

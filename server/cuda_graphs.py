@@ -1,7 +1,7 @@
 """CUDA graphs for the model callables, one per (padded batch size, resolution), bounded.
 
 At batch 1 a UNet step is launch-bound: 25.3 ms eager against 7.8 ms replayed from a CUDA graph on
-an H100 (DESIGN.md). A graph has fixed shapes, so batches are padded up to a few bucket sizes; the
+an H100 (the project's design notes). A graph has fixed shapes, so batches are padded up to a few bucket sizes; the
 padded rows hold earlier valid inputs and their outputs are dropped.
 
 When graphs are captured: every bucket of 512x512 before the server turns SERVING
