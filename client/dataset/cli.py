@@ -1,0 +1,109 @@
+"""The command line of `lcmserve dataset` (also `python -m lcmserve.dataset`).
+
+    lcmserve dataset SPEC.yaml --target HOST:PORT --out DIR [--concurrency N] [--limit N]
+    lcmserve dataset SPEC.yaml --out DIR --keep PICKED.txt [--keep-out DIR2]
+
+Exit codes: 0 the folder is complete (or the kept copy written), 1 some requests failed or a
+server said no (rerun to finish), 2 bad spec or option, 130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .._common import DEFAULT_TARGET
+from ..errors import LcmServeError
+from .job import JobConfig, run as run_job
+from .keep import keep
+from .spec import DatasetError
+
+DESCRIPTION = ("make a labelled image dataset from a YAML spec (prompt templates x seeds), "
+               "resumable and reproducible, in the Hugging Face imagefolder layout")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `lcmserve dataset`."""
+    parser.add_argument("spec", type=Path, metavar="SPEC.yaml", help="the dataset spec (docs/dataset.md)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the dataset folder")
+    parser.add_argument(
+        "--target",
+        action="append",
+        metavar="TARGET",
+        help="server (any gRPC target string); repeat for several servers "
+        f"(default: $LCMSERVE_TARGET, else {DEFAULT_TARGET})",
+    )
+    parser.add_argument("--secure", action="store_true", help="TLS with the system's root certificates")
+    parser.add_argument("--root-certificates", type=Path, metavar="PEM", help="TLS trusting these roots")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="requests in flight per target (default: 2 x the server's max_batch_size / rows per request)",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="make at most the first N images of the plan")
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                        help="deadline of one request (default 300)")
+    parser.add_argument("--retries", type=int, default=4, metavar="N",
+                        help="retries of a request that got UNAVAILABLE/RESOURCE_EXHAUSTED (default 4)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-contact-sheets", action="store_true", help="do not write DIR/contact/")
+    parser.add_argument("--keep", type=Path, metavar="FILE",
+                        help="write a copy of DIR with only the images FILE lists (file names or seeds)")
+    parser.add_argument("--keep-out", type=Path, metavar="DIR2", help="where --keep writes (default DIR-kept)")
+
+
+def _config(args: argparse.Namespace) -> JobConfig:
+    for name in ("concurrency", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise DatasetError(f"--{name} {value}: must be >= 1")
+    if args.retries < 0 or not args.timeout > 0:
+        raise DatasetError("--retries must be >= 0 and --timeout > 0")
+    roots = None
+    if args.root_certificates is not None:
+        try:
+            roots = args.root_certificates.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"--root-certificates {args.root_certificates}: {exc.strerror}") from exc
+    targets = tuple(args.target or [os.environ.get("LCMSERVE_TARGET", DEFAULT_TARGET)])
+    return JobConfig(targets=targets, concurrency=args.concurrency, limit=args.limit,
+                     timeout_s=args.timeout, retries=args.retries, progress=not args.no_progress,
+                     contact_sheets=not args.no_contact_sheets, secure=args.secure, root_certificates=roots)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`lcmserve dataset`; returns the exit code (see the module's docstring)."""
+    try:
+        if args.keep is not None:
+            dest = args.keep_out or args.out.with_name(args.out.name + "-kept")
+            counts = keep(args.out, args.keep, dest)
+            print(f"kept {sum(counts.values())} images in {dest} "
+                  f"({', '.join(f'{s} {n}' for s, n in counts.items())})")
+            return 0
+        report = run_job(args.spec, args.out, _config(args))
+    except DatasetError as exc:
+        print(f"lcmserve dataset: error: {exc}", file=sys.stderr)
+        return 2
+    except LcmServeError as exc:
+        print(f"lcmserve dataset: error: {exc} (rerun the same command to resume)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"lcmserve dataset: error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lcmserve dataset: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(report.summary())
+    return 0 if report.complete or (args.limit is not None and not report.failures) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lcmserve.dataset ARGS`: the same as `lcmserve dataset ARGS`."""
+    parser = argparse.ArgumentParser(prog="lcmserve dataset", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,120 @@
+"""Contact sheets: one PNG per expanded prompt, DIR/contact/<prompt_id>.png, its images as tiles
+labelled with their seed, the prompt on top; so a person picks the good seeds at a glance and
+lists them for ``--keep``. DIR/contact/index.tsv maps prompt ids to prompts.
+
+Needs Pillow (not in the plain install); without it the job warns and writes none.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .plan import PlannedImage
+from .store import write_atomic
+
+_TILE_MIN = 64  # pixels: tiles are never upscaled past this (the PNG encode of a sheet costs ~0.1 s/MP)
+_TILE_MAX = 256  # pixels: sheets of 512x512 images stay small
+_LINE_H = 12  # pixels per line of text (the prompt header, the seed labels)
+_COLUMNS_MAX = 8
+_CHAR_W = 6  # pixels per character of Pillow's default bitmap font
+
+
+def _import_pil() -> Any:
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError as exc:
+        raise ImportError("contact sheets need Pillow, which lcmserve does not install: "
+                          "pip install pillow") from exc
+    return Image, ImageDraw
+
+
+class ContactSheets:
+    """Writes each expanded prompt's sheet in a worker thread as soon as its last image of this
+    run is written (Pillow's encoders release the GIL), so sheets overlap generation.
+
+    Raises ImportError at construction when Pillow is missing.
+    """
+
+    def __init__(self, out: Path, todo: Iterable[PlannedImage]) -> None:
+        self._modules = _import_pil()
+        self.out = out
+        self.folder = out / "contact"
+        self._pending: dict[str, int] = {}  # prompt id -> images of this run not yet finished
+        for image in todo:
+            self._pending[image.prompt_id] = self._pending.get(image.prompt_id, 0) + 1
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contact-sheets")
+        self._futures: list[Future[None]] = []
+
+    def finished(self, prompt_id: str, done: Callable[[], list[PlannedImage]]) -> None:
+        """One image of ``prompt_id`` was written or failed; ``done()`` lists its done images."""
+        self._pending[prompt_id] -= 1
+        if self._pending[prompt_id] == 0:
+            self._submit(prompt_id, done())
+
+    def _submit(self, prompt_id: str, images: list[PlannedImage]) -> None:
+        if images:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / f"{prompt_id}.png"
+            self._futures.append(self._pool.submit(self._write, path, images))
+
+    def _write(self, path: Path, images: list[PlannedImage]) -> None:
+        write_atomic(path, _sheet(self.out, images, *self._modules))
+
+    def close(self, done: Iterable[PlannedImage]) -> int:
+        """Writes the sheets still missing (of prompts without work this run), waits for all, writes
+        contact/index.tsv; returns how many sheets this run wrote."""
+        groups: dict[str, list[PlannedImage]] = {}
+        for image in done:
+            groups.setdefault(image.prompt_id, []).append(image)
+        for prompt_id, images in groups.items():
+            if prompt_id not in self._pending and not (self.folder / f"{prompt_id}.png").exists():
+                self._submit(prompt_id, images)
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True)
+        if groups:
+            index = "".join(f"{pid}\t{imgs[0].prompt}\t{imgs[0].init_image.name if imgs[0].init_image else ''}\n"
+                            for pid, imgs in groups.items())
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.folder / "index.tsv", index.encode("utf-8"))
+        return len(self._futures)
+
+
+def _sheet(out: Path, images: list[PlannedImage], image_mod: Any, draw_mod: Any) -> bytes:
+    """PNG bytes of one sheet: a grid of tiles (seed under each), the prompt wrapped on top."""
+    with image_mod.open(out / images[0].split / images[0].file_name) as first:
+        width, height = first.size
+    scale = min(max(_TILE_MIN / width, 1.0), _TILE_MAX / max(width, height))
+    tile_w, tile_h = max(_TILE_MIN, round(width * scale)), round(height * scale)
+    digits = max(1, (tile_w - 4) // _CHAR_W)  # a long seed wraps under a narrow tile
+    label_lines = max(math.ceil(len(str(image.seed)) / digits) for image in images)
+    label_h = label_lines * _LINE_H + 2
+    columns = min(_COLUMNS_MAX, math.ceil(math.sqrt(len(images))))
+    rows = math.ceil(len(images) / columns)
+    sheet_w = columns * tile_w
+    header = textwrap.wrap(images[0].prompt, max(10, sheet_w // _CHAR_W)) or [""]
+    top = len(header) * _LINE_H + 4
+    sheet = image_mod.new("RGB", (sheet_w, top + rows * (tile_h + label_h)), "white")
+    draw = draw_mod.Draw(sheet)
+    for i, line in enumerate(header):
+        draw.text((2, 2 + i * _LINE_H), line, fill="black")
+    for n, planned in enumerate(images):
+        x, y = (n % columns) * tile_w, top + (n // columns) * (tile_h + label_h)
+        with image_mod.open(out / planned.split / planned.file_name) as picture:
+            tile = picture.convert("RGB").resize((round(width * scale), tile_h))
+        sheet.paste(tile, (x + (tile_w - tile.width) // 2, y))
+        label = str(planned.seed)
+        for row in range(label_lines):
+            draw.text((x + 2, y + tile_h + 1 + row * _LINE_H), label[row * digits:(row + 1) * digits],
+                      fill="black")
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG", compress_level=1)  # fast zlib: sheets are looked at, not archived
+    return buffer.getvalue()

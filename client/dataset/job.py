@@ -1,0 +1,361 @@
+"""The dataset job: plan the spec, skip what the folder already has, keep the servers' batches
+full, write every image as its request ends, then contact sheets and dataset.json.
+
+Closed loop like `lcmserve bench --concurrency N`: per target, N workers each send their next
+request when the last one ended. N defaults to two batches' worth of requests from the server's
+GetModelInfo limits (``2 * max_batch_size / rows per request``, a guided image takes two rows), so
+one batch can be queued while the other runs; ``concurrency`` overrides it.
+
+Retries are the job's own until the SDK has them (issue #12): UNAVAILABLE and RESOURCE_EXHAUSTED
+are retried ``retries`` times, after 0.5, 1, 2, 4... s (at most 8 s; the server's RetryInfo
+delay when it sends one). Every request carries fixed seeds, so a retry makes the same images.
+A request that still fails is reported and left for the next run; the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
+
+from .. import __version__
+from ..aio import AsyncClient
+from ..errors import LcmServeError, ResourceExhaustedError, UnavailableError
+from ..options import GenerateOptions
+from ..types import Image, ModelInfo
+from .contact import ContactSheets
+from .plan import Plan, PlannedImage, make_plan
+from .spec import DatasetError, DatasetSpec, load_spec
+from .store import Store, write_manifest
+
+_RETRY_FIRST_S = 0.5  # first backoff, doubled per retry
+_RETRY_MAX_S = 8.0
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """How to run a spec (what to make is the spec's)."""
+
+    targets: tuple[str, ...] = ("127.0.0.1:50051",)  # gRPC target strings, one client each
+    concurrency: int | None = None  # requests in flight per target; None: from GetModelInfo
+    limit: int | None = None  # make at most the first N images of the plan (expansion order)
+    timeout_s: float = 300.0  # deadline of one request
+    retries: int = 4  # of a request that got UNAVAILABLE or RESOURCE_EXHAUSTED
+    progress: bool = True  # tqdm bar on stderr
+    contact_sheets: bool = True  # DIR/contact/*.png (needs Pillow)
+    secure: bool = False  # TLS with the system's roots
+    root_certificates: bytes | None = None  # PEM roots to trust (implies TLS)
+    client_options: tuple[tuple[str, Any], ...] = ()  # more AsyncClient keyword arguments, as pairs
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request that failed after its retries: its images are left for the next run."""
+
+    file_names: tuple[str, ...]
+    code: str  # gRPC status code name, or an exception's class name
+    detail: str
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What a run did and what the folder holds after it."""
+
+    out: Path
+    planned: int  # images of the whole spec
+    done: int  # images in the folder now
+    generated: int  # made by this run
+    skipped: int  # already there (sha256 checked)
+    removed: int  # stale files of an older spec removed
+    failures: tuple[Failure, ...]
+    counts: dict[str, int]  # images per split in the folder
+    concurrency: int  # requests in flight, all targets together
+    generate_s: float  # from the first request sent to the last image written
+    wall_s: float  # the whole run
+    contact_sheets: int  # sheets written by this run
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def complete(self) -> bool:
+        """Every planned image is in the folder."""
+        return self.done == self.planned
+
+    @property
+    def images_per_s(self) -> float:
+        """Images made by this run per second of generate_s."""
+        return self.generated / self.generate_s if self.generate_s > 0 else 0.0
+
+    def summary(self) -> str:
+        """A few lines for the end of the CLI's output."""
+        splits = ", ".join(f"{name} {n}" for name, n in self.counts.items())
+        lines = [
+            f"{self.out}: {self.done} of {self.planned} images ({splits})",
+            f"this run: generated {self.generated} in {self.generate_s:.1f} s ({self.images_per_s:.2f} "
+            f"images/s at concurrency {self.concurrency}), skipped {self.skipped} already done, "
+            f"{len(self.failures)} requests failed; wall {self.wall_s:.1f} s",
+        ]
+        if self.removed:
+            lines.append(f"removed {self.removed} stale files (of another spec or a broken run)")
+        for failure in self.failures[:5]:
+            lines.append(f"failed: {', '.join(failure.file_names)}: {failure.code}: {failure.detail}")
+        if len(self.failures) > 5:
+            lines.append(f"... and {len(self.failures) - 5} more failed requests")
+        if not self.complete:
+            lines.append("not complete: rerun the same command to make the rest")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Request:
+    images: tuple[PlannedImage, ...]  # consecutive seeds of one expanded prompt
+
+
+def _requests(todo: list[PlannedImage], per_request: int) -> Iterator[_Request]:
+    """Groups images into requests: runs of consecutive seeds of one expanded prompt."""
+    run: list[PlannedImage] = []
+    for image in todo:
+        if run and (image.prompt_id != run[-1].prompt_id or image.seed != run[-1].seed + 1
+                    or image.init_image != run[-1].init_image or len(run) == per_request):
+            yield _Request(tuple(run))
+            run = []
+        run.append(image)
+    if run:
+        yield _Request(tuple(run))
+
+
+def _options(spec: DatasetSpec) -> GenerateOptions:
+    """The options every request shares; the seed, count and init/mask images are per request."""
+    return GenerateOptions(
+        num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale,
+        width=spec.width,
+        height=spec.height,
+        output_format=spec.format,
+        quality=spec.quality,
+    )
+
+
+def _check_sdk_supports(spec: DatasetSpec) -> None:
+    fields = {f.name for f in dataclasses.fields(GenerateOptions)}
+    needed = ["init_image"] + (["strength"] if spec.strength is not None else []) + \
+        (["mask_image"] if spec.masks is not None else [])
+    if spec.init_images is not None and not set(needed) <= fields:
+        raise DatasetError(f"init_images: this lcmserve SDK has no img2img (GenerateOptions lacks "
+                           f"{', '.join(sorted(set(needed) - fields))})")
+
+
+class _Job:
+    """One run: the clients, the store, the work list and the counters."""
+
+    def __init__(self, spec: DatasetSpec, plan: Plan, store: Store, config: JobConfig) -> None:
+        self.spec = spec
+        self.plan = plan
+        self.store = store
+        self.config = config
+        self.base = _options(spec)
+        self.failures: list[Failure] = []
+        self.generated = 0
+        self.sheets: ContactSheets | None = None
+        self._files: dict[Path, bytes] = {}  # init images and masks, read once
+        self._by_prompt: dict[str, list[PlannedImage]] = {}
+        for image in plan.images:
+            self._by_prompt.setdefault(image.prompt_id, []).append(image)
+
+    def _finished(self, image: PlannedImage) -> None:
+        if self.sheets is not None:
+            done = self.store.done
+            self.sheets.finished(image.prompt_id,
+                                 lambda: [i for i in self._by_prompt[image.prompt_id] if i.file_name in done])
+
+    def _read(self, path: Path) -> bytes:
+        if path not in self._files:
+            self._files[path] = path.read_bytes()
+        return self._files[path]
+
+    def options(self, request: _Request) -> GenerateOptions:
+        first = request.images[0]
+        extra: dict[str, Any] = {}
+        if first.init_image is not None:
+            extra["init_image"] = self._read(first.init_image)
+            if self.spec.strength is not None:
+                extra["strength"] = self.spec.strength
+        if first.mask is not None:
+            extra["mask_image"] = self._read(first.mask)
+        return dataclasses.replace(self.base, negative_prompt=first.negative_prompt, seed=first.seed,
+                                   num_images=len(request.images), **extra)
+
+    async def generate(self, client: AsyncClient, request: _Request) -> list[Image]:
+        """The request's images, ordered by index; retries UNAVAILABLE/RESOURCE_EXHAUSTED."""
+        options = self.options(request)
+        for attempt in range(self.config.retries + 1):
+            try:
+                images = [event async for event in client.stream(
+                    request.images[0].prompt, options, timeout=self.config.timeout_s) if isinstance(event, Image)]
+                break
+            except (UnavailableError, ResourceExhaustedError) as exc:
+                if attempt == self.config.retries:
+                    raise
+                delay = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2**attempt)
+                if isinstance(exc, ResourceExhaustedError) and exc.retry_after_s:
+                    delay = exc.retry_after_s
+                await asyncio.sleep(delay)
+        images.sort(key=lambda image: image.index)
+        seeds = [image.seed for image in images]
+        wanted = [image.seed for image in request.images]
+        if seeds != wanted:
+            raise LcmServeError(f"the server sent images with seeds {seeds}, asked for {wanted}", "PROTOCOL")
+        return images
+
+    async def run_one(self, client: AsyncClient, request: _Request, bar: Any) -> None:
+        """Sends one request and writes its images; a failure is recorded, not raised."""
+        try:
+            images = await self.generate(client, request)
+        except LcmServeError as exc:
+            self._fail(request, exc.code, exc.details or str(exc), bar)
+            return
+        except (ValueError, TypeError) as exc:  # refused by the SDK before sending
+            self._fail(request, type(exc).__name__, str(exc), bar)
+            return
+        for planned, image in zip(request.images, images):
+            self.store.write(planned, image.data)
+            self.generated += 1
+            bar.update(1)
+            self._finished(planned)
+
+    def _fail(self, request: _Request, code: str, detail: str, bar: Any) -> None:
+        self.failures.append(Failure(tuple(i.file_name for i in request.images), code, detail))
+        bar.set_postfix(failed=len(self.failures), refresh=False)
+        for planned in request.images:
+            self._finished(planned)
+
+
+def default_concurrency(limits_batch: int, spec: DatasetSpec, queue: int) -> int:
+    """Requests in flight per target: two batches' worth (see the module's docstring)."""
+    rows = (2 if spec.guidance_scale > 1 else 1) * spec.images_per_request  # per request
+    return max(1, min(2 * limits_batch // rows, limits_batch + queue))
+
+
+async def _model_info(client: AsyncClient, retries: int) -> ModelInfo:
+    for attempt in range(retries + 1):
+        try:
+            return await client.model_info(timeout=30)
+        except UnavailableError:
+            if attempt == retries:
+                raise
+            await asyncio.sleep(min(_RETRY_MAX_S, _RETRY_FIRST_S * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str | Path,
+                    config: JobConfig | None = None) -> DatasetReport:
+    """Makes (or completes) the dataset of ``spec`` in ``out``; see ``run``. For notebooks whose
+    event loop is running: ``report = await run_async(...)``."""
+    started = time.perf_counter()
+    config = config or JobConfig()
+    if not config.targets:
+        raise DatasetError("give at least one target")
+    spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)
+    _check_sdk_supports(spec)
+    plan = make_plan(spec)
+    out = Path(out)
+    clients = [AsyncClient(t, secure=config.secure, root_certificates=config.root_certificates,
+                           **dict(config.client_options)) for t in config.targets]
+    try:
+        infos = [await _model_info(client, config.retries) for client in clients]
+        models = [dataclasses.asdict(info) for info in infos]
+        store = Store(out, spec, plan)
+        store.check_model(models)
+        store.scan()
+        write_manifest(out, _manifest(spec, plan, store, config, models, None))  # the model, from the start
+        wanted = plan.images[: config.limit] if config.limit is not None else plan.images
+        todo = [image for image in wanted if image.file_name not in store.done]
+        job = _Job(spec, plan, store, config)
+        warnings: list[str] = []
+        if config.contact_sheets:
+            try:
+                job.sheets = ContactSheets(out, todo)
+            except ImportError as exc:
+                warnings.append(f"no contact sheets: {exc}")
+        per_request = min(spec.images_per_request, *(info.limits.max_images for info in infos))
+        work = _requests(todo, per_request)
+        slots = [config.concurrency or default_concurrency(info.limits.max_batch_size, spec,
+                                                           info.limits.max_queued_requests)
+                 for info in infos]
+        bar = tqdm(total=len(todo), unit="img", desc="dataset", file=sys.stderr, disable=not config.progress,
+                   dynamic_ncols=True)
+        t0 = time.perf_counter()
+        try:
+            first = next(work, None)
+            if first is not None:  # alone first: a request the server refuses fails the job once
+                await job.run_one(clients[0], first, bar)
+                if job.failures and job.failures[0].code not in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+                    f = job.failures[0]
+                    raise DatasetError(f"the first request failed: {f.code}: {f.detail}")
+
+            async def worker(client: AsyncClient) -> None:
+                for request in work:  # one iterator shared by every worker (one event loop)
+                    await job.run_one(client, request, bar)
+
+            await asyncio.gather(*(worker(c) for c, n in zip(clients, slots) for _ in range(n)))
+        finally:
+            bar.close()
+            store.rewrite_metadata()  # plan order; also on Ctrl-C
+            generate_s = time.perf_counter() - t0
+            sheets = job.sheets.close(store.done_images()) if job.sheets is not None else 0
+        counts = store.counts()
+        report = DatasetReport(
+            out=out, planned=len(plan.images), done=len(store.done), generated=job.generated,
+            skipped=len(wanted) - len(todo), removed=store.removed, failures=tuple(job.failures),
+            counts=counts, concurrency=sum(slots), generate_s=generate_s,
+            wall_s=time.perf_counter() - started, contact_sheets=sheets, warnings=tuple(warnings),
+        )
+        write_manifest(out, _manifest(spec, plan, store, config, models, report))
+        return report
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def _manifest(spec: DatasetSpec, plan: Plan, store: Store, config: JobConfig, models: list[dict[str, Any]],
+              report: DatasetReport | None) -> dict[str, Any]:
+    """The content of dataset.json (see docs/dataset.md); ``report`` None while the run is going."""
+    counts = store.counts()
+    last_run = None if report is None else {
+        "generated": report.generated, "skipped": report.skipped,
+        "failed_requests": len(report.failures), "concurrency": report.concurrency,
+        "generate_s": round(report.generate_s, 3), "wall_s": round(report.wall_s, 3),
+        "images_per_s": round(report.images_per_s, 3),
+    }
+    return {
+        "lcmserve_version": __version__,
+        "spec": spec.as_json(),
+        "targets": list(config.targets),
+        "models": models,
+        "counts": counts,
+        "images": sum(counts.values()),
+        "planned": len(plan.images),
+        "complete": sum(counts.values()) == len(plan.images) and report is not None,
+        "columns": list(store.row(plan.images[0], "", "" if spec.masks else None)),
+        "last_run": last_run,
+    }
+
+
+def run(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str | Path,
+        config: JobConfig | None = None, **options: Any) -> DatasetReport:
+    """Makes (or completes) the dataset of ``spec`` (a YAML path, a mapping, or a DatasetSpec) in
+    ``out`` and returns what it did. ``options`` are JobConfig fields (``targets=("host:port",)``,
+    ``concurrency=8``, ``limit=100``...), changing ``config``. Rerun it to resume.
+
+    Raises DatasetError for a bad spec or folder, LcmServeError when no server answers. Inside a
+    running event loop (Jupyter), use ``await run_async(...)``.
+    """
+    config = dataclasses.replace(config or JobConfig(), **options)
+    return asyncio.run(run_async(spec, out, config))

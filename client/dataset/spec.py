@@ -1,0 +1,296 @@
+"""The dataset spec: a YAML file (or a dict) checked into a frozen DatasetSpec.
+
+Every key is documented in docs/dataset.md. Errors are DatasetError naming the key as a path
+(``prompts[1].vars.kind``), its value and what is allowed; unknown keys are errors too, so a typo
+does not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from ..types import OutputFormat
+
+
+class DatasetError(Exception):
+    """The dataset job cannot run as asked: a bad spec, a bad option, an output folder that does
+    not belong to this spec or model. The message names the key or option."""
+
+
+SPEC_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")  # raw has no file header: not here
+DEFAULT_SPLITS: dict[str, float] = {"train": 1.0}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # of init images and masks
+
+# Metadata columns the job writes itself; a template variable may not take one of these names.
+RESERVED_COLUMNS = frozenset(
+    {
+        "file_name", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
+        "width", "height", "format", "template", "prompt_id", "image_index", "sha256",
+        "init_image", "init_sha256", "strength", "mask_file_name", "mask_sha256", "split",
+    }
+)
+
+_TOP_KEYS = (
+    "prompts", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height",
+    "format", "quality", "splits", "init_images", "strength", "masks", "images_per_request",
+)
+_PROMPT_KEYS = ("template", "vars", "images", "negative_prompt")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One entry of ``prompts``: a template, its variables, and images per expanded prompt."""
+
+    template: str  # str.format syntax: "{name}" is a variable, "{{" a literal brace
+    vars: tuple[tuple[str, tuple[str, ...]], ...]  # (name, values) in the spec's order
+    images: int  # per expanded prompt (per init image, with init_images)
+    negative_prompt: str | None  # None: the spec's negative_prompt
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A checked spec. Paths are absolute (relative ones are taken from the spec file's folder)."""
+
+    prompts: tuple[PromptSpec, ...]
+    negative_prompt: str = ""
+    seed: int = 0  # every image's seed derives from it (see plan.prompt_seed)
+    num_inference_steps: int = 4
+    guidance_scale: float = 1.0
+    width: int = 512  # pixels
+    height: int = 512  # pixels
+    format: OutputFormat = "png"
+    quality: int | None = None  # JPEG/WEBP quality 1-100; None: the server's default (90)
+    splits: tuple[tuple[str, float], ...] = (("train", 1.0),)  # (name, fraction), fractions sum to 1
+    init_images: Path | None = None  # a folder: img2img over every image in it
+    strength: float | None = None  # img2img/inpainting strength, (0, 1]
+    masks: Path | None = None  # a folder: one mask per init image, same file stem
+    images_per_request: int = 1  # consecutive seeds of one expanded prompt sent as one request
+
+    def as_json(self) -> dict[str, Any]:
+        """The spec as plain JSON values (recorded in dataset.json), defaults written out."""
+        return {
+            "prompts": [
+                {
+                    "template": p.template,
+                    "vars": {name: list(values) for name, values in p.vars},
+                    "images": p.images,
+                    **({"negative_prompt": p.negative_prompt} if p.negative_prompt is not None else {}),
+                }
+                for p in self.prompts
+            ],
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+            "quality": self.quality,
+            "splits": dict(self.splits),
+            "init_images": str(self.init_images) if self.init_images is not None else None,
+            "strength": self.strength,
+            "masks": str(self.masks) if self.masks is not None else None,
+            "images_per_request": self.images_per_request,
+        }
+
+
+def load_spec(source: str | Path | Mapping[str, Any]) -> DatasetSpec:
+    """Reads and checks a spec: a YAML file's path, or the spec as a mapping (paths in it are
+    taken from the current folder). Raises DatasetError naming the bad key."""
+    if isinstance(source, Mapping):
+        return parse_spec(source, Path.cwd())
+    path = Path(source)
+    try:
+        import yaml
+    except ImportError as exc:
+        raise DatasetError("reading a YAML spec needs PyYAML: pip install pyyaml") from exc
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DatasetError(f"cannot read the spec {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise DatasetError(f"{path}: the spec must be a mapping of keys (prompts, seed, ...), "
+                           f"got {type(data).__name__}")
+    return parse_spec(data, path.resolve().parent)
+
+
+def parse_spec(data: Mapping[str, Any], base: Path) -> DatasetSpec:
+    """Checks a spec mapping; relative paths are resolved against ``base``."""
+    _check_keys("the spec", data, _TOP_KEYS)
+    if "prompts" not in data:
+        raise DatasetError("prompts: missing; give a list of {template: ..., images: N} entries")
+    raw_prompts = data["prompts"]
+    if not isinstance(raw_prompts, list) or not raw_prompts:
+        raise DatasetError(f"prompts: must be a non-empty list, got {raw_prompts!r}")
+    prompts = tuple(_prompt(f"prompts[{i}]", entry) for i, entry in enumerate(raw_prompts))
+    fmt = _choice("format", data.get("format", "png"), SPEC_FORMATS)
+    quality = data.get("quality")
+    if quality is not None:
+        quality = _int("quality", quality, 1, 100)
+    init_images = _folder("init_images", data.get("init_images"), base)
+    masks = _folder("masks", data.get("masks"), base)
+    strength = data.get("strength")
+    if strength is not None:
+        strength = _number("strength", strength)
+        if not 0 < strength <= 1:
+            raise DatasetError(f"strength: {strength!r} must be in (0, 1]")
+    if masks is not None and init_images is None:
+        raise DatasetError("masks: needs init_images (inpainting paints over an init image)")
+    if strength is not None and init_images is None:
+        raise DatasetError("strength: needs init_images (it is how far img2img moves from them)")
+    return DatasetSpec(
+        prompts=prompts,
+        negative_prompt=_str("negative_prompt", data.get("negative_prompt", "")),
+        seed=_int("seed", data.get("seed", 0), 0, 2**63 - 1),
+        num_inference_steps=_int("num_inference_steps", data.get("num_inference_steps", 4), 1, 1000),
+        guidance_scale=_number("guidance_scale", data.get("guidance_scale", 1.0)),
+        width=_side("width", data.get("width", 512)),
+        height=_side("height", data.get("height", 512)),
+        format=cast(OutputFormat, fmt),
+        quality=quality,
+        splits=_splits(data.get("splits", DEFAULT_SPLITS)),
+        init_images=init_images,
+        strength=strength,
+        masks=masks,
+        images_per_request=_int("images_per_request", data.get("images_per_request", 1), 1, 1024),
+    )
+
+
+# ---- checks of single keys ------------------------------------------------------------------------
+
+
+def _check_keys(where: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = [str(key) for key in data if key not in allowed]
+    if unknown:
+        raise DatasetError(f"{where}: unknown key {unknown[0]!r}; the keys are {', '.join(allowed)}")
+
+
+def _prompt(key: str, entry: object) -> PromptSpec:
+    if isinstance(entry, str):  # a bare string: one template, one image
+        entry = {"template": entry}
+    if not isinstance(entry, Mapping):
+        raise DatasetError(f"{key}: must be a mapping with a template, got {entry!r}")
+    _check_keys(key, entry, _PROMPT_KEYS)
+    if "template" not in entry:
+        raise DatasetError(f"{key}.template: missing")
+    template = _str(f"{key}.template", entry["template"])
+    if not template.strip():
+        raise DatasetError(f"{key}.template: empty")
+    raw_vars = entry.get("vars") or {}
+    if not isinstance(raw_vars, Mapping):
+        raise DatasetError(f"{key}.vars: must be a mapping of name: [values], got {raw_vars!r}")
+    variables: list[tuple[str, tuple[str, ...]]] = []
+    for name, values in raw_vars.items():
+        where = f"{key}.vars.{name}"
+        if not isinstance(name, str) or not _VAR_NAME.match(name):
+            raise DatasetError(f"{where}: a variable name must be an identifier (letters, digits, _)")
+        if name in RESERVED_COLUMNS:
+            raise DatasetError(f"{where}: {name!r} is a metadata column of its own; rename the variable")
+        if isinstance(values, (str, int, float)) and not isinstance(values, bool):
+            values = [values]
+        if not isinstance(values, list) or not values:
+            raise DatasetError(f"{where}: must be a non-empty list of values, got {values!r}")
+        texts = tuple(_var_value(f"{where}[{i}]", v) for i, v in enumerate(values))
+        if len(set(texts)) != len(texts):
+            raise DatasetError(f"{where}: values repeat ({list(texts)}): images would repeat")
+        variables.append((name, texts))
+    _check_template(key, template, [name for name, _ in variables])
+    negative = entry.get("negative_prompt")
+    return PromptSpec(
+        template=template,
+        vars=tuple(variables),
+        images=_int(f"{key}.images", entry.get("images", 1), 1, 1_000_000),
+        negative_prompt=None if negative is None else _str(f"{key}.negative_prompt", negative),
+    )
+
+
+def _check_template(key: str, template: str, names: list[str]) -> None:
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise DatasetError(f"{key}.template: {exc} in {template!r} (write {{{{ for a literal brace)") from exc
+    for field in fields:
+        if field not in names:
+            known = ", ".join(names) or "none"
+            raise DatasetError(f"{key}.template: {{{field}}} has no entry in {key}.vars (vars: {known})")
+    for name in names:
+        if name not in fields:
+            raise DatasetError(f"{key}.vars.{name}: not used in the template {template!r}")
+
+
+def _var_value(key: str, value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DatasetError(f"{key}: must be a string or a number, got {value!r}")
+    return str(value)  # metadata columns are strings, whatever YAML made of them
+
+
+def _str(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise DatasetError(f"{key}: must be a string, got {value!r}")
+    return value
+
+
+def _int(key: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DatasetError(f"{key}: must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise DatasetError(f"{key}: {value} is out of range {low} to {high}")
+    return value
+
+
+def _number(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DatasetError(f"{key}: must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _side(key: str, value: object) -> int:
+    side = _int(key, value, 64, 1024)
+    if side % 8:
+        raise DatasetError(f"{key}: {side} must be a multiple of 8 (64 to 1024)")
+    return side
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
+    name = value.strip().lower() if isinstance(value, str) else value
+    name = "jpeg" if name == "jpg" else name
+    if name not in allowed:
+        raise DatasetError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    return str(name)
+
+
+def _splits(value: object) -> tuple[tuple[str, float], ...]:
+    if not isinstance(value, Mapping) or not value:
+        raise DatasetError(f"splits: must be a mapping of name: fraction, got {value!r}")
+    splits = []
+    for name, fraction in value.items():
+        if not isinstance(name, str) or not _VAR_NAME.match(name):
+            raise DatasetError(f"splits.{name}: a split name must be an identifier (e.g. train)")
+        share = _number(f"splits.{name}", fraction)
+        if share < 0:
+            raise DatasetError(f"splits.{name}: {share} must be >= 0")
+        splits.append((name, share))
+    total = sum(share for _, share in splits)
+    if abs(total - 1.0) > 1e-6:
+        raise DatasetError(f"splits: the fractions sum to {total:g}, not 1 ({dict(splits)})")
+    return tuple(splits)
+
+
+def _folder(key: str, value: object, base: Path) -> Path | None:
+    if value is None:
+        return None
+    folder = (base / _str(key, value)).resolve()
+    if not folder.is_dir():
+        raise DatasetError(f"{key}: {value!r} is not a folder (looked at {folder})")
+    return folder

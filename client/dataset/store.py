@@ -1,0 +1,248 @@
+"""The output folder: the imagefolder layout, its metadata lines, resuming, dataset.json.
+
+    DIR/<split>/<prompt_id>-<k>.<ext>           the images (and <stem>_mask.<ext>, inpainting labels)
+    DIR/<split>/metadata.jsonl                   one JSON line per image, every column in every line
+    DIR/dataset.json                             spec, model, counts, wall time of the last run
+    DIR/contact/<prompt_id>.png                  contact sheets (contact.py)
+
+Crash safety without fsync (a killed process loses nothing the kernel already has; a power cut
+may): an image goes to ``.<name>.part`` and is renamed; its metadata line is appended after the
+rename with one write() on an O_APPEND descriptor, so a line is there whole or not at all. On
+start, a line counts as done only if it is exactly the line this spec gives for that file and the
+file's sha256 matches; everything else (half-written parts, files without a line, lines of an
+older spec) is removed and made again. At the end the metadata files are rewritten in plan order,
+so a finished folder is byte-identical however often it was interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .plan import Plan, PlannedImage
+from .spec import DatasetError, DatasetSpec
+
+METADATA = "metadata.jsonl"
+MANIFEST = "dataset.json"
+MANIFEST_FORMAT = "lcmserve-dataset/1"
+_OURS = re.compile(r"[0-9a-f]{12}-\d{4,}(_mask)?\.[a-z]+\Z")  # names this job writes
+_MODEL_IDENTITY = ("base", "loras", "dtype", "backend")  # what must match to resume a folder
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def metadata_row(spec: DatasetSpec, plan: Plan, image: PlannedImage, sha256: str,
+                 mask_sha256: str | None = None, init_sha256: str | None = None) -> dict[str, Any]:
+    """The metadata line of ``image``, columns in a fixed order. Every line of a dataset has the
+    same columns (``datasets`` refuses splits whose columns differ): a variable that an image's
+    template lacks is "". Init image columns only with init_images, mask columns only with masks.
+    """
+    values = dict(image.variables)
+    row: dict[str, Any] = {
+        "file_name": image.file_name,
+        "prompt": image.prompt,
+        "negative_prompt": image.negative_prompt,
+        "seed": image.seed,
+        "num_inference_steps": spec.num_inference_steps,
+        "guidance_scale": spec.guidance_scale,
+        "width": spec.width,
+        "height": spec.height,
+        "format": spec.format,
+        "template": image.template,
+        "prompt_id": image.prompt_id,
+        "image_index": image.image_index,
+    }
+    for name in plan.variable_names:
+        row[name] = values.get(name, "")
+    if spec.init_images is not None:
+        assert image.init_image is not None
+        row["init_image"] = image.init_image.name  # inside the spec's init_images folder
+        row["init_sha256"] = init_sha256 if init_sha256 is not None else sha256_file(image.init_image)
+        row["strength"] = spec.strength
+    if spec.masks is not None:
+        row["mask_file_name"] = image.mask_file_name  # `datasets` loads it as the "mask" image
+        row["mask_sha256"] = mask_sha256
+    row["sha256"] = sha256
+    return row
+
+
+def _line(row: dict[str, Any]) -> bytes:
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``.<name>.part`` next to ``path``, then renames it over ``path``."""
+    part = path.with_name(f".{path.name}.part")
+    part.write_bytes(data)
+    os.replace(part, path)
+
+
+class Store:
+    """The output folder of one spec: what is done, writing new images, the final rewrite."""
+
+    def __init__(self, out: Path, spec: DatasetSpec, plan: Plan) -> None:
+        self.out = out
+        self.spec = spec
+        self.plan = plan
+        self.done: dict[str, dict[str, Any]] = {}  # file name -> its metadata row
+        self.removed = 0  # stale files deleted by scan()
+        self._fds: dict[str, int] = {}  # split -> O_APPEND descriptor of its metadata.jsonl
+        self._init_sha: dict[Path, str] = {}
+
+    # ---- resuming ---------------------------------------------------------------------------
+
+    def check_model(self, models: list[dict[str, Any]]) -> None:
+        """Refuses to add to a folder that a different model (base, LoRAs, dtype, backend) made."""
+        try:
+            previous = json.loads((self.out / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{self.out / MANIFEST}: unreadable ({exc}); remove it or use another --out")
+        before = [{k: m.get(k) for k in _MODEL_IDENTITY} for m in previous.get("models") or []]
+        now = [{k: m.get(k) for k in _MODEL_IDENTITY} for m in models]
+        for old in before[:1]:
+            for new in now:
+                if new != old:
+                    raise DatasetError(
+                        f"{self.out} was made by another model ({old}); this server serves {new}: "
+                        "images would mix models. Use another --out, or remove the folder"
+                    )
+
+    def scan(self) -> None:
+        """Finds the images already done; removes half-written and stale files; rewrites each
+        metadata.jsonl with its valid lines only."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        planned = self.plan.by_file_name()
+        folders = {name for name, _ in self.spec.splits}
+        folders.update(p.parent.name for p in self.out.glob(f"*/{METADATA}") if p.parent.name != "contact")
+        for split in sorted(folders):
+            folder = self.out / split
+            valid: dict[str, dict[str, Any]] = {}
+            for row in _read_rows(folder / METADATA):
+                name = row.get("file_name")
+                image = planned.get(name) if isinstance(name, str) else None
+                if image is not None and image.split == split and self._is_done(image, row):
+                    valid[image.file_name] = row
+            keep = set(valid) | {row["mask_file_name"] for row in valid.values() if row.get("mask_file_name")}
+            if folder.is_dir():
+                for path in folder.iterdir():
+                    stale = _OURS.match(path.name) and path.name not in keep
+                    if (stale or (path.name.startswith(".") and path.name.endswith(".part"))) and path.is_file():
+                        path.unlink()
+                        self.removed += bool(stale)
+            self.done.update(valid)
+        for part in self.out.glob("contact/.*.part"):  # a sheet cut by a crash
+            part.unlink()
+        self.rewrite_metadata()
+
+    def _is_done(self, image: PlannedImage, row: dict[str, Any]) -> bool:
+        folder = self.out / image.split
+        sha = row.get("sha256")
+        mask_sha = row.get("mask_sha256")
+        if not isinstance(sha, str) or row != self.row(image, sha, mask_sha if isinstance(mask_sha, str) else None):
+            return False  # another spec's line (steps, size, prompt... changed) or a broken one
+        try:
+            if sha256_file(folder / image.file_name) != sha:
+                return False
+            return image.mask_file_name is None or sha256_file(folder / image.mask_file_name) == mask_sha
+        except OSError:
+            return False
+
+    def row(self, image: PlannedImage, sha256: str, mask_sha256: str | None = None) -> dict[str, Any]:
+        """metadata_row, with each init image's sha256 computed once."""
+        init_sha = None
+        if image.init_image is not None:
+            init_sha = self._init_sha.get(image.init_image)
+            if init_sha is None:
+                init_sha = self._init_sha[image.init_image] = sha256_file(image.init_image)
+        return metadata_row(self.spec, self.plan, image, sha256, mask_sha256, init_sha)
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def write(self, image: PlannedImage, data: bytes) -> dict[str, Any]:
+        """Writes one finished image (and its mask label), then appends its metadata line."""
+        folder = self.out / image.split
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / image.file_name, data)
+        mask_sha = None
+        if image.mask is not None and image.mask_file_name is not None:
+            mask = image.mask.read_bytes()
+            write_atomic(folder / image.mask_file_name, mask)
+            mask_sha = hashlib.sha256(mask).hexdigest()
+        row = self.row(image, hashlib.sha256(data).hexdigest(), mask_sha)
+        fd = self._fds.get(image.split)
+        if fd is None:
+            fd = os.open(folder / METADATA, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fds[image.split] = fd
+        line = _line(row)
+        if os.write(fd, line) != len(line):  # one write: the line is there whole or not at all
+            raise OSError(f"short write to {folder / METADATA}")
+        self.done[image.file_name] = row
+        return row
+
+    def close(self) -> None:
+        """Closes the metadata files opened for appending."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def rewrite_metadata(self) -> None:
+        """Rewrites every split's metadata.jsonl with the done rows in plan order (atomically)."""
+        self.close()
+        by_split: dict[str, list[bytes]] = {}
+        for image in self.plan.images:
+            row = self.done.get(image.file_name)
+            if row is not None:
+                by_split.setdefault(image.split, []).append(_line(row))
+        for split in sorted(set(by_split) | {p.parent.name for p in self.out.glob(f"*/{METADATA}")}):
+            lines = by_split.get(split, [])
+            path = self.out / split / METADATA
+            if lines:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, b"".join(lines))
+            elif path.exists():
+                path.unlink()
+
+    def counts(self) -> dict[str, int]:
+        """Done images per split, in the spec's split order."""
+        counts = {name: 0 for name, _ in self.spec.splits}
+        for image in self.plan.images:
+            if image.file_name in self.done:
+                counts[image.split] += 1
+        return counts
+
+    def done_images(self) -> Iterable[PlannedImage]:
+        """The planned images that are done, in plan order."""
+        return (image for image in self.plan.images if image.file_name in self.done)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metadata file; lines that do not parse (cut by a crash) are skipped."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Writes DIR/dataset.json (atomically), keys in the order given."""
+    data = (json.dumps({"format": MANIFEST_FORMAT, **manifest}, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out / MANIFEST, data.encode("utf-8"))
