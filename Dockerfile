@@ -14,12 +14,15 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 
 FROM python:3.12-slim
 ARG TORCH=torch==2.13.0
+# torchvision of the same release as torch (0.28 goes with 2.13): JPEG on the GPU (nvjpeg); without
+# it the server encodes JPEG on the host (GetModelInfo.jpeg_encoder says which). Empty: leave it out.
+ARG TORCHVISION=torchvision==0.28.0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HOME=/models/.hf-cache \
     LCMSERVE_CACHE=/models/.lcmserve-cache
 COPY --from=build /wheels /wheels
-RUN pip install "$TORCH" \
+RUN pip install "$TORCH" $TORCHVISION \
  && pip install "$(ls /wheels/lcmserve-*.whl)[server]" \
  && rm -rf /wheels \
  && useradd --create-home --uid 1000 lcmserve \

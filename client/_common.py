@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,17 +43,47 @@ def channel_options(max_message_mb: float, options: Sequence[tuple[str, Any]]) -
     return list(merged.items())
 
 
-def channel_credentials(secure: bool, root_certificates: bytes | None, credentials: Any | None) -> Any | None:
+def channel_credentials(
+    secure: bool,
+    root_certificates: bytes | None,
+    credentials: Any | None,
+    client_cert: bytes | None = None,
+    client_key: bytes | None = None,
+) -> Any | None:
     """The grpc.ChannelCredentials to use, or None for a plaintext channel.
 
-    ``credentials`` wins; else TLS when ``secure`` or ``root_certificates`` (PEM bytes; None
-    means the system's roots).
+    ``credentials`` wins; else TLS when ``secure``, ``root_certificates`` (PEM bytes; None
+    means the system's roots) or a client certificate is given. ``client_cert`` and
+    ``client_key`` (PEM bytes, both or neither) are presented to a server that requires mTLS.
     """
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together (PEM bytes of both, or neither)")
     if credentials is not None:
         return credentials
-    if secure or root_certificates is not None:
-        return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    if secure or root_certificates is not None or client_cert is not None:
+        return grpc.ssl_channel_credentials(
+            root_certificates=root_certificates, private_key=client_key, certificate_chain=client_cert
+        )
     return None
+
+
+TOKEN_ENV = "LCMSERVE_TOKEN"
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying ``token`` (else $LCMSERVE_TOKEN) as ``authorization: Bearer``.
+
+    Sent as per-call metadata, not call credentials, so that it also works over plaintext (a
+    loopback server, or one behind a TLS-terminating proxy); use TLS anywhere else.
+    """
+    if token is None:
+        token = os.environ.get(TOKEN_ENV) or None
+    if token is None:
+        return ()
+    token = token.strip()
+    if not token or any(ch.isspace() for ch in token):
+        raise ValueError("token must be non-empty and contain no whitespace")
+    return (("authorization", f"Bearer {token}"),)
 
 
 def call_timeout(timeout: float | None, default: float | None) -> float | None:

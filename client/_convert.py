@@ -7,12 +7,16 @@ out of the SDK.
 
 from __future__ import annotations
 
+import io
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from . import names
 from .errors import ProtocolError
 from .options import GenerateFields, GenerateOptions, merge_options
 from .types import (
+    Decoder,
     GenerateEvent,
     Image,
     Latents,
@@ -22,6 +26,7 @@ from .types import (
     OutputFormat,
     Picture,
     PreviewMode,
+    SavesImage,
     StepEvent,
     Summary,
     Timings,
@@ -35,6 +40,8 @@ if TYPE_CHECKING:
 # too). The Literal types OutputFormat and PreviewMode list the same names (a test checks it).
 OUTPUT_FORMATS = cast("dict[OutputFormat, pb.OutputFormat.ValueType]", names.OUTPUT_FORMAT_VALUES)
 PREVIEW_MODES = cast("dict[PreviewMode, pb.PreviewMode.ValueType]", names.PREVIEW_MODE_VALUES)
+DECODERS = cast("dict[Decoder, pb.Decoder.ValueType]",
+                {names.DEFAULT_DECODER: pb.DECODER_UNSPECIFIED, **names.DECODER_VALUES})
 
 _FORMAT_ALIASES = {"jpg": "jpeg"}
 _UINT32_MAX = 2**32 - 1
@@ -60,6 +67,7 @@ def build_generate_request(
         output_format=OUTPUT_FORMATS[parse_output_format(o.output_format)],
         preview_mode=PREVIEW_MODES[parse_preview_mode(o.preview_mode)],
         include_latents=_check_bool("include_latents", o.include_latents),
+        decoder=DECODERS[parse_decoder(o.decoder)],
     )
     if o.negative_prompt is not None:
         request.negative_prompt = _check_str("negative_prompt", o.negative_prompt)
@@ -77,7 +85,31 @@ def build_generate_request(
         request.num_images = _check_uint("num_images", o.num_images, _UINT32_MAX)
     if o.quality is not None:
         request.quality = _check_uint("quality", o.quality, _UINT32_MAX)
+    if o.init_image is not None:
+        request.init_image = image_bytes("init_image", o.init_image)
+    if o.strength is not None:
+        request.strength = _check_float("strength", o.strength)
+    if o.mask_image is not None:
+        request.mask_image = image_bytes("mask_image", o.mask_image)
     return request
+
+
+def image_bytes(argument: str, value: object) -> bytes:
+    """An init/mask image as the request carries it: bytes as they are, a file's bytes, a PIL image
+    as PNG. The server decodes and checks them (INVALID_ARGUMENT naming the field)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            return Path(value).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{argument}: cannot read {os.fspath(value)!r}: {exc.strerror or exc}") from exc
+    if callable(getattr(value, "save", None)):
+        buffer = io.BytesIO()
+        cast("SavesImage", value).save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"{argument} must be bytes (an encoded PNG, JPEG or WEBP), a path or a PIL image; "
+                    f"got {type(value).__name__}")
 
 
 def parse_output_format(value: object, argument: str = "output_format") -> OutputFormat:
@@ -90,10 +122,15 @@ def parse_preview_mode(value: object, argument: str = "preview_mode") -> Preview
     return cast(PreviewMode, _choice(argument, value, tuple(PREVIEW_MODES)))
 
 
+def parse_decoder(value: object, argument: str = "decoder") -> Decoder:
+    """Checks a decoder name (case-insensitive; "tiny-vae" means "tiny_vae")."""
+    return cast(Decoder, _choice(argument, value, tuple(DECODERS)))
+
+
 def _choice(argument: str, value: object, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{argument} must be a str, one of {', '.join(allowed)}; got {type(value).__name__}")
-    name = value.strip().lower()
+    name = names.canonical_name(value)
     name = _FORMAT_ALIASES.get(name, name)
     if name not in allowed:
         raise ValueError(f"{argument}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
@@ -184,6 +221,7 @@ def summary_from_proto(message: pb.Summary) -> Summary:
         prompt_truncated=message.prompt_truncated,
         prompt_tokens=message.prompt_tokens,
         timings=timings_from_proto(message.timings),
+        num_steps=message.num_steps,
     )
 
 
@@ -219,8 +257,14 @@ def model_info_from_proto(message: pb.GetModelInfoResponse) -> ModelInfo:
             max_guidance_scale=limits.max_guidance_scale,
             max_batch_size=limits.max_batch_size,
             max_queued_requests=limits.max_queued_requests,
+            max_image_bytes=limits.max_image_bytes,
+            max_image_pixels=limits.max_image_pixels,
         ),
         server_version=message.server_version,
+        devices=list(message.devices),
+        decoders=[names.DECODER_NAMES.get(d, str(d)) for d in message.decoders],
+        default_decoder=names.DECODER_NAMES.get(message.default_decoder, ""),
+        jpeg_encoder=message.jpeg_encoder,
     )
 
 
@@ -268,6 +312,7 @@ def event_to_proto(event: GenerateEvent) -> pb.GenerateResponse:
             num_images=event.num_images,
             prompt_truncated=event.prompt_truncated,
             prompt_tokens=event.prompt_tokens,
+            num_steps=event.num_steps,
             timings=pb.Timings(
                 queue_ms=timings.queue_ms,
                 text_ms=timings.text_ms,
@@ -300,6 +345,12 @@ def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
             max_guidance_scale=limits.max_guidance_scale,
             max_batch_size=limits.max_batch_size,
             max_queued_requests=limits.max_queued_requests,
+            max_image_bytes=limits.max_image_bytes,
+            max_image_pixels=limits.max_image_pixels,
         ),
         server_version=info.server_version,
+        devices=list(info.devices),
+        decoders=[DECODERS[d] for d in info.decoders if d in DECODERS],
+        default_decoder=DECODERS.get(cast(Decoder, info.default_decoder), pb.DECODER_UNSPECIFIED),
+        jpeg_encoder=info.jpeg_encoder,
     )

@@ -6,12 +6,15 @@
             ...
 
 The channel is opened at the first call, inside the running event loop (a grpc.aio channel is
-bound to the loop it was made in), so an AsyncClient may be built anywhere.
+bound to the loop it was made in), so an AsyncClient may be built anywhere. Targets, balancing
+and retries as Client's (retry.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -23,13 +26,15 @@ from ._common import (
     DEFAULT_TARGET,
     HEALTH_STATUS_NAMES,
     ResultCollector,
+    auth_metadata,
     call_timeout,
     channel_credentials,
     channel_options,
 )
 from ._convert import build_generate_request, event_from_proto, model_info_from_proto
-from .errors import DeadlineExceededError, ProtocolError, UnavailableError, from_rpc_error
+from .errors import DeadlineExceededError, LcmServeError, ProtocolError, UnavailableError, from_rpc_error
 from .options import GenerateFields, GenerateOptions
+from .retry import Attempts, RetryPolicy, balancing_options, pick_seed
 from .types import GenerateEvent, GenerateResult, ModelInfo, Summary
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
@@ -44,13 +49,22 @@ class AsyncClient:
     """asyncio client of an lcmserve server; the same arguments and methods as Client.
 
     Args:
-        target: ``host:port`` of the server (any gRPC target string).
+        target: any gRPC target: ``host:port``, or several servers to balance over,
+            ``ipv4:a:p1,b:p2,...`` or ``dns:///name:port`` (round_robin over the SERVING ones).
         secure: use TLS (with the system's root certificates unless ``root_certificates``).
         root_certificates: PEM bytes of the roots to trust; implies TLS.
-        credentials: channel credentials to use as they are (wins over ``secure``).
+        client_cert: PEM bytes of a client certificate chain, for a server that requires mTLS
+            (with ``client_key``); implies TLS.
+        client_key: PEM bytes of the private key of ``client_cert``.
+        token: bearer token sent with every call (``authorization: Bearer <token>``); None
+            reads ``$LCMSERVE_TOKEN`` (unset: no token).
+        credentials: channel credentials to use as they are (wins over ``secure`` and the
+            certificate arguments).
         timeout: default deadline of every call, in seconds; None = no deadline.
         max_message_mb: largest message sent or received, in MiB (a RAW 1024x1024 image is 3 MiB).
         options: extra gRPC channel arguments, ``(name, value)`` pairs; they win over ours.
+        retries: how many times ``generate`` (and ``stream``, before its first event) retries
+            UNAVAILABLE and RESOURCE_EXHAUSTED, with backoff, inside the call's deadline; 0: never.
     """
 
     def __init__(
@@ -59,15 +73,22 @@ class AsyncClient:
         *,
         secure: bool = False,
         root_certificates: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = None,
         max_message_mb: float = 64,
         options: Sequence[tuple[str, Any]] = (),
+        retries: int = 3,
     ) -> None:
         self.target = target
         self.timeout = timeout  # seconds
-        self._channel_args = channel_options(max_message_mb, options)
-        self._credentials = channel_credentials(secure, root_certificates, credentials)
+        self.retry_policy = RetryPolicy(retries=retries)
+        self._rng = random.Random()
+        self._channel_args = channel_options(max_message_mb, [*balancing_options(target), *options])
+        self._credentials = channel_credentials(secure, root_certificates, credentials, client_cert, client_key)
+        self._metadata = auth_metadata(token)  # on every call
         self._channel: grpc.aio.Channel | None = None
         self._generation: Any = None  # GenerationServiceStub of the open channel
         self._health: Any = None  # HealthStub of the open channel
@@ -90,12 +111,27 @@ class AsyncClient:
 
         ``options`` (a GenerateOptions) with ``fields`` changed, e.g. ``seed=7, width=64``; those
         left None take the server's defaults (4 steps, guidance 1.0, 512x512, one image, JPEG
-        quality 90, a seed chosen by the server). See ``stream`` for the events.
+        quality 90), but for the seed: without one the SDK picks a random 31-bit seed, so that a
+        retry reproduces the images. See ``stream`` for the events.
+
+        A try that fails UNAVAILABLE or RESOURCE_EXHAUSTED (with a RetryInfo) is retried up to
+        ``retries`` times, even after events came (the result is collected whole), with the same
+        seed, inside ``timeout``.
         """
-        collector = ResultCollector()
-        async for event in self.stream(prompt, options, timeout=timeout, **fields):
-            collector.add(event)
-        return collector.result()
+        request = self._request(prompt, options, fields)
+        attempts = Attempts(self.retry_policy, call_timeout(timeout, self.timeout), request.seed, self._rng)
+        while True:
+            collector = ResultCollector()
+            try:
+                async with contextlib.aclosing(self._stream(request, attempts.timeout())) as events:
+                    async for event in events:
+                        collector.add(event)
+                return collector.result()
+            except LcmServeError as exc:
+                wait = attempts.wait_s(exc)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
 
     def stream(
         self,
@@ -112,15 +148,43 @@ class AsyncClient:
         iteration. Leaving early (break, exception, task cancelled) cancels the call on the
         server once the iterator is closed: at once with ``contextlib.aclosing``, else when
         the event loop finalizes it.
+
+        Retries (``retries``, as ``generate``) happen only before the first event: once events
+        were yielded, a failure is raised (a retry would repeat them). Without a seed the SDK
+        picks one, as ``generate``.
         """
+        request = self._request(prompt, options, fields)
+        return self._retried_stream(request, call_timeout(timeout, self.timeout))
+
+    def _request(self, prompt: str, options: GenerateOptions | None, fields: GenerateFields) -> pb.GenerateRequest:
         request = build_generate_request(prompt, options, **fields)
         self._check_open()
-        return self._stream(request, call_timeout(timeout, self.timeout))
+        if not request.HasField("seed"):
+            request.seed = pick_seed()  # fixed before the first try: every try gives the same images
+        return request
+
+    async def _retried_stream(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncGenerator[GenerateEvent, None]:
+        attempts = Attempts(self.retry_policy, timeout, request.seed, self._rng)
+        while True:
+            started = False
+            try:
+                async with contextlib.aclosing(self._stream(request, attempts.timeout())) as events:
+                    async for event in events:  # (closed on every way out: its finally cancels the call)
+                        started = True
+                        yield event
+                return
+            except LcmServeError as exc:
+                wait = None if started else attempts.wait_s(exc)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
 
     async def _stream(
         self, request: pb.GenerateRequest, timeout: float | None
     ) -> AsyncGenerator[GenerateEvent, None]:
-        call = self._stubs()[0].Generate(request, timeout=timeout)
+        call = self._stubs()[0].Generate(request, timeout=timeout, metadata=self._metadata)
         summary_seen = False
         try:
             async for response in call:
@@ -143,7 +207,7 @@ class AsyncClient:
         generation, _ = self._stubs()
         try:
             response = await generation.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=call_timeout(timeout, self.timeout)
+                pb.GetModelInfoRequest(), timeout=call_timeout(timeout, self.timeout), metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
@@ -156,7 +220,9 @@ class AsyncClient:
         _, health = self._stubs()
         try:
             response = await health.Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=call_timeout(timeout, self.timeout)
+                health_pb2.HealthCheckRequest(service=""),
+                timeout=call_timeout(timeout, self.timeout),
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc

@@ -7,12 +7,19 @@
 
 Every call takes ``timeout`` (seconds, the gRPC deadline of the whole call; None: the client's
 default, itself None = no deadline). Every gRPC failure is raised as an ``LcmServeError``.
+
+A target may name several servers (``ipv4:10.0.0.1:50051,10.0.0.2:50051``,
+``dns:///lcmserve-headless.ns.svc.cluster.local:50051``): calls are spread over the SERVING ones by
+gRPC's round_robin, and ``generate`` retries UNAVAILABLE and RESOURCE_EXHAUSTED with the same seed,
+so a request that a dying or full server refused gives the same images elsewhere (retry.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +30,15 @@ from ._common import (
     DEFAULT_TARGET,
     HEALTH_STATUS_NAMES,
     ResultCollector,
+    auth_metadata,
     call_timeout,
     channel_credentials,
     channel_options,
 )
 from ._convert import build_generate_request, event_from_proto, model_info_from_proto
-from .errors import DeadlineExceededError, ProtocolError, UnavailableError, from_rpc_error
+from .errors import DeadlineExceededError, LcmServeError, ProtocolError, UnavailableError, from_rpc_error
 from .options import GenerateFields, GenerateOptions
+from .retry import Attempts, RetryPolicy, balancing_options, pick_seed
 from .types import GenerateEvent, GenerateResult, ModelInfo, Summary
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
@@ -45,13 +54,22 @@ class Client:
     channel multiplexes their calls over one connection).
 
     Args:
-        target: ``host:port`` of the server (any gRPC target string).
+        target: any gRPC target: ``host:port``, or several servers to balance over,
+            ``ipv4:a:p1,b:p2,...`` or ``dns:///name:port`` (round_robin over the SERVING ones).
         secure: use TLS (with the system's root certificates unless ``root_certificates``).
         root_certificates: PEM bytes of the roots to trust; implies TLS.
-        credentials: channel credentials to use as they are (wins over ``secure``).
+        client_cert: PEM bytes of a client certificate chain, for a server that requires mTLS
+            (with ``client_key``); implies TLS.
+        client_key: PEM bytes of the private key of ``client_cert``.
+        token: bearer token sent with every call (``authorization: Bearer <token>``); None
+            reads ``$LCMSERVE_TOKEN`` (unset: no token).
+        credentials: channel credentials to use as they are (wins over ``secure`` and the
+            certificate arguments).
         timeout: default deadline of every call, in seconds; None = no deadline.
         max_message_mb: largest message sent or received, in MiB (a RAW 1024x1024 image is 3 MiB).
         options: extra gRPC channel arguments, ``(name, value)`` pairs; they win over ours.
+        retries: how many times ``generate`` (and ``stream``, before its first event) retries
+            UNAVAILABLE and RESOURCE_EXHAUSTED, with backoff, inside the call's deadline; 0: never.
     """
 
     def __init__(
@@ -60,15 +78,22 @@ class Client:
         *,
         secure: bool = False,
         root_certificates: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = None,
         max_message_mb: float = 64,
         options: Sequence[tuple[str, Any]] = (),
+        retries: int = 3,
     ) -> None:
         self.target = target
         self.timeout = timeout  # seconds
-        channel_args = channel_options(max_message_mb, options)
-        creds = channel_credentials(secure, root_certificates, credentials)
+        self.retry_policy = RetryPolicy(retries=retries)
+        self._rng = random.Random()
+        channel_args = channel_options(max_message_mb, [*balancing_options(target), *options])
+        creds = channel_credentials(secure, root_certificates, credentials, client_cert, client_key)
+        self._metadata = auth_metadata(token)  # on every call (health included: harmless, and proxies may want it)
         if creds is None:
             self._channel = grpc.insecure_channel(target, options=channel_args)
         else:
@@ -94,12 +119,26 @@ class Client:
 
         ``options`` (a GenerateOptions) with ``fields`` changed, e.g. ``seed=7, width=64``; those
         left None take the server's defaults (4 steps, guidance 1.0, 512x512, one image, JPEG
-        quality 90, a seed chosen by the server). See ``stream`` for the events.
+        quality 90), but for the seed: without one the SDK picks a random 31-bit seed, so that a
+        retry reproduces the images. See ``stream`` for the events.
+
+        A try that fails UNAVAILABLE or RESOURCE_EXHAUSTED (with a RetryInfo) is retried up to
+        ``retries`` times, even after events came (the result is collected whole), with the same
+        seed, inside ``timeout``.
         """
-        collector = ResultCollector()
-        for event in self.stream(prompt, options, timeout=timeout, **fields):
-            collector.add(event)
-        return collector.result()
+        request = self._request(prompt, options, fields)
+        attempts = Attempts(self.retry_policy, call_timeout(timeout, self.timeout), request.seed, self._rng)
+        while True:
+            collector = ResultCollector()
+            try:
+                for event in self._stream(request, attempts.timeout()):
+                    collector.add(event)
+                return collector.result()
+            except LcmServeError as exc:
+                wait = attempts.wait_s(exc)
+                if wait is None:
+                    raise
+            time.sleep(wait)
 
     def stream(
         self,
@@ -115,13 +154,39 @@ class Client:
         Arguments are checked now (TypeError/ValueError); the call starts at the first
         ``next()``. Leaving the loop early (break, exception, ``close()``) cancels the call on
         the server, so its batch slots are freed.
+
+        Retries (``retries``, as ``generate``) happen only before the first event: once events
+        were yielded, a failure is raised (a retry would repeat them). Without a seed the SDK
+        picks one, as ``generate``.
         """
+        request = self._request(prompt, options, fields)
+        return self._retried_stream(request, call_timeout(timeout, self.timeout))
+
+    def _request(self, prompt: str, options: GenerateOptions | None, fields: GenerateFields) -> pb.GenerateRequest:
         request = build_generate_request(prompt, options, **fields)
         self._check_open()
-        return self._stream(request, call_timeout(timeout, self.timeout))
+        if not request.HasField("seed"):
+            request.seed = pick_seed()  # fixed before the first try: every try gives the same images
+        return request
 
-    def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[GenerateEvent]:
-        call = self._generation.Generate(request, timeout=timeout)
+    def _retried_stream(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[GenerateEvent]:
+        attempts = Attempts(self.retry_policy, timeout, request.seed, self._rng)
+        while True:
+            started = False
+            try:
+                with contextlib.closing(self._stream(request, attempts.timeout())) as events:  # closed: cancelled
+                    for event in events:
+                        started = True
+                        yield event
+                return
+            except LcmServeError as exc:
+                wait = None if started else attempts.wait_s(exc)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+
+    def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Generator[GenerateEvent, None, None]:
+        call = self._generation.Generate(request, timeout=timeout, metadata=self._metadata)
         summary_seen = False
         try:
             for response in call:
@@ -144,7 +209,7 @@ class Client:
         self._check_open()
         try:
             response = self._generation.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=call_timeout(timeout, self.timeout)
+                pb.GetModelInfoRequest(), timeout=call_timeout(timeout, self.timeout), metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
@@ -157,7 +222,9 @@ class Client:
         self._check_open()
         try:
             response = self._health.Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=call_timeout(timeout, self.timeout)
+                health_pb2.HealthCheckRequest(service=""),
+                timeout=call_timeout(timeout, self.timeout),
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc

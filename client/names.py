@@ -23,9 +23,12 @@ OUTPUT_FORMAT_VALUES: dict[str, int] = enum_names(pb.OutputFormat, "OUTPUT_FORMA
 OUTPUT_FORMAT_NAMES: dict[int, str] = {number: name for name, number in OUTPUT_FORMAT_VALUES.items()}
 PREVIEW_MODE_VALUES: dict[str, int] = enum_names(pb.PreviewMode, "PREVIEW_MODE_")
 PREVIEW_MODE_NAMES: dict[int, str] = {number: name for name, number in PREVIEW_MODE_VALUES.items()}
+DECODER_VALUES: dict[str, int] = enum_names(pb.Decoder, "DECODER_")  # {"vae": 1, "tiny_vae": 2}
+DECODER_NAMES: dict[int, str] = {number: name for name, number in DECODER_VALUES.items()}
 
 DEFAULT_OUTPUT_FORMAT = "jpeg"  # what OUTPUT_FORMAT_UNSPECIFIED means (generation.proto)
 DEFAULT_PREVIEW_MODE = "none"  # what PREVIEW_MODE_UNSPECIFIED means
+DEFAULT_DECODER = "unspecified"  # DECODER_UNSPECIFIED: the server picks (GetModelInfo.default_decoder)
 
 
 def output_format_name(number: int) -> str | None:
@@ -36,3 +39,14 @@ def output_format_name(number: int) -> str | None:
 def preview_mode_name(number: int) -> str | None:
     """The name of a PreviewMode value (UNSPECIFIED -> the default), None for an unknown number."""
     return DEFAULT_PREVIEW_MODE if number == pb.PREVIEW_MODE_UNSPECIFIED else PREVIEW_MODE_NAMES.get(number)
+
+
+def decoder_name(number: int) -> str | None:
+    """The name of a Decoder value ("vae", "tiny_vae"; UNSPECIFIED -> "unspecified": the server's own
+    default, which only the server knows), None for an unknown number."""
+    return DEFAULT_DECODER if number == pb.DECODER_UNSPECIFIED else DECODER_NAMES.get(number)
+
+
+def canonical_name(text: str) -> str:
+    """A name as a user may type it on a command line -> the proto-derived name: "tiny-vae" -> "tiny_vae"."""
+    return text.strip().lower().replace("-", "_")

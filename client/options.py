@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict
 
-from .types import OutputFormat, PreviewMode
+from .types import Decoder, ImageInput, OutputFormat, PreviewMode
 
 if TYPE_CHECKING:  # annotations only: typing.Unpack is Python >= 3.11, and mypy bundles this module
     from typing_extensions import Self, Unpack
@@ -44,6 +44,12 @@ class GenerateOptions:
     quality: int | None = None  # JPEG/WEBP quality, 1 to 100; default 90
     preview_mode: PreviewMode = "none"  # what each step event carries
     include_latents: bool = False  # float32 latents with every step event and image
+    decoder: Decoder = "unspecified"  # of the final images: vae, tiny_vae; default: the server's default
+    # img2img / inpainting: the picture to start from (encoded PNG/JPEG/WEBP bytes, a path, or a PIL
+    # image); width/height then default to its size floored to a multiple of 8
+    init_image: ImageInput | None = None
+    strength: float | None = None  # with init_image: 0 < strength <= 1, the share of the steps run; default 0.8
+    mask_image: ImageInput | None = None  # inpainting: white = repaint, black = keep; only with init_image
 
     def replace(self, **fields: Unpack[GenerateFields]) -> Self:
         """A copy with ``fields`` changed. Raises TypeError naming an option that does not exist."""
@@ -70,6 +76,10 @@ class GenerateFields(TypedDict, total=False):
     quality: int | None
     preview_mode: PreviewMode
     include_latents: bool
+    decoder: Decoder
+    init_image: ImageInput | None
+    strength: float | None
+    mask_image: ImageInput | None
 
 
 _FIELD_NAMES: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(GenerateOptions))

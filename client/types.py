@@ -10,7 +10,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:  # only for annotations: never imported at run time by this module
     import numpy
@@ -19,8 +19,22 @@ if TYPE_CHECKING:  # only for annotations: never imported at run time by this mo
 OutputFormat = Literal["jpeg", "png", "webp", "raw"]
 """Encoding of an image: JPEG, PNG, WEBP, or RAW = uint8 RGB pixels, shape (height, width, 3)."""
 
-PreviewMode = Literal["none", "approx", "full"]
-"""Preview per step: none, a cheap latent-to-RGB approximation at 1/8 size, or a full VAE decode."""
+PreviewMode = Literal["none", "approx", "full", "tiny_vae"]
+"""Preview per step: none, a cheap latent-to-RGB approximation at 1/8 size, a full VAE decode, or the
+tiny autoencoder's (TAESD) decode at full size (a model with one only)."""
+
+Decoder = Literal["unspecified", "vae", "tiny_vae"]
+"""Decoder of the final images: the server's default, the model's VAE, or its tiny autoencoder (TAESD)."""
+
+class SavesImage(Protocol):
+    """What the SDK needs of a PIL image given as init_image or mask_image: ``save(fp, format=...)``."""
+
+    def save(self, fp: Any, format: str | None = None) -> None: ...
+
+
+ImageInput = bytes | str | os.PathLike[str] | SavesImage
+"""An init_image or mask_image: encoded PNG/JPEG/WEBP bytes (sent as they are), a path to such a
+file (read when the request is built), or a PIL image (sent as PNG)."""
 
 # File suffix -> format, for Picture.save(); the first suffix of a format is its default.
 SUFFIX_FORMATS: dict[str, OutputFormat] = {
@@ -214,6 +228,9 @@ class Summary:
     prompt_truncated: bool  # CLIP's 77-token limit cut the prompt or the negative prompt
     prompt_tokens: int  # tokens of the prompt, start and end included, before truncation
     timings: Timings
+    # Denoising steps each image ran: num_inference_steps, or with an init image
+    # int(num_inference_steps * strength). 0 from a server older than this field.
+    num_steps: int = 0
 
 
 GenerateEvent = StepEvent | Image | Summary
@@ -262,6 +279,8 @@ class Limits:
     max_guidance_scale: float
     max_batch_size: int  # rows in one UNet call (a guided image takes two)
     max_queued_requests: int  # waiting before RESOURCE_EXHAUSTED
+    max_image_bytes: int = 0  # of init_image and of mask_image, each; 0 from a server without img2img
+    max_image_pixels: int = 0  # width x height of each, decoded
 
 
 @dataclass(frozen=True)
@@ -275,3 +294,11 @@ class ModelInfo:
     backend: str  # "eager", "compile", "aoti" or "onnx"
     limits: Limits
     server_version: str
+    # Every engine's device, one engine process each (`serve --devices cuda:0,cuda:1`); device is
+    # the first. Empty from a server older than this field.
+    devices: list[str] = field(default_factory=list)
+    # Decoders the model has ("vae", "tiny_vae"), what an unspecified decoder means, and who
+    # encodes JPEG ("gpu" or "host"). Empty from a server older than these fields.
+    decoders: list[str] = field(default_factory=list)
+    default_decoder: str = ""
+    jpeg_encoder: str = ""

@@ -43,6 +43,20 @@ class VaeDecode(torch.nn.Module):
         return pixels
 
 
+class VaeEncode(torch.nn.Module):
+    """Pixels (B, 3, 8h, 8w) in [-1, 1] -> moments (B, 8, h, w): the mean and log-variance of the latent
+    distribution (AutoencoderKL's encoder + quant_conv; diffusers' DiagonalGaussianDistribution.parameters)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        encode: Callable[..., Any] = getattr(self.vae, "encode")  # noqa: B009 - AutoencoderKL.encode
+        moments: torch.Tensor = encode(pixels, return_dict=False)[0].parameters
+        return moments
+
+
 class TextEncode(torch.nn.Module):
     """Token ids (B, 77) int64 -> last hidden state (B, 77, D), as StableDiffusionPipeline.encode_prompt."""
 

@@ -3,6 +3,7 @@
 An artifact is a folder:
 
     model/          a diffusers folder (StableDiffusionPipeline.from_pretrained loads it), LoRAs fused
+    tiny_vae/       optional: a tiny autoencoder (diffusers' AutoencoderTiny folder, TAESD), from --tiny-vae
     compiled/<b>/   per compiled backend b: the files of PARTS[b]
     manifest.json   written last (a folder with a manifest is complete), by `Manifest.write` only;
                     read by `read_manifest` only, which refuses a format_version it does not know
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_DIR = "model"
+TINY_VAE_DIR = "tiny_vae"
 COMPILED_DIR = "compiled"
 
 BACKENDS: tuple[str, ...] = ("eager", "compile", "aoti", "onnx")
@@ -54,8 +56,11 @@ IMAGE_SIDE_RANGE = (64, 1024)  # pixels, as the request validation allows
 
 # File names inside compiled/<backend>/, per part.
 PARTS: dict[str, dict[str, str]] = {
-    "aoti": {"text_encoder": "text_encoder.pt2", "unet": "unet.pt2", "vae_decoder": "vae_decoder.pt2"},
-    "onnx": {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx"},
+    # vae_encoder (img2img, inpainting) is optional when reading: artifacts from before it serve it eagerly.
+    "aoti": {"text_encoder": "text_encoder.pt2", "unet": "unet.pt2", "vae_decoder": "vae_decoder.pt2",
+             "vae_encoder": "vae_encoder.pt2"},
+    "onnx": {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx",
+             "vae_encoder": "vae_encoder.onnx"},
     # torch.compiler.save_cache_artifacts() bytes, and the C++ kernels inductor built on the CPU
     # (the mega-cache bundles Triton kernels but not these: without them a CPU start rebuilds each).
     "compile": {"cache": "inductor_cache.bin", "cpp_kernels": "cpp_kernels"},
@@ -65,6 +70,7 @@ IO_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     "text_encoder": (("input_ids",), "hidden"),
     "unet": (("latents", "timesteps", "text"), "noise"),
     "vae_decoder": (("latents",), "pixels"),
+    "vae_encoder": (("pixels",), "moments"),
 }
 
 
@@ -214,7 +220,7 @@ class CompiledEntry:
 
 @dataclass(frozen=True, kw_only=True)
 class AotiEntry(CompiledEntry):
-    """AOTInductor `.pt2` packages of the three parts (PARTS["aoti"])."""
+    """AOTInductor `.pt2` packages of the four parts (PARTS["aoti"]; vae_encoder optional when read)."""
 
     backend: ClassVar[str] = "aoti"
     shapes: dict[str, Any] = field(default_factory=dict)  # exported input/output shapes and dims, for people
@@ -222,7 +228,8 @@ class AotiEntry(CompiledEntry):
 
 @dataclass(frozen=True, kw_only=True)
 class OnnxEntry(CompiledEntry):
-    """ONNX files of the three parts (PARTS["onnx"], with `<part>_data` external weights)."""
+    """ONNX files of the four parts (PARTS["onnx"], `<part>_data` external weights; vae_encoder optional
+    when read)."""
 
     backend: ClassVar[str] = "onnx"
     onnxruntime: str | None = None  # onnxruntime.__version__ at export (its parity check ran there)
@@ -298,6 +305,9 @@ class Manifest:
     # {"max_abs_diff", "tolerance", "passed", "prompt", "seed", "height", "width", "steps",
     #  "guidance_scale"}: fused vs unfused adapters, pixels in [0, 1]. None when there was no LoRA.
     parity: dict[str, Any] | None = None
+    # {"source", "kind" (preset | artifact | folder | hub), "sha256" (of tiny_vae/'s weights file),
+    #  "source_sha256" (of the source's weights file, when it had one), "scaling_factor"}; None: no tiny_vae/.
+    tiny_vae: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-partial-lora", action="store_true",
                         help="apply a LoRA some of whose modules match nothing in the model (warns and records "
                              "them in the manifest; default: refuse it)")
+    parser.add_argument("--tiny-vae", default=None, metavar="SRC",
+                        help="also ship a tiny autoencoder (TAESD) as DIR/tiny_vae/: a hub id (madebyollin/taesd), "
+                             "a local AutoencoderTiny folder, or a preset's (tiny, sd15-random)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
             force=args.force,
             progress=not args.no_progress,
+            tiny_vae=args.tiny_vae,
         )
     except ExportError as e:
         return _fail(e)
@@ -88,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"exported {args.base} + {len(manifest.loras)} LoRA(s) -> {args.out} "
         f"({manifest.dtype}, {manifest.device}, {manifest.backend}); {check}"
+        + (f"; tiny autoencoder {manifest.tiny_vae['source']}" if manifest.tiny_vae else "")
     )
     return 0
 

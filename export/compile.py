@@ -5,7 +5,7 @@ model/ folder it saves (LoRAs already fused), and returns the manifest's typed `
 (artifact.py). The server side (what each backend serves, how an artifact for another machine is
 refused) is server/compiled.py and server/loader.py; docs/backends.md has the reasons and measured times.
 
-    aoti     torch.export of three adapters (UNet step, VAE decode, text encode) with a dynamic batch
+    aoti     torch.export of four adapters (UNet step, VAE decode and encode, text encode), dynamic batch
              (1..63) and dynamic latent sides, each compiled by AOTInductor into a `.pt2` package.
     compile  torch.compile of the UNet and VAE decode, run once per warm shape so inductor compiles
              them; the compile caches are saved with `torch.compiler.save_cache_artifacts()`.
@@ -35,6 +35,7 @@ from lcmserve.export.adapters import (
     TextEncode,
     UNetStep,
     VaeDecode,
+    VaeEncode,
     apply_optimizations,
     compile_parts,
     compile_settings,
@@ -171,6 +172,8 @@ def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[s
         "text_encoder": {"input_ids": {0: batch}},
         "unet": {"latents": {0: batch, 2: unet_h, 3: unet_w}, "timesteps": {0: batch}, "text": {0: batch}},
         "vae_decoder": {"latents": {0: batch, 2: vae_h, 3: vae_w}},
+        "vae_encoder": {"pixels": {0: batch, 2: s["vae_scale"] * Dim("vae_h", min=s["vae_lo"], max=s["vae_hi"]),
+                                   3: s["vae_scale"] * Dim("vae_w", min=s["vae_lo"], max=s["vae_hi"])}},
     }
     c, n, d = s["latent_channels"], s["text_len"], s["text_dim"]
     shapes_json = {
@@ -179,6 +182,8 @@ def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[s
                  "text": ["batch", n, d], "noise": ["batch", c, f"{m}*unet_h_blocks", f"{m}*unet_w_blocks"]},
         "vae_decoder": {"latents": ["batch", c, "vae_h", "vae_w"],
                         "pixels": ["batch", 3, f"{s['vae_scale']}*vae_h", f"{s['vae_scale']}*vae_w"]},
+        "vae_encoder": {"pixels": ["batch", 3, f"{s['vae_scale']}*vae_h", f"{s['vae_scale']}*vae_w"],
+                        "moments": ["batch", 2 * c, "vae_h", "vae_w"]},
         "dims": {"batch": [1, MAX_BATCH], "unet_h_blocks": [s["k_lo"], s["k_hi"]],
                  "unet_w_blocks": [s["k_lo"], s["k_hi"]], "vae_h": [s["vae_lo"], s["vae_hi"]],
                  "vae_w": [s["vae_lo"], s["vae_hi"]]},
@@ -204,17 +209,19 @@ def _example_inputs(s: dict[str, int], dev: torch.device, dtype: torch.dtype, ba
         "unet": (torch.randn(batch, c, h, w, generator=gen).to(dev, dtype), timesteps.to(dev),
                  torch.randn(batch, n, d, generator=gen).to(dev, dtype)),
         "vae_decoder": (torch.randn(batch, c, h, w, generator=gen).to(dev, dtype),),
+        "vae_encoder": (torch.rand(batch, 3, h * s["vae_scale"], w * s["vae_scale"], generator=gen).mul(2).sub(1)
+                        .to(dev, dtype),),  # pixels in [-1, 1]
     }
 
 
 def _adapters(pipe: SDPipeline, dev: torch.device, dtype: torch.dtype,
               optimizations: Sequence[str]) -> dict[str, torch.nn.Module]:
-    """Rewritten copies of the three parts behind plain-tensor adapters (the pipeline is untouched)."""
+    """Rewritten copies of the four parts behind plain-tensor adapters (the pipeline is untouched)."""
     text = _copy_to(pipe.text_encoder, dev, dtype)
     unet = apply_optimizations(_copy_to(pipe.unet, dev, dtype), tuple(optimizations))
     vae = apply_optimizations(_copy_to(pipe.vae, dev, dtype), tuple(optimizations))
     return {"text_encoder": TextEncode(text).eval(), "unet": UNetStep(unet).eval(),
-            "vae_decoder": VaeDecode(vae).eval()}
+            "vae_decoder": VaeDecode(vae).eval(), "vae_encoder": VaeEncode(vae).eval()}
 
 
 def _copy_to(part: object, dev: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -229,7 +236,7 @@ def _copy_to(part: object, dev: torch.device, dtype: torch.dtype) -> torch.nn.Mo
 def _references(pipe: SDPipeline, inputs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
     """The unrewritten pipeline's outputs at the example inputs: what each compiled part must match."""
     eager = {"text_encoder": TextEncode(as_module(pipe.text_encoder)), "unet": UNetStep(as_module(pipe.unet)),
-             "vae_decoder": VaeDecode(as_module(pipe.vae))}
+             "vae_decoder": VaeDecode(as_module(pipe.vae)), "vae_encoder": VaeEncode(as_module(pipe.vae))}
     return {part: eager[part](*inputs[part]) for part in eager}
 
 

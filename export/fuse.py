@@ -42,6 +42,7 @@ from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed
 from lcmserve.export.artifact import (
     BACKENDS,
     MODEL_DIR,
+    TINY_VAE_DIR,
     CompiledEntry,
     Manifest,
     device_arch,
@@ -191,6 +192,7 @@ def _manifest(
     backend: str,
     parity: dict[str, Any] | None,
     compiled: dict[str, CompiledEntry] | None = None,
+    tiny_vae: dict[str, Any] | None = None,
 ) -> Manifest:
     return Manifest(
         base=base,
@@ -205,6 +207,7 @@ def _manifest(
         versions=library_versions(),
         created=now_utc(),
         parity=parity,
+        tiny_vae=tiny_vae,
     )
 
 
@@ -248,8 +251,12 @@ def export_model(
     backend: str = "eager",
     force: bool = False,
     progress: bool = True,
+    tiny_vae: str | None = None,
 ) -> Manifest:
     """Fuse `loras` into `base`, check parity, write the artifact folder `out`. Returns its manifest.
+
+    `tiny_vae` (a preset name, an AutoencoderTiny folder, an artifact with one, or a hub id:
+    export/tiny_vae.py) is saved as `out/tiny_vae/` in the model's dtype, its sha256 in the manifest.
 
     `dtype`/`device` default to float16 on CUDA when there is one, else float32 on the CPU. A backend
     other than eager is built by `lcmserve.export.compile.compile_artifact` into the same folder.
@@ -277,6 +284,7 @@ def export_model(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         pipe.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
+        tiny_record = _save_tiny_vae(pipe, tiny_vae, tmp, torch_dtype) if tiny_vae is not None else None
         stages.done()
 
         compiled: dict[str, CompiledEntry] = {}
@@ -287,7 +295,7 @@ def export_model(
             compiled[backend] = compile_artifact(pipe, tmp, backend=backend, device=device, dtype=torch_dtype)
             stages.done()
 
-        manifest = _manifest(base, kind, records, torch_dtype, device, backend, parity, compiled)
+        manifest = _manifest(base, kind, records, torch_dtype, device, backend, parity, compiled, tiny_record)
         manifest.write(tmp)  # last file: a folder with a manifest is complete
         make_readable(tmp)
         _swap_into_place(tmp, out, force)
@@ -301,6 +309,17 @@ def export_model(
         stages.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_tiny_vae(pipe: SDPipeline, source: str, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """Load the tiny autoencoder `source`, check it fits the model, save it as folder/tiny_vae/."""
+    from lcmserve.export.tiny_vae import load_tiny_vae, save_pretrained
+
+    model, record = load_tiny_vae(source, dtype=dtype, device="cpu",
+                                  latent_channels=int(pipe.unet.config.in_channels),
+                                  vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    record["sha256"] = save_pretrained(model, folder / TINY_VAE_DIR)
+    return record
 
 
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:

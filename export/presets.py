@@ -63,6 +63,10 @@ class PresetSpec:
     weight_gain: float = 1.0
     # Extra factor for the weights of UNet modules whose name ends with the key.
     unet_gain: dict[str, float] = field(default_factory=dict)
+    # The preset's tiny autoencoder (diffusers' AutoencoderTiny kwargs; export/tiny_vae.py builds it),
+    # and the init gain of its weights.
+    tiny_vae: dict[str, Any] = field(default_factory=dict)
+    tiny_vae_gain: float = 1.0
 
 
 _TINY = PresetSpec(
@@ -104,6 +108,11 @@ _TINY = PresetSpec(
     # std 0.16, 1% saturated pixels, and a visible prompt effect (mean |diff| 0.04).
     weight_gain=1.5,
     unet_gain={"attn2.to_k": 4.0, "attn2.to_v": 4.0},
+    tiny_vae=dict(  # TAESD's structure (4 blocks: 8x), 8 channels and one block each
+        encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+    ),
+    tiny_vae_gain=2.0,
 )
 
 _SD15_RANDOM = PresetSpec(
@@ -130,6 +139,11 @@ _SD15_RANDOM = PresetSpec(
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=2,
         norm_num_groups=32,
+    ),
+    tiny_vae=dict(  # madebyollin/taesd's config.json (diffusers' AutoencoderTiny defaults, spelt out)
+        encoder_block_out_channels=(64, 64, 64, 64), decoder_block_out_channels=(64, 64, 64, 64),
+        num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1), latent_magnitude=3, latent_shift=0.5,
+        scaling_factor=1.0,
     ),
     text_encoder=dict(
         vocab_size=49408,

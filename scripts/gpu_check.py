@@ -18,6 +18,11 @@ to --out ($OUT). Stages, default deadline on an H100 (s):
   baseline_cached 180 (scripts/baseline_cached.py: same prompt cache and threaded JPEG encoding
   as the server, no per-step sync) | with --aoti: export_aoti 420, serve_aoti 240, bench_aoti_*
   | with --anchor S: ../shared/anchors/gpu_baseline.py (or .device/anchors/) for S seconds.
+On the GPU (with --tiny only given --decoders), the eager artifact ships the preset's tiny
+autoencoder (`--tiny-vae`, TAESD's shapes): after the VAE levels, bench_eager_tiny runs c=32,64 with
+`--decoder tiny-vae` on the same server (120 s); bench_eager_img2img 120 (c=32,64 with --init-image,
+a side x side PNG, --strength 0.5: 2 of the 4 steps run, plus a VAE encode per request); decode_timing 120 (scripts/decode_timing.py --jpeg: one 512x512 decode, VAE against tiny, and JPEG
+q90 on the host (PIL) against the GPU (torchvision's nvjpeg), batch 1 and 8).
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ class Check:
         self.current = ""  # the stage running now (for the record of an interruption)
         self.servers: list[Server] = []
         self.tiny = bool(args.tiny)
+        self.decoders = not self.tiny or bool(args.decoders)  # the tiny-autoencoder and JPEG stages
         self.base = "tiny" if self.tiny else "sd15-random"
         self.side = "64" if self.tiny else "512"
         self.device = "cpu" if self.tiny else "cuda"
@@ -163,6 +169,8 @@ class Check:
         self.stage("loras", 240 if not self.tiny else 180, lambda limit: self._loras(loras, limit), needs=("import",))
         self.stage("export_eager", 300, lambda limit: self._export(eager, "eager", loras, limit), needs=("loras",))
         self.serve_and_bench("eager", eager, needs="export_eager")
+        if self.decoders:
+            self.stage("decode_timing", 120, self._decode_timing, needs=("import",))
         batches = "1,8" if self.tiny else "1,32"
         iters = "2" if self.tiny else "5"
         self.stage("baseline_plain", 180, lambda limit: self._baseline_plain(eager, batches, iters, limit),
@@ -197,6 +205,15 @@ class Check:
                 server.target, f"bench_{backend}_low", ["--concurrency", low, "--requests", requests], limit))
             self.stage(f"bench_{backend}_high", 150, lambda limit: self._bench(
                 server.target, f"bench_{backend}_high", ["--concurrency", high, "--duration", duration], limit))
+            if backend == "eager" and self.decoders:  # the artifact has the tiny autoencoder: the same levels
+                self.stage("bench_eager_tiny", 120, lambda limit: self._bench(
+                    server.target, "bench_eager_tiny", ["--concurrency", high, "--duration", duration,
+                                                        "--decoder", "tiny-vae"], limit))
+            if backend == "eager":  # img2img at the same size: every request VAE-encodes a photo, runs 2 of 4 steps
+                self.stage("bench_eager_img2img", 120, lambda limit: self._bench(
+                    server.target, "bench_eager_img2img", ["--concurrency", high, "--duration", duration,
+                                                           "--init-image", str(self._init_image()),
+                                                           "--strength", "0.5"], limit))
         finally:
             server.stop()
             self.servers.remove(server)
@@ -220,7 +237,40 @@ class Check:
         return self.cli(f"export_{backend}", [
             "export", "--base", self.base, "--lora", f"{loras / 'lcm.safetensors'}:1.0",
             "--lora", f"{loras / 'crack.safetensors'}:0.8", "--out", str(out), "--dtype", self.dtype,
-            "--device", self.device, "--backend", backend, "--force", "--no-progress"], limit)
+            "--device", self.device, "--backend", backend, "--force", "--no-progress",
+            *(["--tiny-vae", self.base] if backend == "eager" and self.decoders else [])], limit)
+
+    def _decode_timing(self, limit: float) -> dict[str, Any]:
+        path = self.work / "decode_timing.json"
+        rows: list[dict[str, Any]] = []
+        for batch in ("1", "8"):
+            cmd = [PY, str(REPO / "scripts" / "decode_timing.py"), "--device", self.device, "--dtype", self.dtype,
+                   "--side", self.side, "--batch", batch, "--repeats", "3" if self.tiny else "10", "--jpeg",
+                   "--json", str(path)]
+            rc, tail = run(cmd, self.work / f"decode_timing_{batch}.log", limit / 2, env=self.env)
+            if rc:
+                raise RuntimeError(f"exit {rc}: {tail}")
+            result = json.loads(path.read_text())
+            for row in result["decode"] + result.get("jpeg", []):
+                what = f"decode {row['decoder']}" if "decoder" in row else f"jpeg {row['encoder']}"
+                self.rec.emit(stage="decode_timing", status="level", batch=batch, p50_ms=row.get("median_ms"),
+                              how=f"{what}, batch {batch} x {self.side}px {self.dtype}" + (
+                                  f" ({row['error']})" if "error" in row else ""))
+                rows.append(row)
+        return {"rows": len(rows)}
+
+    def _init_image(self) -> pathlib.Path:
+        """A side x side 'wall photo' PNG (gradient, speckle, a dark diagonal) for the img2img level."""
+        import numpy as np
+        from PIL import Image
+
+        side = int(self.side)
+        y, x = np.mgrid[0:side, 0:side]
+        grey = 90 + 80 * x / side + 40 * y / side + np.random.default_rng(0).normal(0, 12, (side, side))
+        grey[np.abs(y - x) < 3] -= 70
+        path = self.work / "wall.png"
+        Image.fromarray(np.stack([grey] * 3, axis=-1).clip(0, 255).astype(np.uint8)).save(path)
+        return path
 
     def _bench(self, target: str, name: str, load: list[str], limit: float) -> dict[str, Any]:
         path = self.work / f"{name}.json"
@@ -311,6 +361,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny preset, 64x64, float32")
     p.add_argument("--aoti", action="store_true", help="also export, serve and load an AOTInductor artifact")
+    p.add_argument("--decoders", action="store_true",
+                   help="with --tiny: also the tiny-autoencoder level and decode/JPEG timing (always on the GPU)")
     p.add_argument("--anchor", type=float, default=0.0, metavar="S",
                    help="also run the anchor script gpu_baseline.py for at most S seconds (default: off)")
     p.add_argument("--baseline-compile", action="store_true",

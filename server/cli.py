@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
-from .config import EngineConfig, FaultInjection, Limits, ServerConfig
+from lcmserve.export.artifact import BACKENDS as ARTIFACT_BACKENDS
+from lcmserve.export.artifact import DTYPES
+
+from .config import EngineConfig, FaultInjection, Limits, ServerConfig, TlsConfig
 
 _ENGINE = EngineConfig()
 _SERVER = ServerConfig()
 _LIMITS = Limits()
-BACKENDS = ("auto", "eager", "compile", "aoti", "onnx")
+BACKENDS = ("auto", *ARTIFACT_BACKENDS)
+AUTH_TOKEN_ENV = "LCMSERVE_AUTH_TOKEN"
+
+
+class UsageError(Exception):
+    """A flag's value cannot be used; one line for stderr, exit code 2."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,13 +32,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA to fuse at start (file, folder or hub id; scale default 1.0); repeatable")
     p.add_argument("--allow-partial-lora", action="store_true",
                    help="fuse a --lora some of whose modules match nothing in the model (warns; default: refuse)")
+    p.add_argument("--tiny-vae", default=None, metavar="SRC",
+                   help="serve a tiny autoencoder (TAESD) beside the VAE: a hub id (madebyollin/taesd), an "
+                        "AutoencoderTiny folder, or a preset's (tiny, sd15-random); default: the artifact's tiny_vae/")
+    p.add_argument("--default-decoder", default="vae", choices=("vae", "tiny-vae"),
+                   help="decoder of requests that leave `decoder` unset (default vae; tiny-vae needs a tiny autoencoder)")
     p.add_argument("--host", default=_SERVER.host, help=f"address to bind (default {_SERVER.host}; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=_SERVER.port,
                    help=f"gRPC port (default {_SERVER.port}; 0 picks a free one)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="runtime (default auto: the best compiled artifact present for this machine, else eager)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--devices", default=None, metavar="D,D,...|all",
+                   help="one engine process per device behind this one server, e.g. cuda:0,cuda:1 or all (every "
+                        "GPU); cpu,cpu runs two CPU engines, each on cores of its own where there are enough. Each "
+                        "request goes to the engine with the fewest outstanding rows (default: one, on --device)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="default: the artifact's, else float16 on CUDA and float32 on CPU")
     p.add_argument("--max-batch-size", type=int, default=_ENGINE.max_batch_size,
                    help=f"most rows in one UNet call; a guided image takes two (default {_ENGINE.max_batch_size})")
@@ -52,6 +71,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"a larger batch runs eagerly (default {','.join(map(str, _ENGINE.buckets))})")
     p.add_argument("--metrics-port", type=int, default=_SERVER.metrics_port,
                    help=f"Prometheus /metrics port (default {_SERVER.metrics_port}; 0 picks a free one; -1 disables)")
+    p.add_argument("--metrics-host", default=None,
+                   help="address of the /metrics endpoint (default: the --host value)")
+    sec = p.add_argument_group("security (docs/security.md)")
+    sec.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                     help="serve TLS only, with this certificate chain (needs --tls-key)")
+    sec.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
+                     help="mTLS: require client certificates signed by these CAs (needs --tls-cert)")
+    sec.add_argument("--auth-token-file", type=Path, default=None, metavar="FILE",
+                     help=f"require 'authorization: Bearer <token>' on every RPC but health; one token a line "
+                          f"(or set ${AUTH_TOKEN_ENV})")
+    sec.add_argument("--no-reflection", action="store_true",
+                     help="do not serve gRPC reflection (with auth on, reflection needs the token)")
+    conn = p.add_argument_group("connections")
+    conn.add_argument("--max-concurrent-rpcs", type=int, default=_SERVER.max_concurrent_rpcs, metavar="N",
+                     help=f"RPCs in flight server-wide, beyond which RESOURCE_EXHAUSTED; also streams per "
+                          f"connection (default {_SERVER.max_concurrent_rpcs})")
+    conn.add_argument("--max-connection-age", type=float, default=None, metavar="S",
+                     help="close connections after S seconds (GOAWAY; streams get --drain-timeout to "
+                          "finish) so that clients rebalance over new replicas (default: never)")
     p.add_argument("--drain-timeout", type=float, default=_SERVER.drain_timeout_s,
                    help=f"seconds in-flight requests get to finish on SIGTERM (default {_SERVER.drain_timeout_s:g})")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
@@ -77,16 +116,20 @@ def run(args: argparse.Namespace) -> int:
 
     from lcmserve.export.errors import ExportError
 
-    from .app import serve
+    from .app import StartupError, serve
     from .loader import LoadError, load_runtime
 
     try:
         faults = FaultInjection.from_env()
-    except ValueError as exc:
+        config = ServerConfig(host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
+                              metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                              metrics_host=args.metrics_host, threads=args.threads, tls=_tls(args),
+                              auth_tokens=_tokens(args.auth_token_file), reflection=not args.no_reflection,
+                              max_concurrent_rpcs=_positive(args.max_concurrent_rpcs, "--max-concurrent-rpcs"),
+                              max_connection_age_s=args.max_connection_age)
+    except (UsageError, ValueError) as exc:
         print(f"lcmserve serve: {exc}", file=sys.stderr)
         return 2
-    config = ServerConfig(host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
-                          metrics_port=None if args.metrics_port < 0 else args.metrics_port, threads=args.threads)
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_queued_requests=args.max_queued_requests,
                                  batch_wait_ms=args.batch_wait_ms, cuda_graphs=not args.no_cuda_graphs,
                                  pin_cpus=not args.no_cpu_pinning, faults=faults,
@@ -95,12 +138,99 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch_size < 2:
         print("lcmserve serve: --max-batch-size must be at least 2 (a guided image takes two rows)", file=sys.stderr)
         return 2
-    make_runtime = functools.partial(load_runtime, args.model, loras=args.lora, backend=args.backend,
-                                     device=args.device, dtype=args.dtype,
-                                     allow_partial_lora=args.allow_partial_lora)
+    from .pool import EngineSlot
+
     try:
-        asyncio.run(serve(make_runtime, config, engine_config, limits, __version__))
-    except (LoadError, ExportError, FileNotFoundError, ValueError, OSError) as exc:
+        devices = parse_devices(args.devices, args.device)
+    except UsageError as exc:
         print(f"lcmserve serve: {exc}", file=sys.stderr)
         return 2
-    return 0
+    slots = [EngineSlot(device, functools.partial(load_runtime, args.model, loras=args.lora, backend=args.backend,
+                                                  device=device, dtype=args.dtype,
+                                                  allow_partial_lora=args.allow_partial_lora, tiny_vae=args.tiny_vae,
+                                                  default_decoder=args.default_decoder))
+             for device in devices]  # each engine process loads the model on its own device
+    try:
+        return asyncio.run(serve(slots, config, engine_config, limits, __version__))
+    except (StartupError, LoadError, ExportError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"lcmserve serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def parse_devices(devices: str | None, device: str | None) -> tuple[str | None, ...]:
+    """--devices (or --device) -> one device per engine process; (None,) is the loader's default.
+
+    "all" is every CUDA device (cuda:0 ... cuda:N-1), or one "cpu" engine on a machine without CUDA.
+    Refused: mixing cpu and cuda (a retry on the other kind would not give the same image), a CUDA
+    device twice (each engine holds a whole model and its CUDA graphs), and --device with --devices.
+    """
+    if devices is None:
+        return (device,)
+    if device is not None:
+        raise UsageError("give --device or --devices, not both (--devices cuda:0 is --device cuda:0)")
+    if devices.strip() == "all":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return tuple(f"cuda:{i}" for i in range(count)) or ("cpu",)
+    names = tuple(name.strip() for name in devices.split(","))
+    if not names or any(not name for name in names):
+        raise UsageError(f"--devices: expected devices like cuda:0,cuda:1 or cpu,cpu or all; got {devices!r}")
+    for name in names:
+        kind, _, index = name.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise UsageError(f"--devices: {name!r} is not a device (cpu, cuda or cuda:N)")
+    kinds = {name.partition(":")[0] for name in names}
+    if len(kinds) > 1:
+        raise UsageError(f"--devices {devices}: mixes cpu and cuda; images would differ between them, so a "
+                         "retry on another engine would not reproduce one")
+    cuda = ["cuda:0" if name == "cuda" else name for name in names if name != "cpu"]
+    twice = sorted({name for name in cuda if cuda.count(name) > 1})
+    if twice:
+        raise UsageError(f"--devices {devices}: {twice[0]} is listed twice; one engine per GPU (each holds the "
+                         "whole model and its CUDA graphs)")
+    return names
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS with client certificates)")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise UsageError("--tls-cert and --tls-key go together")
+    tls = TlsConfig(cert_chain=_read(args.tls_cert, "--tls-cert"), private_key=_read(args.tls_key, "--tls-key"),
+                    client_ca=_read(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None)
+    for name, pem in (("--tls-cert", tls.cert_chain), ("--tls-key", tls.private_key),
+                      ("--tls-client-ca", tls.client_ca)):
+        if pem is not None and b"-----BEGIN " not in pem:
+            raise UsageError(f"{name} is not a PEM file (no '-----BEGIN' line)")
+    return tls
+
+
+def _tokens(path: Path | None) -> tuple[str, ...]:
+    """Accepted tokens: one a line of --auth-token-file (blank lines and '#' comments skipped), else
+    $LCMSERVE_AUTH_TOKEN; () means no authentication."""
+    if path is not None:
+        lines = _read(path, "--auth-token-file").decode("utf-8", "replace").splitlines()
+        tokens = tuple(t for t in (line.strip() for line in lines) if t and not t.startswith("#"))
+        if not tokens:
+            raise UsageError(f"--auth-token-file {path} holds no token (one a line)")
+    else:
+        tokens = tuple(t for t in os.environ.get(AUTH_TOKEN_ENV, "").split(",") if t.strip())
+    if any(any(ch.isspace() for ch in t.strip()) for t in tokens):
+        raise UsageError("a token must not contain spaces")
+    return tuple(t.strip() for t in tokens)
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise UsageError(f"{flag} must be at least 1; got {value}")
+    return value

@@ -1,7 +1,7 @@
 """The aoti and compile runtimes: the `Runtime` boundary of runtime.py served from `compiled/<backend>/`.
 
     aoti     AOTInductor packages (`.pt2`, made by `torch.export` + `aoti_compile_and_package`) of the
-             UNet, VAE decoder and text encoder. Loading unzips and dlopens them: seconds, no compiler.
+             UNet, VAE decoder and encoder, and text encoder. Loading unzips and dlopens them: seconds.
     compile  torch.compile (inductor) of the UNet and VAE decode, started from the compile cache that
              the export saved (`torch.compiler.save_cache_artifacts`); the text encoder stays eager.
 
@@ -71,9 +71,9 @@ class AOTIRuntime(CompiledRuntimeBase):
         load = torch._inductor.aoti_load_package
         kwargs = aoti_load_kwargs(load)
         self.spec.extra["aoti_run_single_threaded"] = bool(kwargs.get("run_single_threaded"))
-        self._parts: dict[str, AotiPart] = {
+        self._parts: dict[str, AotiPart] = {  # (no vae_encoder in artifacts from before img2img: eager)
             part: load(str(artifact_dir / entry.files[part]), device_index=index, **kwargs)
-            for part in ("text_encoder", "unet", "vae_decoder")}
+            for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder") if part in entry.files}
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return chunked(self._parts["text_encoder"], input_ids.to(torch.int64).contiguous())
@@ -90,6 +90,12 @@ class AOTIRuntime(CompiledRuntimeBase):
             pixels: torch.Tensor = self.eager_part("vae_decoder", tuple(latents.shape))(latents)
             return pixels
         return chunked(self._parts["vae_decoder"], latents.contiguous())
+
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        f = self.spec.vae_scale_factor
+        if "vae_encoder" not in self._parts or not self.vae_serves(pixels[:, :, ::f, ::f]):
+            return super().vae_encode(pixels)  # eager, logged
+        return chunked(self._parts["vae_encoder"], pixels.contiguous())
 
 
 def serving_compile_settings(recorded: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from lcmserve.export.adapters import UNetStep, VaeDecode
+from lcmserve.export.adapters import UNetStep, VaeDecode, VaeEncode
 from lcmserve.export.artifact import MAX_BATCH, MODEL_DIR, CompiledEntry, Manifest
 from lcmserve.export.loading import parse_dtype
 from lcmserve.export.pipeline import lcm_scheduler, load_part
@@ -72,6 +72,7 @@ class CompiledRuntimeBase:
         tokenizer_cls = getattr(transformers, index.get("tokenizer", ["", "CLIPTokenizer"])[1])
         self.tokenizer: CLIPTokenizer = tokenizer_cls.from_pretrained(self.model_dir / "tokenizer")
         self.scheduler: LCMScheduler = lcm_scheduler(folder=self.model_dir / "scheduler")
+        self.tiny_vae_decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # loader.attach_tiny_vae
         unet_cfg = _read_json(self.model_dir / "unet" / "config.json")
         vae_cfg = _read_json(self.model_dir / "vae" / "config.json")
         text_cfg = _read_json(self.model_dir / "text_encoder" / "config.json")
@@ -104,6 +105,17 @@ class CompiledRuntimeBase:
     def vae_serves(self, latents: torch.Tensor) -> bool:
         lo, hi = self._vae_range
         return all(lo <= s <= hi for s in latents.shape[-2:])
+
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """img2img / inpainting, where the artifact has no compiled VAE encoder (the compile backend;
+        aoti/onnx artifacts from before img2img; sides outside the served range): the eager encoder of
+        model/, loaded at the first init image, logged once. It runs once per img2img request, at
+        admission: small beside the steps and the decode."""
+        if "vae_encoder" not in self._eager:
+            log.warning("%s artifact: no compiled VAE encoder for %s (img2img, inpainting); running it eagerly "
+                        "from %s", self.backend, "x".join(map(str, pixels.shape[-2:])), self.model_dir)
+            self._eager["vae_encoder"] = VaeEncode(load_part("vae", self.model_dir, self.dtype)).to(self.device).eval()
+        return chunked(self._eager["vae_encoder"], pixels.contiguous())
 
     def eager_part(self, part: Literal["unet", "vae_decoder"], shape: tuple[int, ...]) -> torch.nn.Module:
         """The eager UNetStep / VaeDecode of model/ (loaded once), for a shape the artifact does not hold."""

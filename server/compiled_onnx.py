@@ -61,8 +61,8 @@ class OnnxRuntime(CompiledRuntimeBase):
             # torch code between runs (eager fallbacks, the LCM step): measured about 60x slower eager UNet
             # calls on 2 cores right after ORT runs.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._sessions = {part: ort.InferenceSession(str(artifact_dir / entry.files[part]), options, providers=providers)
-                          for part in ("text_encoder", "unet", "vae_decoder")}
+        self._sessions: dict[str, Any] = {part: ort.InferenceSession(str(artifact_dir / entry.files[part]), options, providers=providers)
+                          for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder") if part in entry.files}
         self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def _run(self, part: str, inputs: tuple[torch.Tensor, ...], out_shape: tuple[int, ...],
@@ -114,3 +114,14 @@ class OnnxRuntime(CompiledRuntimeBase):
             return self._run("vae_decoder", (x,), shape, self.dtype)
 
         return chunked(run, latents)
+
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        f = self.spec.vae_scale_factor
+        if "vae_encoder" not in self._sessions or not self.vae_serves(pixels[:, :, ::f, ::f]):
+            return super().vae_encode(pixels)  # eager, logged
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            shape = (x.shape[0], 2 * self.spec.latent_channels, x.shape[2] // f, x.shape[3] // f)
+            return self._run("vae_encoder", (x,), shape, self.dtype)
+
+        return chunked(run, pixels)

@@ -23,6 +23,23 @@ class Limits:
     min_guidance_scale: float = 1.0
     max_guidance_scale: float = 20.0
 
+    @property
+    def max_request_bytes(self) -> int:
+        """The receive limit: the largest valid GenerateRequest, with room for the img2img issue's
+        init and mask images (each at most max_side^2 RGB, RAW or a PNG no larger than that), so a
+        63 MiB prompt is refused by gRPC before it is read rather than after."""
+        prompts = 2 * 4 * self.max_prompt_chars  # prompt + negative prompt, up to 4 UTF-8 bytes a character
+        images = 2 * (self.max_side * self.max_side * 3 + 64 * 1024)  # init + mask image, with PNG overhead
+        return prompts + images + 64 * 1024  # the other fields and framing
+
+    @property
+    def max_response_bytes(self) -> int:
+        """The send limit: the largest valid GenerateResponse, a RAW max_side^2 image (or full
+        preview) with its float32 latents; PNG of noise is at most about 1 % larger than RAW."""
+        pixels = self.max_side * self.max_side * 3
+        latents = 4 * (self.max_side // 8) ** 2 * 4  # (4, h, w) float32
+        return pixels + pixels // 20 + latents + 64 * 1024
+
 
 @dataclass(frozen=True)
 class FaultInjection:
@@ -31,11 +48,18 @@ class FaultInjection:
     iteration_fault_seed: an engine iteration holding a request with this seed raises inside the
       iteration (as a bad batch or CUDA out-of-memory would): that batch fails, the engine goes on.
     loop_death_seed: a request with this seed arriving kills the engine loop itself (an exception
-      that escapes it): health turns NOT_SERVING and what is in flight fails UNAVAILABLE.
+      that escapes it): health turns NOT_SERVING, what is in flight fails UNAVAILABLE, and the
+      server exits non-zero (fail fast: a supervisor restarts it).
+    iteration_oom_seed: an engine iteration holding a request with this seed raises
+      torch.OutOfMemoryError (as CUDA out of memory would): that batch fails RESOURCE_EXHAUSTED with
+      a retry hint, the allocator's cache is freed, the engine goes on.
+
+    Example: LCMSERVE_FAULT_INJECTION="iteration_fault_seed=667,iteration_oom_seed=668".
     """
 
     iteration_fault_seed: int | None = None
     loop_death_seed: int | None = None
+    iteration_oom_seed: int | None = None
 
     ENV = "LCMSERVE_FAULT_INJECTION"
 
@@ -45,7 +69,7 @@ class FaultInjection:
         if not text:
             return cls()
         values: dict[str, int] = {}
-        known = {"iteration_fault_seed", "loop_death_seed"}
+        known = {"iteration_fault_seed", "loop_death_seed", "iteration_oom_seed"}
         for item in text.split(","):
             name, _, value = item.partition("=")
             name = name.strip().replace("-", "_")
@@ -71,10 +95,27 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """PEM bytes, read by the serve CLI. With client_ca, clients must present a certificate it
+    signed (mTLS); without, any client may connect over TLS."""
+
+    cert_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0 picks a free port
+    metrics_host: str | None = None  # None: the same address as `host`
     drain_timeout_s: float = 30.0  # most time in-flight requests get to finish on SIGTERM
-    max_message_mb: int = 64  # gRPC send/receive limit (RAW 1024x1024 images are 3 MiB)
     threads: int | None = None  # torch CPU threads of the engine process (None: cores - 1 on a CPU device)
+    tls: TlsConfig | None = None  # None: plaintext (loopback, or behind a TLS-terminating proxy)
+    auth_tokens: tuple[str, ...] = ()  # accepted bearer tokens; () means no authentication
+    reflection: bool = True  # serve grpc.reflection (behind the token when auth is on)
+    max_concurrent_rpcs: int = 1024  # RPCs in flight server-wide (beyond: RESOURCE_EXHAUSTED); also streams/connection
+    max_connection_age_s: float | None = None  # close connections this old (GOAWAY) so clients rebalance
+    keepalive_min_ping_s: float = 10.0  # clients may ping this often, even without calls, without a GOAWAY
+    death_linger_s: float = 3.0  # after the engine died: NOT_SERVING this long (probes see why), then exit 3

@@ -6,7 +6,10 @@ Contract of the loop (`Engine._run`), one iteration:
                New samples get their text embeddings (one batched call, LRU cache), and draw from
                their own CPU generator (seed + image index) their initial latents and then the
                renoise noise of every step, in that order: exactly what diffusers' pipeline and
-               LCMScheduler draw for a batch of one, so the seed contract holds.
+               LCMScheduler draw for a batch of one, so the seed contract holds. img2img and
+               inpainting samples (admission.py) draw as diffusers' img2img/inpaint pipelines do,
+               VAE-encode their init image (batched, once per request) and start at the step their
+               strength gives; inpainting samples blend their kept region back after every step.
   2. denoise : per resolution, ONE UNet call for every active sample, each at its own timestep;
                then the vectorized LCM step (server/lcm.py) with coefficients gathered on the device.
   3. events  : a step event per sample (with a preview if asked: latent->RGB projection, or a
@@ -33,17 +36,21 @@ import grpc
 import torch
 
 from .config import EngineConfig
-from .encode import approx_preview, encode, to_uint8
+from .cuda_graphs import BucketedGraphs
+from .decoders import Decoders
+from .encode import approx_preview, encode, select_jpeg_encoder
+from .admission import draw_noise, keep_unmasked, start_from_images
 from .lcm import LcmSchedule, lcm_step, renoise, scheduler_config
 from .protocol import (
     Admitted,
     Event,
     Failure,
+    GraphStats,
     HostTensor,
     ImageEvent,
     MetricUpdate,
+    Picture,
     Queued,
-    RequestDone,
     StepEvent,
     Summary,
     UNetCall,
@@ -89,16 +96,18 @@ class Engine:
         self.schedule = LcmSchedule(runtime.scheduler, config.max_steps, self.device)
         self._check_scheduler()
         self.unet: Callable[..., torch.Tensor] = runtime.unet
-        self.vae_decode: Callable[[torch.Tensor], torch.Tensor] = runtime.vae_decode
         # Backends that record their own graphs or sync the host (ONNX Runtime) say so in
         # spec.extra; eager, AOTInductor and torch.compile (default mode) callables are capturable.
         capturable = runtime.spec.extra.get("cuda_graph_capturable", True)
-        if self.device.type == "cuda" and config.cuda_graphs and capturable:
-            from .cuda_graphs import BucketedGraphs
-
+        graphs = self.device.type == "cuda" and config.cuda_graphs and capturable
+        if graphs:
             self.unet = BucketedGraphs(runtime.unet, config.buckets, name="unet")
-            self.vae_decode = BucketedGraphs(runtime.vae_decode, tuple(b for b in config.buckets
-                                                                       if b <= config.vae_batch_size), name="vae")
+        # vae (+ tiny_vae), CUDA graphs per bucket; JPEG on the GPU when torchvision can (encode.py)
+        self.decoders = Decoders(runtime, config, graphs, select_jpeg_encoder(self.device))
+        self._graphs = [fn for fn in (self.unet, *self.decoders.callables) if isinstance(fn, BucketedGraphs)]
+        runtime.spec.extra["jpeg_encoder"] = self.decoders.jpeg_encoder  # for GetModelInfo and the log
+        log.info("decoders %s (default %s); JPEG encoder: %s", ", ".join(self.decoders.names),
+                 runtime.spec.default_decoder, self.decoders.jpeg_encoder)
         self.timer = DeviceTimer(self.device)
         self._text_cache: collections.OrderedDict[tuple[int, ...], torch.Tensor] = collections.OrderedDict()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -118,12 +127,25 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: Request) -> None:
-        """Queue a request; raises QueueFull at once when max_queued_requests are waiting."""
+        """Queue a request; raises QueueFull at once when max_queued_requests requests already wait
+        beyond what the batch takes in at its next admission (free rows are not a queue)."""
         with self._cond:
             if self._stopping or self.dead is not None:
                 raise EngineStopped("the engine is not running")
-            if len(self._waiting) >= self.config.max_queued_requests:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queued_requests="
+            # Free rows at the next admission go to waiting requests in line order (head of line);
+            # only those beyond count. (_active belongs to the loop thread: a snapshot one iteration
+            # stale only moves the line by that iteration.)
+            free = self.config.max_batch_size - sum(s.request.params.rows_per_image for s in list(self._active))
+            beyond = 0
+            for waiting in self._waiting:
+                rows = (waiting.params.num_images - waiting.next_image) * waiting.params.rows_per_image
+                if beyond or rows > free:
+                    beyond += 1
+                else:
+                    free -= rows
+            fits = not beyond and request.params.num_images * request.params.rows_per_image <= free
+            if not fits and beyond >= self.config.max_queued_requests:
+                raise QueueFull(f"{beyond} requests are waiting beyond the next batch (max_queued_requests="
                                 f"{self.config.max_queued_requests})")
             self._waiting.append(request)
             self._cond.notify()
@@ -159,9 +181,23 @@ class Engine:
                         time.sleep(self.config.batch_wait_ms / 1e3)  # let company arrive for an idle batch
                     try:
                         self._iteration()
+                        oom = self.config.faults.iteration_oom_seed  # test hook (config.FaultInjection)
+                        if oom is not None and any(s.request.params.seed == oom for s in self._active):
+                            raise torch.OutOfMemoryError(f"injected CUDA out of memory (seed {oom})")
                     except Exception as exc:  # a bad batch fails its requests, not the server
                         log.exception("engine iteration failed")
-                        self._fail_active(f"{type(exc).__name__}: {exc}")
+                        if isinstance(exc, torch.OutOfMemoryError):  # this batch did not fit now: retryable
+                            failure = Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                              f"the device ran out of memory for this batch ({exc})")
+                        else:
+                            failure = Failure(grpc.StatusCode.INTERNAL,
+                                              f"generation failed: {type(exc).__name__}: {exc}")
+                        for failed in {s.request for s in self._active}:
+                            if not failed.failed:
+                                self._end(failed, failure)
+                        self._active = []
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()  # give back what the failed batch held
                     if self.after_iteration:
                         self.after_iteration()
         except BaseException as exc:
@@ -187,6 +223,8 @@ class Engine:
             self._denoise_step(group)
         self._active = [s for s in self._active if s.step < len(s.steps) and not s.request.failed]
         self._record_unet_times(wait=False)
+        for fn in self._graphs:  # CUDA graph captures, evictions and eager fallbacks, for /metrics
+            self.record(GraphStats(fn.name, tuple(fn.stats().items())))
 
     def _record_unet_times(self, wait: bool) -> None:
         """Metrics and request timings of the UNet calls the device has finished (all, when `wait`)."""
@@ -213,7 +251,7 @@ class Engine:
                     self.record(Queued(-1))
             while self._waiting:
                 request = self._waiting[0]
-                if self._gone(request, now):
+                if self._gone(request, now) or self._refused(request):
                     self._waiting.popleft()
                     self.record(Queued(-1))
                     continue
@@ -228,6 +266,7 @@ class Engine:
                 self.record(Queued(-1))
         if new:
             self._encode_prompts(new)
+            start_from_images(new, self.runtime.vae_encode, self.schedule, self.runtime.spec, self.config.vae_batch_size)
             self._active.extend(new)
 
     def _gone(self, request: Request, now: float) -> bool:
@@ -240,14 +279,19 @@ class Engine:
             return True
         if request.cancelled:
             request.failed = True
-            self.record(RequestDone(grpc.StatusCode.CANCELLED))
             return True
         return False
+
+    def _refused(self, request: Request) -> bool:
+        """A decoder this model lacks (the edge checks it too, when it knows the model): INVALID_ARGUMENT."""
+        problem = self.decoders.missing(request.params.decoder, request.params.preview_mode)
+        if problem is not None and request.next_image == 0:
+            self._end(request, Failure(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {' '.join(problem)}"))
+        return problem is not None
 
     def _end(self, request: Request, failure: Failure) -> None:
         request.failed = True
         request.events.put(failure)
-        self.record(RequestDone(failure.code))
 
     def _new_sample(self, request: Request, index: int) -> Sample:
         if request.admitted_at is None:
@@ -257,19 +301,12 @@ class Engine:
         p = request.params
         seed = p.seed + index
         spec = self.runtime.spec
-        steps = self.schedule.steps[p.num_steps]
-        # As diffusers: prepare_latents, then LCMScheduler.step's noise at every step but the last,
-        # each randn on the generator's device (CPU) in the model dtype. Drawn now, in that order, and
-        # copied to the device once: the loop never waits for the host's random numbers.
-        generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (1, spec.latent_channels, p.height // spec.vae_scale_factor, p.width // spec.vae_scale_factor)
-        draws = [torch.randn(shape, generator=generator, dtype=self.dtype) for _ in range(len(steps))]
-        host = torch.cat(draws)  # (num_steps, 4, h, w): initial latents, then the renoise noise per step
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        on_device = host.to(self.device, non_blocking=True).float()
-        return Sample(request=request, index=index, seed=seed, steps=steps, latents=on_device[:1],
-                      noise=on_device[1:], cond=torch.empty(0), uncond=None)
+        steps = self.schedule.steps[p.num_steps][p.start_step:]  # img2img: the schedule's last steps
+        # Every draw of its generator, in diffusers' order (admission.py); an init image's latents come
+        # after the batched VAE encode (start_from_images).
+        latents, noise, image_noise = draw_noise(p, seed, steps, spec, self.dtype, self.device)
+        return Sample(request=request, index=index, seed=seed, steps=steps, latents=latents, noise=noise,
+                      cond=torch.empty(0), uncond=None, image_noise=image_noise)
 
     def _encode_prompts(self, samples: list[Sample]) -> None:
         """Text embeddings (batched, cached) of newly admitted samples."""
@@ -328,9 +365,11 @@ class Engine:
             noise = torch.cat([group[i].noise[group[i].step: group[i].step + 1] for i in going_on])
             c = self.schedule.coefficients(table_rows[going_on])
             renoised = renoise(denoised[going_on], noise, c)
+            renoised = keep_unmasked([group[i] for i in going_on], renoised, c)  # inpainting's kept region
             for j, i in enumerate(going_on):
                 group[i].latents = renoised[j: j + 1]
 
+        denoised = keep_unmasked(group, denoised, None)  # shown and final: the kept region is the init image's
         self._step_events(group, denoised)
         finished = [i for i, st in enumerate(steps) if st.is_last]
         for s in group:
@@ -340,17 +379,17 @@ class Engine:
 
     def _step_events(self, group: list[Sample], denoised: torch.Tensor) -> None:
         approx = [i for i, s in enumerate(group) if s.request.params.preview_mode == "approx"]
-        full = [i for i, s in enumerate(group) if s.request.params.preview_mode == "full"]
-        pixels: dict[int, torch.Tensor] = {}
+        pixels: dict[int, torch.Tensor | Picture] = {}
         if approx:
             pixels.update(zip(approx, approx_preview(denoised[approx])))
-        if full:
-            pixels.update(zip(full, self._decode(denoised[full], [group[i].request for i in full])))
+        for mode, decoder in (("full", "vae"), ("tiny_vae", "tiny_vae")):  # full-size previews, per decoder
+            rows = [i for i, s in enumerate(group) if s.request.params.preview_mode == mode]
+            if rows:
+                pixels.update(zip(rows, self._decode(denoised[rows], [group[i].request for i in rows], decoder)))
         want_latents = [i for i, s in enumerate(group) if s.request.params.include_latents]
         host_latents = dict(zip(want_latents, _host_tensors(denoised[want_latents]))) if want_latents else {}
         for i, s in enumerate(group):
-            p = s.request.params
-            event = StepEvent(image_index=s.index, step=s.step, num_steps=p.num_steps, timestep=s.current.timestep,
+            event = StepEvent(image_index=s.index, step=s.step, num_steps=len(s.steps), timestep=s.current.timestep,
                               preview=None, latents=host_latents.get(i))
             if i in pixels:
                 s.request.events.put(self._pool.submit(_encode_step, s.request, pixels[i], event))
@@ -358,7 +397,13 @@ class Engine:
                 s.request.events.put(event)
 
     def _finish(self, samples: list[Sample], denoised: torch.Tensor) -> None:
-        images = self._decode(denoised, [s.request for s in samples])
+        images: list[torch.Tensor | Picture] = [torch.empty(0)] * len(samples)  # (H, W, 3) uint8 or a GPU JPEG
+        by_decoder: dict[str, list[int]] = {}
+        for j, s in enumerate(samples):
+            by_decoder.setdefault(self.decoders.resolve(s.request.params.decoder), []).append(j)
+        for decoder, rows in by_decoder.items():  # one batched decode per (resolution, decoder)
+            for j, pixels in zip(rows, self._decode(denoised[rows], [samples[k].request for k in rows], decoder)):
+                images[j] = pixels
         latents = _host_tensors(denoised) if any(s.request.params.include_latents for s in samples) else None
         for j, s in enumerate(samples):
             request = s.request
@@ -369,20 +414,21 @@ class Engine:
                 p = request.params
                 self._record_unet_times(wait=True)  # its UNet times, complete
                 request.events.put(Summary(seed=p.seed, num_images=p.num_images, prompt_truncated=p.prompt_truncated,
-                                           prompt_tokens=p.prompt_tokens, timings=request.timings))
-                self.record(RequestDone(grpc.StatusCode.OK))
+                                           prompt_tokens=p.prompt_tokens, timings=request.timings,
+                                           num_steps=p.steps_run))
 
-    def _decode(self, denoised: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Denoised latents (B, 4, h, w) -> (B, H, W, 3) uint8 on the host, in VAE batches (this waits
-        for the GPU: the pixels are copied to the host)."""
+    def _decode(self, denoised: torch.Tensor, requests: list[Request], decoder: str) -> list[torch.Tensor | Picture]:
+        """Denoised latents (B, 4, h, w), one request per row -> per row (H, W, 3) uint8 on the host, or
+        its JPEG already encoded on the GPU, with `decoder` (vae | tiny_vae), in batches (decoders.py;
+        this waits for the GPU). GPU JPEG time counts in vae_ms."""
         start = time.perf_counter()
-        scaled = (denoised / self.runtime.spec.scaling_factor).to(self.dtype)  # as diffusers: latents / scaling
-        chunks = [to_uint8(self.vae_decode(chunk)) for chunk in torch.split(scaled, self.config.vae_batch_size)]
+        jpeg = [r.params.quality if r.params.output_format == "jpeg" else None for r in requests]
+        pixels = self.decoders(decoder, denoised, self.dtype, jpeg)
         elapsed = time.perf_counter() - start
         self.record(VaeDecode(elapsed))
         for request in set(requests):
             request.timings.vae_ms += elapsed * 1e3
-        return torch.cat(chunks)
+        return pixels
 
     def _abandon_all(self) -> None:
         """Called with the lock held when stopping: every request still here fails UNAVAILABLE."""
@@ -394,21 +440,12 @@ class Engine:
                 request.failed = True
                 request.events.put(Failure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
 
-    def _fail_active(self, message: str) -> None:
-        requests = {s.request for s in self._active}
-        self._active = []
-        for request in requests:
-            if not request.failed:
-                self._end(request, Failure(grpc.StatusCode.INTERNAL, f"generation failed: {message}"))
-
     # ---- start-up ----------------------------------------------------------------------------
 
     def capture_graphs(self, height: int, width: int) -> int:
         """Before start(): capture the CUDA graphs of every bucket for one resolution, so that no
         request pays a capture (about a second each) mid-traffic. Returns how many; 0 off CUDA."""
-        from .cuda_graphs import BucketedGraphs
-
-        if not isinstance(self.unet, BucketedGraphs) or not isinstance(self.vae_decode, BucketedGraphs):
+        if not isinstance(self.unet, BucketedGraphs):
             return 0
         spec = self.runtime.spec
         h, w = height // spec.vae_scale_factor, width // spec.vae_scale_factor
@@ -420,9 +457,7 @@ class Engine:
                           torch.zeros(bucket, spec.text_max_length, spec.text_hidden_size, device=self.device,
                                       dtype=self.dtype))
                 count += 1
-            for bucket in self.vae_decode.buckets:
-                self.vae_decode(torch.randn(bucket, spec.latent_channels, h, w, device=self.device, dtype=self.dtype))
-                count += 1
+            count += self.decoders.capture((spec.latent_channels, h, w), self.device, self.dtype)
         torch.cuda.synchronize()
         return count
 
@@ -440,16 +475,16 @@ def _host_tensors(latents: torch.Tensor) -> list[HostTensor]:
     return [HostTensor(tuple(row.shape), row.numpy().astype("<f4").tobytes()) for row in host]
 
 
-def _encode_step(request: Request, pixels: torch.Tensor, event: StepEvent) -> StepEvent:
+def _encode_step(request: Request, pixels: torch.Tensor | Picture, event: StepEvent) -> StepEvent:
     p = request.params
-    picture, ms = encode(pixels.numpy(), p.output_format, p.quality)
+    picture, ms = (pixels, 0.0) if isinstance(pixels, Picture) else encode(pixels.numpy(), p.output_format, p.quality)
     request.add_encode_ms(ms)
     return StepEvent(event.image_index, event.step, event.num_steps, event.timestep, picture, event.latents)
 
 
-def _encode_image(request: Request, pixels: torch.Tensor, index: int, seed: int,
+def _encode_image(request: Request, pixels: torch.Tensor | Picture, index: int, seed: int,
                   latents: HostTensor | None) -> ImageEvent:
     p = request.params
-    picture, ms = encode(pixels.numpy(), p.output_format, p.quality)
+    picture, ms = (pixels, 0.0) if isinstance(pixels, Picture) else encode(pixels.numpy(), p.output_format, p.quality)
     request.add_encode_ms(ms)
     return ImageEvent(index, seed, picture, latents)

@@ -27,7 +27,7 @@ import grpc
 
 from .config import EngineConfig
 from .engine import Engine, bind_device
-from .placement import cpu_split, pin_process
+from .placement import CpuSplit, pin_process
 from .protocol import (
     TERMINAL,
     Cancel,
@@ -90,8 +90,13 @@ class Outbox:
 
 def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Callable[[], Runtime],
                 config: EngineConfig, threads: int | None, log_level: int, do_warm_up: bool,
-                capture_side: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the edge drains
+                capture_side: int, split: CpuSplit | None) -> None:
+    """`split`: (edge cpus, engine cpus) chosen by the edge for all its engines (placement.py), used
+    on a CPU device only; None leaves this process where the OS puts it."""
+    # Ctrl-C, `kill -TERM -PGID`, systemd and `docker stop` signal the whole process group: the edge
+    # alone decides (it drains, then sends Stop); a signal here would drop in-flight work.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
     outbox = Outbox(conn)
     requests: dict[int, Request] = {}  # rid -> request, until its terminal event is handed on
@@ -107,6 +112,8 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
         outbox.put(rid, event)
 
     def record(update: MetricUpdate) -> None:
+        # Requests are counted at the edge, under the status the client saw (metrics.py). The
+        # warm-up's measurements are not the server's traffic.
         if counting:
             outbox.record(update)
 
@@ -119,7 +126,8 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
         runtime = make_runtime()
         device = runtime.spec.device
         bind_device(device)
-        split = cpu_split(config.pin_cpus) if device.type == "cpu" else None
+        if device.type != "cpu":
+            split = None
         if split is not None:
             pin_process(split[1])
         if not threads and device.type == "cpu":

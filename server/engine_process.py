@@ -28,13 +28,14 @@ import multiprocessing.process
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 import grpc
 
 from .config import EngineConfig
 from .engine_main import engine_main
 from .metrics import Metrics
-from .placement import pin_process
+from .placement import CpuSplit, cpu_split, pin_process
 from .protocol import (
     TERMINAL,
     Cancel,
@@ -93,7 +94,11 @@ class EngineProcess:
     """Spawns the engine process and carries messages to and from it."""
 
     def __init__(self, make_runtime: Callable[[], Runtime], config: EngineConfig, metrics: Metrics | None = None, *,
-                 threads: int | None = None, warm_up: bool = True, capture_side: int = 512) -> None:
+                 threads: int | None = None, warm_up: bool = True, capture_side: int = 512,
+                 split: CpuSplit | None | Literal["auto"] = "auto", name: str = "lcmserve-engine") -> None:
+        """`split`: where the edge and this engine run on a CPU device, (edge cpus, engine cpus);
+        "auto": placement.cpu_split (the edge on the first CPU, the engine on the rest); None: the
+        OS decides. An EnginePool (pool.py) gives each of its engines its own."""
         self.config = config
         self.metrics = metrics
         self.info: EngineInfo | None = None  # set by start()
@@ -103,6 +108,8 @@ class EngineProcess:
         self._threads = threads
         self._warm_up = warm_up
         self._capture_side = capture_side
+        self._split = cpu_split(config.pin_cpus) if split == "auto" else split
+        self._name = name
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _tickets and the sending end of the pipe
         self._tickets: dict[int, Ticket] = {}
@@ -119,10 +126,10 @@ class EngineProcess:
         ctx = multiprocessing.get_context("spawn")  # never fork a process with gRPC threads (or CUDA)
         parent, child = ctx.Pipe(duplex=True)
         self._conn = parent
-        self._process = ctx.Process(target=engine_main, name="lcmserve-engine",
+        self._process = ctx.Process(target=engine_main, name=self._name,
                                     args=(child, self._make_runtime, self.config, self._threads,
                                           logging.getLogger().getEffectiveLevel(), self._warm_up,
-                                          self._capture_side))
+                                          self._capture_side, self._split))
         self._process.start()
         child.close()  # ours: so that the child's exit reads as EOF here
         try:
@@ -167,6 +174,24 @@ class EngineProcess:
     def busy(self) -> bool:
         with self._lock:
             return bool(self._tickets)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests submitted whose terminal event has not come back (and not cancelled by the edge)."""
+        with self._lock:
+            return len(self._tickets)
+
+    @property
+    def outstanding_rows(self) -> int:
+        """UNet rows of the requests outstanding (num_images x rows_per_image each): the load an
+        EnginePool balances on."""
+        with self._lock:
+            return sum(t.params.num_images * t.params.rows_per_image for t in self._tickets.values())
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id once spawned (for its process metrics)."""
+        return self._process.pid if self._process is not None else None
 
     # ---- requests ------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ coefficients are one gather by row index: no per-step host tensors, no per-sampl
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, cast
 
 import torch
@@ -42,6 +42,10 @@ class Coefficients:
     c_out: torch.Tensor
     sqrt_alpha_next: torch.Tensor  # sqrt(alpha_cumprod[t_next]): the renoise towards the next step
     sqrt_beta_next: torch.Tensor
+
+    def select(self, rows: list[int]) -> Coefficients:
+        """The coefficients of some of the samples, in `rows` order."""
+        return Coefficients(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
 class LcmSchedule:
@@ -99,6 +103,15 @@ def lcm_step(
     predicted_original = (sample - c.sqrt_beta * noise_pred) / c.sqrt_alpha
     # 2. consistency boundary condition
     return c.c_out * predicted_original + c.c_skip * sample  # denoised, (B, 4, h, w)
+
+
+def add_noise(
+    clean: torch.Tensor,  # (B, 4, h, w) float32: x0, e.g. an init image's latents
+    noise: torch.Tensor,  # (B, 4, h, w) float32
+    c: Coefficients,  # of the timestep to noise to
+) -> torch.Tensor:
+    """The forward process to each sample's current timestep, as LCMScheduler.add_noise (img2img's start)."""
+    return c.sqrt_alpha * clean + c.sqrt_beta * noise
 
 
 def renoise(

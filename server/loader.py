@@ -14,6 +14,7 @@ that was made for this machine and whose runtime is installed, else eager.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -49,8 +50,49 @@ def default_device() -> str:
 
 
 def load_runtime(model: str, *, loras: Sequence[str] = (), backend: str = "auto", device: str | None = None,
-                 dtype: str | None = None, allow_partial_lora: bool = False) -> Runtime:
-    """The runtime for `lcmserve serve --model MODEL [--lora ...] --backend ... --device ... --dtype ...`."""
+                 dtype: str | None = None, allow_partial_lora: bool = False, tiny_vae: str | None = None,
+                 default_decoder: str = "vae") -> Runtime:
+    """The runtime for `lcmserve serve --model MODEL [--lora ...] --backend ... --device ... --dtype ...
+    [--tiny-vae SRC] [--default-decoder vae|tiny-vae]`. An artifact's own tiny_vae/ is served unless
+    --tiny-vae names another."""
+    runtime = _load_runtime(model, loras=loras, backend=backend, device=device, dtype=dtype,
+                            allow_partial_lora=allow_partial_lora)
+    return attach_tiny_vae(runtime, tiny_vae or _artifact_tiny_vae(model), default_decoder)
+
+
+def _artifact_tiny_vae(model: str) -> str | None:
+    """The artifact folder itself when it has a tiny autoencoder (tiny_vae.resolve_tiny_vae reads it)."""
+    return model if is_artifact(model) and read_manifest(model).tiny_vae is not None else None
+
+
+def attach_tiny_vae(runtime: Runtime, source: str | None, default_decoder: str = "vae") -> Runtime:
+    """Give `runtime` (any backend) the tiny autoencoder `source` (export/tiny_vae.py), run eagerly in
+    the model's dtype on its device, and say so in its spec (decoders, default_decoder, record)."""
+    default_decoder = default_decoder.replace("-", "_")
+    if default_decoder not in ("vae", "tiny_vae"):
+        raise LoadError(f"--default-decoder {default_decoder!r} is not one of vae, tiny-vae")
+    if source is None:
+        if default_decoder == "tiny_vae":
+            raise LoadError("--default-decoder tiny-vae needs a tiny autoencoder: serve an artifact exported with "
+                            "--tiny-vae, or pass --tiny-vae SRC (e.g. madebyollin/taesd)")
+        return runtime
+    from lcmserve.export.tiny_vae import decoder_of, load_tiny_vae
+
+    spec = runtime.spec
+    module, record = load_tiny_vae(source, dtype=spec.dtype, device=spec.device,
+                                   latent_channels=spec.latent_channels, vae_scale_factor=spec.vae_scale_factor)
+    if _artifact_tiny_vae(source) is not None:  # an artifact's own: its export record (with the sha256)
+        record = {**record, **(read_manifest(source).tiny_vae or {})}
+    runtime.tiny_vae_decode = decoder_of(module)
+    runtime.spec = dataclasses.replace(spec, decoders=("vae", "tiny_vae"), default_decoder=default_decoder,
+                                       tiny_vae_scaling_factor=float(record["scaling_factor"]), tiny_vae=record)
+    log.info("tiny autoencoder %s (%s) on %s; default decoder %s", source, record["kind"], spec.device,
+             default_decoder)
+    return runtime
+
+
+def _load_runtime(model: str, *, loras: Sequence[str], backend: str, device: str | None, dtype: str | None,
+                  allow_partial_lora: bool) -> Runtime:
     from lcmserve.export.loading import load_pipeline, parse_dtype
 
     device = device or default_device()

@@ -1,24 +1,49 @@
 """Prometheus metrics, named in the style of Triton's `nv_inference_*`, on their own HTTP port.
 
 Each server gets its own registry (no module globals), so several servers can live in one process.
+
+Counting contract: every Generate RPC is counted exactly once in `lcmserve_inference_request_total`,
+under the status the client saw, at one place, the edge (service.py; UNAUTHENTICATED in auth.py).
+The engine process measures times and batch sizes and sends them as MetricUpdates; it does not
+count requests, and the warm-up is never counted. On CUDA it also reports each graphed callable's
+captures, evictions and eager fallbacks (`lcmserve_cuda_graph_events`, cuda_graphs.py).
+Process metrics: `process_*` for the gRPC edge, `lcmserve_engine_process_*` for the engine process
+(prometheus_client's ProcessCollector reading /proc on Linux; absent elsewhere).
 """
 
 from __future__ import annotations
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
-from .protocol import Admitted, MetricUpdate, Queued, RequestDone, UNetCall, VaeDecode
+from .protocol import Admitted, GraphStats, MetricUpdate, Queued, UNetCall, VaeDecode
 
 _MS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# The statuses a Generate call can end with; all are exported from the start (at 0), so that a
+# dashboard's rate() sees a series before its first increment.
+STATUSES = (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)
+
+
+class MetricsBindError(OSError):
+    """The /metrics port could not be bound; the message names the address and the flag."""
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lcmserve_inference_request", "Generate requests finished, by gRPC status",
+        self.engine_pid: int | None = None  # set once the engine process runs
+        ProcessCollector(registry=r)  # this (gRPC) process: CPU seconds, RSS, open fds
+        ProcessCollector(namespace="lcmserve_engine", pid=self._engine_pid, registry=r)
+        self.requests = Counter("lcmserve_inference_request", "Generate requests finished, by final gRPC status",
                                 ["status"], registry=r)
+        for status in STATUSES:
+            self.requests.labels(status=status.name)
+        self.unauthenticated = Counter("lcmserve_unauthenticated_request",
+                                       "RPCs refused for a missing or wrong token, by method", ["method"], registry=r)
         self.images = Counter("lcmserve_inference_images", "Images generated", registry=r)
         self.queue_time = Histogram("lcmserve_inference_queue_duration_seconds",
                                     "From arrival to the first step of a request", buckets=_MS_BUCKETS, registry=r)
@@ -34,6 +59,13 @@ class Metrics:
                                   buckets=_MS_BUCKETS, registry=r)
         self.pending = Gauge("lcmserve_inference_pending_request_count", "Requests waiting for a batch slot",
                              registry=r)
+        self.graph_events = Gauge("lcmserve_cuda_graph_events", "Per graphed callable (CUDA only): captures, "
+                                  "evictions, eager_calls (no graph for that batch or resolution), replays",
+                                  ["callable", "counter"], registry=r)
+
+    def _engine_pid(self) -> int | str:
+        # A path under /proc that does not exist makes the collector report nothing (not this process).
+        return self.engine_pid if self.engine_pid is not None else "no-engine-yet"
 
     def record(self, update: MetricUpdate) -> None:
         """One measurement of the engine's (relayed from the engine process)."""
@@ -47,13 +79,19 @@ class Metrics:
                 self.batch_size.observe(rows)
             case VaeDecode(seconds=seconds):
                 self.vae_time.observe(seconds)
-            case RequestDone(status=status):
-                self.request_done(status)
+            case GraphStats(name=name, counters=counters):
+                for counter, value in counters:
+                    self.graph_events.labels(callable=name, counter=counter).set(value)
 
     def request_done(self, status: grpc.StatusCode) -> None:
         self.requests.labels(status=status.name).inc()
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP endpoint; returns the bound port (0 picks a free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str) -> int:
+        """Start the /metrics HTTP endpoint on host:port; returns the bound port (0 picks a free one).
+        Raises MetricsBindError naming the address and the flag when the port is taken."""
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsBindError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another "
+                                   "port with --metrics-port (0 picks a free one, -1 turns metrics off)") from None
         return int(server.server_port)

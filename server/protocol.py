@@ -41,14 +41,32 @@ class GenerationParams:
     num_images: int
     output_format: str  # a name of lcmserve.names.OUTPUT_FORMAT_VALUES: jpeg | png | webp | raw
     quality: int  # JPEG/WEBP quality, 1..100
-    preview_mode: str  # a name of lcmserve.names.PREVIEW_MODE_VALUES: none | approx | full
+    preview_mode: str  # a name of lcmserve.names.PREVIEW_MODE_VALUES: none | approx | full | tiny_vae
     include_latents: bool
     prompt_truncated: bool = False
     prompt_tokens: int = 0
+    decoder: str = "unspecified"  # of the final images: vae | tiny_vae | unspecified (the model's default_decoder)
+    # img2img / inpainting (server/images.py decodes and resizes them at the edge, off its event loop):
+    init_image: bytes | None = None  # (height, width, 3) uint8 RGB, resized as VaeImageProcessor does
+    mask_image: bytes | None = None  # (height, width) uint8 grey, resized likewise; white = repaint
+    strength: float = 1.0  # with init_image: how far it is noised (0 < strength <= 1)
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
+
+    @property
+    def start_step(self) -> int:
+        """Index in the num_steps schedule of the first step run: 0 for text-to-image; with an init
+        image, as diffusers' img2img/inpaint `get_timesteps`: the last int(num_steps * strength) run."""
+        if self.init_image is None:
+            return 0
+        return max(self.num_steps - min(int(self.num_steps * self.strength), self.num_steps), 0)
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps each image runs (may be 0 for a strength too small: validation refuses it)."""
+        return self.num_steps - self.start_step
 
     @property
     def rows_per_image(self) -> int:
@@ -114,6 +132,7 @@ class Summary:
     prompt_truncated: bool
     prompt_tokens: int
     timings: Timings  # complete: every earlier event of the request was encoded
+    num_steps: int = 0  # denoising steps each image ran (GenerationParams.steps_run)
 
 
 @dataclass(frozen=True)
@@ -151,11 +170,12 @@ class VaeDecode:
 
 
 @dataclass(frozen=True)
-class RequestDone:
-    status: grpc.StatusCode  # the final status of a request the engine ended
+class GraphStats:
+    name: str  # the callable: "unet", "vae", "tiny_vae"
+    counters: tuple[tuple[str, int], ...]  # cuda_graphs.BucketedGraphs.stats(): captures, evictions, eager_calls, ...
 
 
-MetricUpdate = Queued | Admitted | UNetCall | VaeDecode | RequestDone
+MetricUpdate = Queued | Admitted | UNetCall | VaeDecode | GraphStats
 
 
 # ---- the pipe ---------------------------------------------------------------------------------------

@@ -1,8 +1,14 @@
-"""The model behind a small, pure boundary: three callables the engine runs.
+"""The model behind a small, pure boundary: four callables the engine runs.
 
     encode_text(input_ids)              (B, 77) int64            -> (B, 77, D) text embeddings
     unet(latents, timesteps, text)      (B, 4, h, w), (B,) int64, (B, 77, D) -> (B, 4, h, w) predicted noise
     vae_decode(latents)                 (B, 4, h, w) unscaled    -> (B, 3, 8h, 8w) pixels in [-1, 1]
+    vae_encode(pixels)                  (B, 3, 8h, 8w) in [-1, 1] -> (B, 8, h, w) moments: the mean and
+                                        log-variance of the latent distribution (diffusers'
+                                        DiagonalGaussianDistribution.parameters), unscaled; the engine
+                                        draws the sample itself, from each image's own generator
+    tiny_vae_decode(latents), optional  (B, 4, h, w) / tiny scaling -> (B, 3, 8h, 8w) pixels in [-1, 1]
+                                        (TAESD's decoder; None when the model has no tiny autoencoder)
 
 Tensors live on `spec.device` in `spec.dtype` (timesteps and ids are int64 on the device). The engine
 does not know which backend runs them: eager PyTorch here, compiled ones in compiled.py (AOTInductor,
@@ -44,10 +50,14 @@ class ModelSpec:
     text_max_length: int = 77  # CLIP context
     text_hidden_size: int = 768
     extra: dict[str, Any] = field(default_factory=dict)  # backend details for model info / logs
+    decoders: tuple[str, ...] = ("vae",)  # ("vae", "tiny_vae") with a tiny autoencoder
+    default_decoder: str = "vae"  # what a request's DECODER_UNSPECIFIED means (serve --default-decoder)
+    tiny_vae_scaling_factor: float = 1.0  # the tiny autoencoder's config.scaling_factor (TAESD: 1.0)
+    tiny_vae: dict[str, Any] | None = None  # its manifest record (source, sha256), None without one
 
 
 class Runtime(Protocol):
-    """The three model callables plus what is needed to prepare their inputs."""
+    """The four model callables plus what is needed to prepare their inputs."""
 
     spec: ModelSpec
     tokenizer: CLIPTokenizer
@@ -58,6 +68,11 @@ class Runtime(Protocol):
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor: ...
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    # The tiny autoencoder's decoder, or None (loader.attach_tiny_vae sets it on any runtime).
+    tiny_vae_decode: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 class EagerRuntime:
@@ -71,6 +86,8 @@ class EagerRuntime:
         self.unet_module = as_module(pipe.unet).eval()
         self.vae = as_module(pipe.vae).eval()
         self._vae_decode: Callable[..., Any] = getattr(self.vae, "decode")  # AutoencoderKL.decode
+        self._vae_encode: Callable[..., Any] = getattr(self.vae, "encode")  # AutoencoderKL.encode
+        self.tiny_vae_decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         # As StableDiffusionPipeline.encode_prompt: last hidden state, no attention mask for CLIP.
@@ -84,6 +101,11 @@ class EagerRuntime:
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         pixels: torch.Tensor = self._vae_decode(latents, return_dict=False)[0]
         return pixels
+
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        # AutoencoderKL.encode -> (DiagonalGaussianDistribution,); its parameters are the moments.
+        moments: torch.Tensor = self._vae_encode(pixels, return_dict=False)[0].parameters
+        return moments
 
 
 def spec_from_pipeline(pipe: SDPipeline, *, base: str, backend: str,

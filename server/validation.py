@@ -5,17 +5,23 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from lcmserve.names import output_format_name, preview_mode_name
+import numpy as np
+from google.protobuf.message import DecodeError, Message
+
+from lcmserve.names import decoder_name, output_format_name, preview_mode_name
 from lcmserve.v1 import generation_pb2 as pb
 
 from .config import Limits
+from .images import PreparedImages
 from .protocol import GenerationParams
 
 # The request's `optional` scalar fields: unset means the default.
-OptionalField = Literal["num_inference_steps", "guidance_scale", "width", "height", "num_images", "seed", "quality"]
+OptionalField = Literal["num_inference_steps", "guidance_scale", "width", "height", "num_images", "seed", "quality",
+                        "strength"]
 MAX_SEED = 2**63 - 1
+MessageT = TypeVar("MessageT", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,26 @@ class Defaults:
     height: int = 512
     num_images: int = 1
     quality: int = 90
+    strength: float = 0.8  # with init_image (diffusers' img2img default)
+
+
+class UndecodableRequest(ValueError):
+    """The request bytes are not a message of the expected type (truncated, corrupted, or a string
+    field that is not UTF-8). The message is plain text for the client: no Python class names."""
+
+
+def parse(raw: bytes, message_type: type[MessageT]) -> MessageT:
+    """Request bytes -> message; the edge registers its handlers without a deserializer so that a
+    decode failure is an INVALID_ARGUMENT it answers, not gRPC's UNKNOWN naming a Python class."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        name = message_type.DESCRIPTOR.full_name
+        if "UTF-8" in str(exc):
+            raise UndecodableRequest(f"a string field of the {name} is not valid UTF-8 (prompt and "
+                                     "negative_prompt must be UTF-8 text)") from None
+        raise UndecodableRequest(f"the request's {len(raw)} bytes are not a valid {name} message "
+                                 "(truncated or corrupted protobuf)") from None
 
 
 class InvalidRequest(Exception):
@@ -37,8 +63,15 @@ class InvalidRequest(Exception):
 
 
 def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limits(),
-             defaults: Defaults = Defaults()) -> GenerationParams:
-    """Check every field (collecting all problems), tokenize the prompts, fill defaults."""
+             defaults: Defaults = Defaults(), images: PreparedImages | None = None,
+             decoders: tuple[str, ...] | None = None, default_decoder: str = "vae") -> GenerationParams:
+    """Check every field (collecting all problems), tokenize the prompts, fill defaults.
+
+    `decoders`: those the model has (ModelSpec.decoders) and `default_decoder` what DECODER_UNSPECIFIED
+    means; with None the decoder is left "unspecified" and the engine resolves and checks it.
+
+    `images`: the request's init/mask images as images.prepare_images made them (off the event
+    loop); required when the request has either (they are then reported missing otherwise)."""
     bad: list[tuple[str, str]] = []
 
     def value(name: OptionalField, default: Any) -> Any:
@@ -63,8 +96,12 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
                                       f"{limits.max_guidance_scale:g} (1.0 means no guidance)")))
 
     sides = {}
-    side_fields: tuple[tuple[Literal["width", "height"], int], ...] = (("width", defaults.width),
-                                                                       ("height", defaults.height))
+    if images is None and (request.init_image or request.mask_image):
+        images = PreparedImages(None, None, None, None, (("init_image", "was not decoded by the server"),))
+    width_default = images.default_width if images and images.default_width is not None else defaults.width
+    height_default = images.default_height if images and images.default_height is not None else defaults.height
+    side_fields: tuple[tuple[Literal["width", "height"], int], ...] = (("width", width_default),
+                                                                       ("height", height_default))
     for name, default in side_fields:
         side = value(name, default)
         sides[name] = side
@@ -92,7 +129,27 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
     if preview_mode is None:
         bad.append(("preview_mode", (f"is {request.preview_mode}, not a known PreviewMode value "
                                     f"({', '.join(pb.PreviewMode.keys())})")))
-    if bad or output_format is None or preview_mode is None:
+    decoder = decoder_name(request.decoder)
+    if decoder is None:
+        bad.append(("decoder", f"is {request.decoder}, not a known Decoder value ({', '.join(pb.Decoder.keys())})"))
+    elif decoders is not None:
+        decoder = default_decoder if decoder == "unspecified" else decoder
+        for name, wanted in (("decoder", decoder), ("preview_mode", preview_mode)):
+            if wanted == "tiny_vae" and "tiny_vae" not in decoders:
+                bad.append((name, f"is tiny_vae, but the model has no tiny autoencoder (decoders: {', '.join(decoders)})"))
+    # float32 on the wire: back to the decimal the client wrote (0.6, not 0.6000000238), so that
+    # int(num_inference_steps * strength) counts the steps as diffusers does with that number.
+    strength = float(str(np.float32(request.strength))) if request.HasField("strength") else defaults.strength
+    if request.HasField("strength") and not request.init_image:
+        bad.append(("strength", f"is {strength:g} without init_image; strength says how far an init_image is noised"))
+    elif request.init_image and (not math.isfinite(strength) or not 0 < strength <= 1):
+        bad.append(("strength", f"is {strength:g}; the range is above 0 to 1 (1 repaints the whole image)"))
+    elif request.init_image and 1 <= steps <= limits.max_steps and int(steps * strength) < 1:
+        bad.append(("strength", (f"is {strength:g}, which runs int({steps} * {strength:g}) = 0 of the {steps} "
+                                 f"steps; it must be at least 1/num_inference_steps = {1 / steps:.4g}")))
+    if images is not None:
+        bad.extend(images.violations)
+    if bad or output_format is None or preview_mode is None or decoder is None:
         raise InvalidRequest(bad)
 
     prompt_ids, prompt_tokens, truncated = tokenize(tokenizer, prompt)
@@ -112,6 +169,10 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
         include_latents=request.include_latents,
         prompt_truncated=truncated or (guidance > 1 and negative_truncated),
         prompt_tokens=prompt_tokens,
+        decoder=decoder,
+        init_image=images.init_image if images else None,
+        mask_image=images.mask_image if images else None,
+        strength=float(strength) if request.init_image else 1.0,
     )
 
 

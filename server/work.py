@@ -90,6 +90,9 @@ class Request:
     failed: bool = False  # ended (failed, cancelled or expired): its samples leave the batch
     timings: Timings = field(default_factory=Timings)
     lock: threading.Lock = field(default_factory=threading.Lock)  # encoders add to timings from the pool
+    # img2img / inpainting, made once for all its images at the first admission (server/admission.py):
+    init_moments: torch.Tensor | None = None  # (1, 8, h, w) VAE-encoder moments of the init image, model dtype
+    latent_mask: torch.Tensor | None = None  # (1, 1, h, w) float32, 1 = repaint: the mask at latent size
 
     def __post_init__(self) -> None:
         self.unfinished = self.params.num_images
@@ -100,6 +103,16 @@ class Request:
     def add_encode_ms(self, ms: float) -> None:
         with self.lock:
             self.timings.encode_ms += ms
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """What an inpainting sample keeps (diffusers' StableDiffusionInpaintPipeline, 4-channel UNet):
+    after every step, latents = (1 - mask) * init noised to the next timestep + mask * latents."""
+
+    init: torch.Tensor  # (1, 4, h, w) float32: the init image's (scaled) latents, x0 of the kept region
+    noise: torch.Tensor  # (1, 4, h, w) float32: the start noise, reused to noise `init` at every step
+    mask: torch.Tensor  # (1, 1, h, w) float32, 1 = repaint, 0 = keep
 
 
 @dataclass(eq=False)
@@ -115,6 +128,10 @@ class Sample:
     cond: torch.Tensor  # (77, D) text embedding, model dtype
     uncond: torch.Tensor | None  # (77, D) negative-prompt embedding when guided
     step: int = 0
+    # img2img / inpainting: (2, 4, h, w) float32, the VAE sample's noise then the start noise, until
+    # admission.start_from_images turns them into `latents` (which is empty till then).
+    image_noise: torch.Tensor | None = None
+    inpaint: Inpainting | None = None  # inpainting: what every step blends the kept region back from
 
     @property
     def resolution(self) -> tuple[int, int]:

@@ -47,3 +47,15 @@ def test_step_table_matches_the_scheduler_for_every_step_count() -> None:
             sample = ours
         assert steps[-1].is_last and not any(s.is_last for s in steps[:-1])
 
+
+
+def test_cuda_graph_counters_reach_metrics() -> None:
+    from lcmserve.server.metrics import Metrics
+    from lcmserve.server.protocol import GraphStats
+
+    metrics = Metrics()
+    metrics.record(GraphStats("unet", (("captures", 10), ("eager_calls", 3))))
+    metrics.record(GraphStats("unet", (("captures", 10), ("eager_calls", 5))))  # cumulative counters
+    value = metrics.registry.get_sample_value
+    assert value("lcmserve_cuda_graph_events", {"callable": "unet", "counter": "eager_calls"}) == 5
+    assert value("lcmserve_cuda_graph_events", {"callable": "unet", "counter": "captures"}) == 10

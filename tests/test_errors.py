@@ -95,7 +95,7 @@ def _metrics(server: ServerProcess) -> str:
 def test_full_queue_is_refused_at_once_and_cancel_frees_the_batch(small_server: ServerProcess) -> None:
     target = small_server.target
     big = dict(num_inference_steps=8, width=1024, height=1024, guidance_scale=2.0)
-    with Client(target) as a, Client(target) as b, Client(target) as c:
+    with Client(target) as a, Client(target) as b, Client(target, retries=0) as c:  # c: one RPC, no retry
         running = a.stream("first", seed=1, **big)
         assert isinstance(next(running), StepEvent)  # admitted: the batch (2 rows) is full
         waiting_result: list = []

@@ -24,41 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clcmserve/v1/generation.proto\x12\x0blcmserve.v1\"\xc3\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12 \n\x13num_inference_steps\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\x05width\x18\x06 \x01(\rH\x03\x88\x01\x01\x12\x13\n\x06height\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\x08 \x01(\rH\x05\x88\x01\x01\x12\x30\n\routput_format\x18\t \x01(\x0e\x32\x19.lcmserve.v1.OutputFormat\x12\x14\n\x07quality\x18\n \x01(\rH\x06\x88\x01\x01\x12.\n\x0cpreview_mode\x18\x0b \x01(\x0e\x32\x18.lcmserve.v1.PreviewMode\x12\x17\n\x0finclude_latents\x18\x0c \x01(\x08\x42\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x08\n\x06_widthB\t\n\x07_heightB\r\n\x0b_num_imagesB\n\n\x08_quality\"\x91\x01\n\x10GenerateResponse\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x16.lcmserve.v1.StepEventH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.lcmserve.v1.ImageH\x00\x12\'\n\x07summary\x18\x03 \x01(\x0b\x32\x14.lcmserve.v1.SummaryH\x00\x42\x07\n\x05\x65vent\"\xa0\x01\n\tStepEvent\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x10\n\x08timestep\x18\x04 \x01(\r\x12%\n\x07preview\x18\x05 \x01(\x0b\x32\x14.lcmserve.v1.Picture\x12$\n\x07latents\x18\x06 \x01(\x0b\x32\x13.lcmserve.v1.Tensor\"a\n\x07Picture\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.lcmserve.v1.OutputFormat\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"q\n\x05Image\x12\r\n\x05index\x18\x01 \x01(\r\x12%\n\x07picture\x18\x02 \x01(\x0b\x32\x14.lcmserve.v1.Picture\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12$\n\x07latents\x18\x04 \x01(\x0b\x32\x13.lcmserve.v1.Tensor\"r\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x0f\n\x07text_ms\x18\x02 \x01(\x02\x12\x0f\n\x07unet_ms\x18\x03 \x01(\x02\x12\x0e\n\x06vae_ms\x18\x04 \x01(\x02\x12\x11\n\tencode_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\"\x83\x01\n\x07Summary\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x12\n\nnum_images\x18\x02 \x01(\r\x12\x18\n\x10prompt_truncated\x18\x03 \x01(\x08\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.lcmserve.v1.Timings\"\x15\n\x13GetModelInfoRequest\"9\n\x08LoraInfo\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x02\"\xf1\x01\n\x06Limits\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x10\n\x08min_side\x18\x02 \x01(\r\x12\x10\n\x08max_side\x18\x03 \x01(\r\x12\x15\n\rside_multiple\x18\x04 \x01(\r\x12\x12\n\nmax_images\x18\x05 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\x06 \x01(\r\x12\x1a\n\x12min_guidance_scale\x18\x07 \x01(\x02\x12\x1a\n\x12max_guidance_scale\x18\x08 \x01(\x02\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x1b\n\x13max_queued_requests\x18\n \x01(\r\"\xb7\x01\n\x14GetModelInfoResponse\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\t\x12$\n\x05loras\x18\x02 \x03(\x0b\x32\x15.lcmserve.v1.LoraInfo\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.lcmserve.v1.Limits\x12\x16\n\x0eserver_version\x18\x07 \x01(\t*\x8b\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x01\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x15\n\x11OUTPUT_FORMAT_RAW\x10\x04*r\n\x0bPreviewMode\x12\x1c\n\x18PREVIEW_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11PREVIEW_MODE_NONE\x10\x01\x12\x17\n\x13PREVIEW_MODE_APPROX\x10\x02\x12\x15\n\x11PREVIEW_MODE_FULL\x10\x03\x32\xb3\x01\n\x11GenerationService\x12I\n\x08Generate\x12\x1c.lcmserve.v1.GenerateRequest\x1a\x1d.lcmserve.v1.GenerateResponse0\x01\x12S\n\x0cGetModelInfo\x12 .lcmserve.v1.GetModelInfoRequest\x1a!.lcmserve.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clcmserve/v1/generation.proto\x12\x0blcmserve.v1\"\xb6\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12 \n\x13num_inference_steps\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\x05width\x18\x06 \x01(\rH\x03\x88\x01\x01\x12\x13\n\x06height\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\x08 \x01(\rH\x05\x88\x01\x01\x12\x30\n\routput_format\x18\t \x01(\x0e\x32\x19.lcmserve.v1.OutputFormat\x12\x14\n\x07quality\x18\n \x01(\rH\x06\x88\x01\x01\x12.\n\x0cpreview_mode\x18\x0b \x01(\x0e\x32\x18.lcmserve.v1.PreviewMode\x12\x17\n\x0finclude_latents\x18\x0c \x01(\x08\x12\x12\n\ninit_image\x18\r \x01(\x0c\x12\x15\n\x08strength\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nmask_image\x18\x0f \x01(\x0c\x12%\n\x07\x64\x65\x63oder\x18\x14 \x01(\x0e\x32\x14.lcmserve.v1.DecoderB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x08\n\x06_widthB\t\n\x07_heightB\r\n\x0b_num_imagesB\n\n\x08_qualityB\x0b\n\t_strength\"\x91\x01\n\x10GenerateResponse\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x16.lcmserve.v1.StepEventH\x00\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x12.lcmserve.v1.ImageH\x00\x12\'\n\x07summary\x18\x03 \x01(\x0b\x32\x14.lcmserve.v1.SummaryH\x00\x42\x07\n\x05\x65vent\"\xa0\x01\n\tStepEvent\x12\x13\n\x0bimage_index\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x10\n\x08timestep\x18\x04 \x01(\r\x12%\n\x07preview\x18\x05 \x01(\x0b\x32\x14.lcmserve.v1.Picture\x12$\n\x07latents\x18\x06 \x01(\x0b\x32\x13.lcmserve.v1.Tensor\"a\n\x07Picture\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.lcmserve.v1.OutputFormat\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"q\n\x05Image\x12\r\n\x05index\x18\x01 \x01(\r\x12%\n\x07picture\x18\x02 \x01(\x0b\x32\x14.lcmserve.v1.Picture\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12$\n\x07latents\x18\x04 \x01(\x0b\x32\x13.lcmserve.v1.Tensor\"r\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x0f\n\x07text_ms\x18\x02 \x01(\x02\x12\x0f\n\x07unet_ms\x18\x03 \x01(\x02\x12\x0e\n\x06vae_ms\x18\x04 \x01(\x02\x12\x11\n\tencode_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\"\x96\x01\n\x07Summary\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x12\n\nnum_images\x18\x02 \x01(\r\x12\x18\n\x10prompt_truncated\x18\x03 \x01(\x08\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.lcmserve.v1.Timings\x12\x11\n\tnum_steps\x18\x06 \x01(\r\"\x15\n\x13GetModelInfoRequest\"9\n\x08LoraInfo\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x02\"\xa4\x02\n\x06Limits\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x10\n\x08min_side\x18\x02 \x01(\r\x12\x10\n\x08max_side\x18\x03 \x01(\r\x12\x15\n\rside_multiple\x18\x04 \x01(\r\x12\x12\n\nmax_images\x18\x05 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\x06 \x01(\r\x12\x1a\n\x12min_guidance_scale\x18\x07 \x01(\x02\x12\x1a\n\x12max_guidance_scale\x18\x08 \x01(\x02\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x1b\n\x13max_queued_requests\x18\n \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x0b \x01(\r\x12\x18\n\x10max_image_pixels\x18\x0c \x01(\r\"\xb5\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\t\x12$\n\x05loras\x18\x02 \x03(\x0b\x32\x15.lcmserve.v1.LoraInfo\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.lcmserve.v1.Limits\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x08 \x03(\t\x12&\n\x08\x64\x65\x63oders\x18\x14 \x03(\x0e\x32\x14.lcmserve.v1.Decoder\x12-\n\x0f\x64\x65\x66\x61ult_decoder\x18\x15 \x01(\x0e\x32\x14.lcmserve.v1.Decoder\x12\x14\n\x0cjpeg_encoder\x18\x16 \x01(\t*\x8b\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x01\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x15\n\x11OUTPUT_FORMAT_RAW\x10\x04*\x8d\x01\n\x0bPreviewMode\x12\x1c\n\x18PREVIEW_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11PREVIEW_MODE_NONE\x10\x01\x12\x17\n\x13PREVIEW_MODE_APPROX\x10\x02\x12\x15\n\x11PREVIEW_MODE_FULL\x10\x03\x12\x19\n\x15PREVIEW_MODE_TINY_VAE\x10\x04*I\n\x07\x44\x65\x63oder\x12\x17\n\x13\x44\x45\x43ODER_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44\x45\x43ODER_VAE\x10\x01\x12\x14\n\x10\x44\x45\x43ODER_TINY_VAE\x10\x02\x32\xb3\x01\n\x11GenerationService\x12I\n\x08Generate\x12\x1c.lcmserve.v1.GenerateRequest\x1a\x1d.lcmserve.v1.GenerateResponse0\x01\x12S\n\x0cGetModelInfo\x12 .lcmserve.v1.GetModelInfoRequest\x1a!.lcmserve.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lcmserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=1841
-  _globals['_OUTPUTFORMAT']._serialized_end=1980
-  _globals['_PREVIEWMODE']._serialized_start=1982
-  _globals['_PREVIEWMODE']._serialized_end=2096
+  _globals['_OUTPUTFORMAT']._serialized_start=2152
+  _globals['_OUTPUTFORMAT']._serialized_end=2291
+  _globals['_PREVIEWMODE']._serialized_start=2294
+  _globals['_PREVIEWMODE']._serialized_end=2435
+  _globals['_DECODER']._serialized_start=2437
+  _globals['_DECODER']._serialized_end=2510
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=497
-  _globals['_GENERATERESPONSE']._serialized_start=500
-  _globals['_GENERATERESPONSE']._serialized_end=645
-  _globals['_STEPEVENT']._serialized_start=648
-  _globals['_STEPEVENT']._serialized_end=808
-  _globals['_PICTURE']._serialized_start=810
-  _globals['_PICTURE']._serialized_end=907
-  _globals['_TENSOR']._serialized_start=909
-  _globals['_TENSOR']._serialized_end=961
-  _globals['_IMAGE']._serialized_start=963
-  _globals['_IMAGE']._serialized_end=1076
-  _globals['_TIMINGS']._serialized_start=1078
-  _globals['_TIMINGS']._serialized_end=1192
-  _globals['_SUMMARY']._serialized_start=1195
-  _globals['_SUMMARY']._serialized_end=1326
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1328
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1349
-  _globals['_LORAINFO']._serialized_start=1351
-  _globals['_LORAINFO']._serialized_end=1408
-  _globals['_LIMITS']._serialized_start=1411
-  _globals['_LIMITS']._serialized_end=1652
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1655
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1838
-  _globals['_GENERATIONSERVICE']._serialized_start=2099
-  _globals['_GENERATIONSERVICE']._serialized_end=2278
+  _globals['_GENERATEREQUEST']._serialized_end=612
+  _globals['_GENERATERESPONSE']._serialized_start=615
+  _globals['_GENERATERESPONSE']._serialized_end=760
+  _globals['_STEPEVENT']._serialized_start=763
+  _globals['_STEPEVENT']._serialized_end=923
+  _globals['_PICTURE']._serialized_start=925
+  _globals['_PICTURE']._serialized_end=1022
+  _globals['_TENSOR']._serialized_start=1024
+  _globals['_TENSOR']._serialized_end=1076
+  _globals['_IMAGE']._serialized_start=1078
+  _globals['_IMAGE']._serialized_end=1191
+  _globals['_TIMINGS']._serialized_start=1193
+  _globals['_TIMINGS']._serialized_end=1307
+  _globals['_SUMMARY']._serialized_start=1310
+  _globals['_SUMMARY']._serialized_end=1460
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1462
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1483
+  _globals['_LORAINFO']._serialized_start=1485
+  _globals['_LORAINFO']._serialized_end=1542
+  _globals['_LIMITS']._serialized_start=1545
+  _globals['_LIMITS']._serialized_end=1837
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1840
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2149
+  _globals['_GENERATIONSERVICE']._serialized_start=2513
+  _globals['_GENERATIONSERVICE']._serialized_end=2692
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,12 @@ class _PreviewModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PreviewMo
     """The full VAE decode of the denoised latents at full resolution: costs a VAE
     decode per step, about as much as the final image.
     """
+    PREVIEW_MODE_TINY_VAE: _PreviewMode.ValueType  # 4
+    """The tiny autoencoder's (TAESD) decode of the denoised latents at full
+    resolution: about 1/18 of a VAE decode's multiply-adds. Only for a model that
+    has one (GetModelInfoResponse.decoders holds DECODER_TINY_VAE); otherwise
+    INVALID_ARGUMENT.
+    """
 
 class PreviewMode(_PreviewMode, metaclass=_PreviewModeEnumTypeWrapper):
     """What each StepEvent carries as a picture of the denoised prediction."""
@@ -91,7 +97,47 @@ PREVIEW_MODE_FULL: PreviewMode.ValueType  # 3
 """The full VAE decode of the denoised latents at full resolution: costs a VAE
 decode per step, about as much as the final image.
 """
+PREVIEW_MODE_TINY_VAE: PreviewMode.ValueType  # 4
+"""The tiny autoencoder's (TAESD) decode of the denoised latents at full
+resolution: about 1/18 of a VAE decode's multiply-adds. Only for a model that
+has one (GetModelInfoResponse.decoders holds DECODER_TINY_VAE); otherwise
+INVALID_ARGUMENT.
+"""
 Global___PreviewMode: _TypeAlias = PreviewMode  # noqa: Y015
+
+class _Decoder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DecoderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decoder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECODER_UNSPECIFIED: _Decoder.ValueType  # 0
+    """Not set: the server's default (GetModelInfoResponse.default_decoder;
+    `lcmserve serve --default-decoder`, DECODER_VAE unless set).
+    """
+    DECODER_VAE: _Decoder.ValueType  # 1
+    """The model's own VAE (AutoencoderKL): diffusers' pipeline's pixels."""
+    DECODER_TINY_VAE: _Decoder.ValueType  # 2
+    """The tiny autoencoder (TAESD, diffusers' AutoencoderTiny): about 18x fewer
+    multiply-adds than the VAE at 512x512, a little less detail. Only for a model
+    that has one; otherwise INVALID_ARGUMENT.
+    """
+
+class Decoder(_Decoder, metaclass=_DecoderEnumTypeWrapper):
+    """The decoder that turns the final latents into pixels."""
+
+DECODER_UNSPECIFIED: Decoder.ValueType  # 0
+"""Not set: the server's default (GetModelInfoResponse.default_decoder;
+`lcmserve serve --default-decoder`, DECODER_VAE unless set).
+"""
+DECODER_VAE: Decoder.ValueType  # 1
+"""The model's own VAE (AutoencoderKL): diffusers' pipeline's pixels."""
+DECODER_TINY_VAE: Decoder.ValueType  # 2
+"""The tiny autoencoder (TAESD, diffusers' AutoencoderTiny): about 18x fewer
+multiply-adds than the VAE at 512x512, a little less detail. Only for a model
+that has one; otherwise INVALID_ARGUMENT.
+"""
+Global___Decoder: _TypeAlias = Decoder  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
@@ -111,6 +157,10 @@ class GenerateRequest(_message.Message):
     QUALITY_FIELD_NUMBER: _builtins.int
     PREVIEW_MODE_FIELD_NUMBER: _builtins.int
     INCLUDE_LATENTS_FIELD_NUMBER: _builtins.int
+    INIT_IMAGE_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    MASK_IMAGE_FIELD_NUMBER: _builtins.int
+    DECODER_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Text to generate from. Required, 1 to 2000 characters. CLIP reads at most
     77 tokens: longer prompts are truncated and Summary.prompt_truncated says so.
@@ -147,6 +197,33 @@ class GenerateRequest(_message.Message):
     """When true, every StepEvent and Image also carries the latents (float32).
     Default false.
     """
+    init_image: _builtins.bytes
+    """img2img / inpainting: the picture to start from, an encoded PNG, JPEG or
+    WEBP (RGB; grey and RGBA are converted to RGB), at most
+    GetModelInfoResponse.limits.max_image_bytes bytes and max_image_pixels
+    pixels. When set, width and height default to its size floored to a
+    multiple of 8; when given, it is resized to them (Lanczos), as diffusers'
+    VaeImageProcessor.preprocess does. Default: empty (text-to-image).
+    Reference: diffusers' StableDiffusionImg2ImgPipeline (with mask_image:
+    StableDiffusionInpaintPipeline) with an LCMScheduler and the same seed.
+    """
+    strength: _builtins.float
+    """How far init_image is noised before denoising, 0 < strength <= 1
+    (unitless). The image runs the last min(int(num_inference_steps *
+    strength), num_inference_steps) steps of the num_inference_steps schedule
+    (at least 1 must run): 4 steps at 0.5 run 2, 1.0 runs them all. Default 0.8
+    with init_image; an error without it.
+    """
+    mask_image: _builtins.bytes
+    """Inpainting: which part of init_image to repaint, an encoded PNG, JPEG or
+    WEBP read as grey and binarized at 50%: white = repaint, black = keep.
+    Resized to width x height as init_image is; same byte and pixel limits.
+    Only with init_image. Default: empty (no mask: img2img of the whole image).
+    """
+    decoder: Global___Decoder.ValueType
+    """Decoder of the final images (previews: preview_mode). Default: the server's
+    default decoder. A decoder the model lacks: INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -162,10 +239,14 @@ class GenerateRequest(_message.Message):
         quality: _builtins.int | None = ...,
         preview_mode: Global___PreviewMode.ValueType = ...,
         include_latents: _builtins.bool = ...,
+        init_image: _builtins.bytes = ...,
+        strength: _builtins.float | None = ...,
+        mask_image: _builtins.bytes = ...,
+        decoder: Global___Decoder.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "include_latents", b"include_latents", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "preview_mode", b"preview_mode", "prompt", b"prompt", "quality", b"quality", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "decoder", b"decoder", "guidance_scale", b"guidance_scale", "height", b"height", "include_latents", b"include_latents", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "preview_mode", b"preview_mode", "prompt", b"prompt", "quality", b"quality", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -179,6 +260,8 @@ class GenerateRequest(_message.Message):
     _WhichOneofArgType__quality: _TypeAlias = _typing.Literal["_quality", b"_quality"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
     _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
     _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
     @_typing.overload
@@ -193,6 +276,8 @@ class GenerateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__quality) -> _WhichOneofReturnType__quality | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
@@ -253,7 +338,9 @@ class StepEvent(_message.Message):
     step: _builtins.int
     """Step index, 0 to num_steps - 1."""
     num_steps: _builtins.int
-    """Total steps of this request (num_inference_steps)."""
+    """Steps this image runs: num_inference_steps, or with init_image the last
+    min(int(num_inference_steps * strength), num_inference_steps) of them.
+    """
     timestep: _builtins.int
     """Diffusion timestep of this step, 0 to 999 (SD's 1000-step training schedule)."""
     @_builtins.property
@@ -439,6 +526,7 @@ class Summary(_message.Message):
     PROMPT_TRUNCATED_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    NUM_STEPS_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Seed of image 0 (as given or as chosen)."""
     num_images: _builtins.int
@@ -447,6 +535,11 @@ class Summary(_message.Message):
     """True when CLIP's 77-token limit cut the prompt (or the negative prompt)."""
     prompt_tokens: _builtins.int
     """Tokens of the prompt, including start and end tokens, before truncation."""
+    num_steps: _builtins.int
+    """Denoising steps each image ran (StepEvent.num_steps): num_inference_steps,
+    or with init_image min(int(num_inference_steps * strength),
+    num_inference_steps).
+    """
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Where the time went."""
@@ -459,10 +552,11 @@ class Summary(_message.Message):
         prompt_truncated: _builtins.bool = ...,
         prompt_tokens: _builtins.int = ...,
         timings: Global___Timings | None = ...,
+        num_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_images", b"num_images", "prompt_tokens", b"prompt_tokens", "prompt_truncated", b"prompt_truncated", "seed", b"seed", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_images", b"num_images", "num_steps", b"num_steps", "prompt_tokens", b"prompt_tokens", "prompt_truncated", b"prompt_truncated", "seed", b"seed", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -531,6 +625,8 @@ class Limits(_message.Message):
     MAX_GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
     max_steps: _builtins.int
     """Most denoising steps (least is 1)."""
     min_side: _builtins.int
@@ -551,6 +647,10 @@ class Limits(_message.Message):
     """Most rows in one UNet call (a guided image takes two)."""
     max_queued_requests: _builtins.int
     """Most requests waiting for a batch slot before RESOURCE_EXHAUSTED."""
+    max_image_bytes: _builtins.int
+    """Most bytes of init_image, and of mask_image, each (encoded)."""
+    max_image_pixels: _builtins.int
+    """Most pixels (width x height) of init_image and of mask_image once decoded."""
     def __init__(
         self,
         *,
@@ -564,10 +664,12 @@ class Limits(_message.Message):
         max_guidance_scale: _builtins.float = ...,
         max_batch_size: _builtins.int = ...,
         max_queued_requests: _builtins.int = ...,
+        max_image_bytes: _builtins.int = ...,
+        max_image_pixels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_guidance_scale", b"max_guidance_scale", "max_images", b"max_images", "max_prompt_chars", b"max_prompt_chars", "max_queued_requests", b"max_queued_requests", "max_side", b"max_side", "max_steps", b"max_steps", "min_guidance_scale", b"min_guidance_scale", "min_side", b"min_side", "side_multiple", b"side_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_guidance_scale", b"max_guidance_scale", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_images", b"max_images", "max_prompt_chars", b"max_prompt_chars", "max_queued_requests", b"max_queued_requests", "max_side", b"max_side", "max_steps", b"max_steps", "min_guidance_scale", b"min_guidance_scale", "min_side", b"min_side", "side_multiple", b"side_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -586,6 +688,10 @@ class GetModelInfoResponse(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    DECODERS_FIELD_NUMBER: _builtins.int
+    DEFAULT_DECODER_FIELD_NUMBER: _builtins.int
+    JPEG_ENCODER_FIELD_NUMBER: _builtins.int
     base: _builtins.str
     """Base model: hub id, folder or preset name."""
     dtype: _builtins.str
@@ -596,6 +702,12 @@ class GetModelInfoResponse(_message.Message):
     """Runtime backend: "eager", "compile", "aoti" or "onnx"."""
     server_version: _builtins.str
     """lcmserve version of the server."""
+    default_decoder: Global___Decoder.ValueType
+    """What DECODER_UNSPECIFIED means on this server."""
+    jpeg_encoder: _builtins.str
+    """Who encodes JPEG output: "gpu" (torchvision's nvjpeg on the device's
+    tensors) or "host" (PIL in the engine's encoder threads).
+    """
     @_builtins.property
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraInfo]:
         """LoRAs fused into it, in order."""
@@ -603,6 +715,19 @@ class GetModelInfoResponse(_message.Message):
     @_builtins.property
     def limits(self) -> Global___Limits:
         """Validation limits."""
+
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Device of each engine process, in the server's --devices order, e.g.
+        ["cuda:0", "cuda:1"] or ["cpu", "cpu"]; at least one. `device` is the first.
+        Each request runs on one of them; images do not depend on which.
+        """
+
+    @_builtins.property
+    def decoders(self) -> _containers.RepeatedScalarFieldContainer[Global___Decoder.ValueType]:
+        """Decoders the model has: DECODER_VAE always, DECODER_TINY_VAE when it has a
+        tiny autoencoder.
+        """
 
     def __init__(
         self,
@@ -614,10 +739,14 @@ class GetModelInfoResponse(_message.Message):
         backend: _builtins.str = ...,
         limits: Global___Limits | None = ...,
         server_version: _builtins.str = ...,
+        devices: _abc.Iterable[_builtins.str] | None = ...,
+        decoders: _abc.Iterable[Global___Decoder.ValueType] | None = ...,
+        default_decoder: Global___Decoder.ValueType = ...,
+        jpeg_encoder: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "base", b"base", "device", b"device", "dtype", b"dtype", "limits", b"limits", "loras", b"loras", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "base", b"base", "decoders", b"decoders", "default_decoder", b"default_decoder", "device", b"device", "devices", b"devices", "dtype", b"dtype", "jpeg_encoder", b"jpeg_encoder", "limits", b"limits", "loras", b"loras", "server_version", b"server_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
