@@ -21,7 +21,8 @@ from types import ModuleType
 
 from . import __version__
 from ._common import DEFAULT_TARGET
-from ._convert import parse_output_format
+from ._connection import ConnectionFlagError, add_security_arguments, read_security_arguments
+from ._convert import parse_decoder, parse_output_format, parse_preview_mode
 from .client import Client
 from .errors import LcmServeError, UnavailableError
 from .options import GenerateOptions
@@ -77,6 +78,13 @@ _PLUGINS = {
     ),
     "bench": _Plugin(
         "lcmserve.bench.cli", "load-test a server: throughput and latency", "the benchmark", None, ()
+    ),
+    "dataset": _Plugin(
+        "lcmserve.dataset.cli",
+        "make a labelled, resumable image dataset from a YAML spec (imagefolder layout)",
+        "the dataset job",
+        None,
+        (),
     ),
 }
 
@@ -191,19 +199,25 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         default=os.environ.get("LCMSERVE_TARGET", DEFAULT_TARGET),
-        metavar="HOST:PORT",
-        help=f"server address (default: $LCMSERVE_TARGET, else {DEFAULT_TARGET})",
+        metavar="TARGET",
+        help="server address, HOST:PORT, or several servers to balance over: ipv4:HOST:PORT,HOST:PORT,... or "
+        f"dns:///NAME:PORT (default: $LCMSERVE_TARGET, else {DEFAULT_TARGET})",
     )
     parser.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline in seconds")
-    parser.add_argument("--secure", action="store_true", help="use TLS with the system's root certificates")
-    parser.add_argument(
-        "--root-certificates", type=Path, default=None, metavar="PEM", help="use TLS trusting these roots"
-    )
+    add_security_arguments(parser)
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", metavar="PROMPT", help="text to generate from")
     _add_connection_arguments(parser)
+    parser.add_argument(
+        "--retries",
+        type=_retries,
+        default=3,
+        metavar="N",
+        help="retry UNAVAILABLE and RESOURCE_EXHAUSTED up to N times, before the first event, with the "
+        "same seed (default 3; 0: never)",
+    )
     parser.add_argument(
         "--negative-prompt", default=None, help="text to steer away from (with --guidance > 1)"
     )
@@ -245,10 +259,33 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--preview-mode",
-        choices=["approx", "full"],
+        choices=["approx", "full", "tiny-vae", "tiny_vae"],
         default=None,
-        help="approx: cheap, 1/8 size (default); full: a VAE decode per step",
+        help="approx: cheap, 1/8 size (default); full: a VAE decode per step; tiny-vae: the tiny "
+        "autoencoder's decode per step, full size (a model with one)",
     )
+    parser.add_argument(
+        "--decoder",
+        choices=["vae", "tiny-vae", "tiny_vae"],
+        default=None,
+        help="decoder of the final images: vae, or tiny-vae (TAESD; a model with one) "
+        "(default: the server's --default-decoder)",
+    )
+    parser.add_argument("--init-image", type=Path, metavar="FILE",
+                        help="img2img: start from this PNG/JPEG/WEBP (width/height default to its size, floored to 8)")
+    parser.add_argument("--strength", type=float, metavar="S", help="with --init-image: 0 < S <= 1, how far it is "
+                        "noised; int(steps * S) of the steps run (server default 0.8)")
+    parser.add_argument("--mask", type=Path, metavar="FILE", help="inpainting, with --init-image: white = repaint")
+
+
+def _retries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: no retries), got {value}")
+    return value
 
 
 # ---- generate -----------------------------------------------------------------------------------
@@ -274,14 +311,14 @@ def _image_path(output: Path | None, fmt: OutputFormat, index: int, several: boo
 
 
 def _client(args: argparse.Namespace) -> Client:
-    root_certificates = None
-    if args.root_certificates is not None:
-        try:
-            root_certificates = args.root_certificates.read_bytes()
-        except OSError as exc:
-            where = f"--root-certificates {args.root_certificates}"
-            raise _CliExit(f"lcmserve {args.command}: error: cannot read {where}: {exc.strerror}", 1) from exc
-    return Client(args.target, secure=args.secure, root_certificates=root_certificates, timeout=args.timeout)
+    try:
+        c = read_security_arguments(args)
+        return Client(args.target, secure=c.secure, root_certificates=c.root_certificates, client_cert=c.client_cert,
+                      client_key=c.client_key, token=c.token, timeout=args.timeout, retries=getattr(args, "retries", 3))
+    except ConnectionFlagError as exc:  # an unreadable PEM file (1), flags that do not go together (2)
+        raise _CliExit(f"lcmserve {args.command}: error: {exc}", exc.exit_code) from exc
+    except ValueError as exc:  # e.g. a $LCMSERVE_TOKEN with whitespace
+        raise _CliExit(f"lcmserve {args.command}: error: {exc}", 2) from exc
 
 
 def _generate_options(args: argparse.Namespace, fmt: OutputFormat) -> GenerateOptions:
@@ -296,7 +333,12 @@ def _generate_options(args: argparse.Namespace, fmt: OutputFormat) -> GenerateOp
         num_images=args.num_images,
         output_format=fmt,
         quality=args.quality,
-        preview_mode=(args.preview_mode or "approx") if args.previews is not None else "none",
+        preview_mode=parse_preview_mode(args.preview_mode or "approx", "--preview-mode")
+        if args.previews is not None else "none",
+        decoder=parse_decoder(args.decoder or "unspecified", "--decoder"),
+        init_image=args.init_image,
+        strength=args.strength,
+        mask_image=args.mask,
     )
 
 
@@ -380,8 +422,10 @@ def _format_model_info(info: ModelInfo, target: str) -> str:
         ("base", info.base),
         ("loras", "; ".join(loras) or "none"),
         ("dtype", info.dtype),
-        ("device", info.device),
+        ("device", ", ".join(info.devices) if len(info.devices) > 1 else info.device),
         ("backend", info.backend),
+        ("decoders", f"{', '.join(info.decoders) or 'vae'} (default {info.default_decoder or 'vae'}); "
+                     f"JPEG on the {info.jpeg_encoder or 'host'}"),
         ("steps", f"1 to {limits.max_steps}"),
         ("sides", f"{limits.min_side} to {limits.max_side} px, multiples of {limits.side_multiple}"),
         ("images", f"at most {limits.max_images} per request"),

@@ -211,3 +211,15 @@ def test_baseline_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         assert b["images_per_s"] > 0
         assert b["latency_ms"]["p50"] <= b["latency_ms"]["p99"] and b["first_step_ms"]["p50"] > 0
         assert b["step_gap_ms"]["p50"] > 0
+
+
+def test_json_config_records_whether_secrets_were_given_never_their_value() -> None:
+    config = BenchConfig(target="127.0.0.1:1", root_certificates=b"-----BEGIN CERTIFICATE-----",
+                         client_cert=b"-----BEGIN CERTIFICATE-----", client_key=b"-----BEGIN PRIVATE KEY-----",
+                         token="bench-secret")
+    data = config.to_json()
+    assert (data["root_certificates"], data["client_cert"], data["client_key"], data["token"]) == (True,) * 4
+    text = json.dumps(data)  # JSON-ready: no bytes left
+    assert "bench-secret" not in text and "BEGIN" not in text
+    assert "bench-secret" not in repr(config)
+    assert BenchConfig(target=None).to_json()["token"] is False

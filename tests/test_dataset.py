@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -144,6 +145,31 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_server: str, tmp_path: Pat
     assert files(killed) == files(whole)  # same names, same bytes, metadata in the same order
     again = lcmserve("dataset", str(spec), "--out", str(killed), *args)
     assert "generated 0" in again.stdout and files(killed) == files(whole)
+
+
+def test_a_server_with_a_token_file(tmp_path: Path) -> None:
+    """`--token` reaches the job's clients (as tests/test_security.py starts such a server); without
+    it the job stops at GetModelInfo with the server's UNAUTHENTICATED, exit 1."""
+    from conftest import ServerProcess
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("# one a line\ndataset-token\n")
+    server = ServerProcess("--model", "tiny", "--metrics-port", "-1", "--auth-token-file", str(tokens))
+    try:
+        spec = write_spec(tmp_path, SPEC_24.replace("images: 4", "images: 1").replace("images: 8\nneg", "images: 2\nneg"))
+        args = ["--target", server.target, "--no-progress", "--no-contact-sheets"]
+        env = {k: v for k, v in os.environ.items() if k != "LCMSERVE_TOKEN"}
+        refused = subprocess.run([sys.executable, "-m", "lcmserve.cli", "dataset", str(spec), "--out",
+                                  str(tmp_path / "refused"), *args], capture_output=True, text=True, timeout=120,
+                                 env=env)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+        done = subprocess.run([sys.executable, "-m", "lcmserve.cli", "dataset", str(spec), "--out",
+                               str(tmp_path / "out"), *args, "--token", "dataset-token"],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "6 of 6 images" in done.stdout and len(rows(tmp_path / "out")) == 6
+    finally:
+        server.stop()
 
 
 def test_one_image_reproduced_by_generate(reference: Path, tiny_server: str, tmp_path: Path) -> None:

@@ -262,3 +262,14 @@ def test_docs_name_the_real_headless_target(base: dict[str, Manifest]) -> None:
     service = base["Service/lcmserve-headless"]
     target = f"dns:///{service['metadata']['name']}.NAMESPACE.svc.cluster.local:{service['spec']['ports'][0]['port']}"
     assert target in (REPO / "docs" / "deploy.md").read_text()
+
+
+def test_metrics_reachable_and_connections_recycled(base: dict[str, Manifest]) -> None:
+    args = serve_args(server_container(base))
+    assert (args.metrics_host or args.host) == "0.0.0.0"  # Prometheus scrapes the pod IP
+    # Old enough not to churn, young enough that clients see a scale-out within minutes.
+    assert args.max_connection_age is not None and 60 <= args.max_connection_age <= 1800
+    docs = (REPO / "docs" / "deploy.md").read_text()
+    assert "Planned flags" not in docs
+    for flag in ("--max-connection-age", "--metrics-host", "--auth-token-file", "--tls-cert"):
+        assert flag in docs, flag

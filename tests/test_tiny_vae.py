@@ -250,8 +250,9 @@ def test_sdk_and_cli_names_of_the_decoders() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnx", "aoti"])
 def test_compiled_backends_serve_the_tiny_decoder_as_eager(backend: str, tmp_path: pathlib.Path) -> None:
-    """A compiled artifact exported with --tiny-vae serves it (run eagerly beside the compiled parts:
-    docs/backends.md), its pixels within 2/255 of the eager runtime's."""
+    """A compiled artifact exported with --tiny-vae has the tiny decoder as a compiled part and serves
+    it (docs/backends.md), its pixels within 2/255 of the eager runtime's; another tiny autoencoder
+    given at serve time runs eagerly."""
     import torch
 
     from lcmserve.export.fuse import export_model
@@ -266,11 +267,16 @@ def test_compiled_backends_serve_the_tiny_decoder_as_eager(backend: str, tmp_pat
     eager = load_runtime(str(out), backend="eager", device="cpu")
     assert compiled.spec.backend == backend and compiled.spec.decoders == ("vae", "tiny_vae")
     assert compiled.tiny_vae_decode is not None and eager.tiny_vae_decode is not None
+    entry = json.loads((out / "manifest.json").read_text())["compiled"][backend]
+    assert (out / entry["files"]["tiny_vae_decoder"]).is_file() and "tiny_vae_decoder" in entry["parity_max_abs_diff"]
+    assert compiled.spec.extra["tiny_vae_decoder"] == "compiled", "the compiled tiny decoder is not the one served"
     latents = torch.randn(3, 4, 8, 12, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         got, want = compiled.tiny_vae_decode(latents), eager.tiny_vae_decode(latents)
     assert got.shape == (3, 3, 64, 96)
     assert float(((got - want).abs() / 2).max()) <= 2 / 255
+    other = load_runtime(str(out), backend=backend, device="cpu", tiny_vae="tiny")  # not the exported one
+    assert other.spec.extra["tiny_vae_decoder"] == "eager" and other.tiny_vae_decode is not None
 
 
 def test_the_edge_refuses_a_decoder_the_model_lacks_naming_the_field(tmp_path: pathlib.Path) -> None:

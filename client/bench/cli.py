@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
-from ..names import OUTPUT_FORMAT_VALUES, PREVIEW_MODE_VALUES
-from ..types import OutputFormat, PreviewMode
+from .._connection import ConnectionFlagError, add_security_arguments, read_security_arguments
+from ..names import OUTPUT_FORMAT_VALUES, PREVIEW_MODE_VALUES, canonical_name
+from ..types import Decoder, OutputFormat, PreviewMode
 from .config import DEFAULT_PROMPTS, BenchConfig, BenchError, Level, RequestShape
 from .driver import run_bench
 from .report import BenchReport, format_table, write_csv, write_json, write_plot
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="server to load; leave out with --baseline to time only diffusers",
     )
-    parser.add_argument("--secure", action="store_true", help="TLS with the system's root certificates")
+    add_security_arguments(parser)  # --secure, --root-certificates, --client-cert, --client-key, --token
     load = parser.add_mutually_exclusive_group()
     load.add_argument(
         "--concurrency",
@@ -105,10 +106,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     shape.add_argument(
         "--preview-mode",
-        choices=tuple(PREVIEW_MODE_VALUES),
+        choices=(*PREVIEW_MODE_VALUES, "tiny-vae"),
         default="none",
         help="preview in each step event (default none)",
     )
+    shape.add_argument(
+        "--decoder",
+        choices=("unspecified", "vae", "tiny_vae", "tiny-vae"),
+        default="unspecified",
+        help="decoder of the final images (default unspecified: the server's default decoder)",
+    )
+    shape.add_argument(
+        "--init-image", type=Path, metavar="FILE", help="img2img: every request starts from this PNG/JPEG/WEBP"
+    )
+    shape.add_argument(
+        "--strength", type=float, metavar="S", help="with --init-image: 0 < S <= 1 (server default 0.8)"
+    )
+    shape.add_argument("--mask", type=Path, metavar="FILE", help="inpainting, with --init-image: white = repaint")
     shape.add_argument(
         "--prompts",
         type=Path,
@@ -156,12 +170,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _read_image(flag: str, path: Path | None) -> bytes | None:
+    """The file's bytes, read once for the whole run (the server decodes them per request)."""
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BenchError(f"{flag} {path}: {exc.strerror or exc}") from exc
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Checks the options and builds the config; raises BenchError naming the option."""
     if args.target is None and args.baseline is None:
         raise BenchError("give --target HOST:PORT (a server to load), --baseline MODEL, or both")
     if args.max_concurrency is not None and (args.rate is None or args.max_concurrency < 1):
         raise BenchError(f"--max-concurrency {args.max_concurrency}: needs --rate and a value >= 1")
+    try:
+        connection = read_security_arguments(args)
+    except ConnectionFlagError as exc:
+        raise BenchError(str(exc)) from exc
     for name in ("requests", "connections", "steps", "width", "height", "num_images", "baseline_iters"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -181,6 +209,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         prompts = tuple(line.strip() for line in lines if line.strip())
         if not prompts:
             raise BenchError(f"--prompts {args.prompts}: no prompts in the file")
+    if args.mask is not None and args.init_image is None:
+        raise BenchError("--mask needs --init-image (inpainting repaints part of an init image)")
     if args.rate is not None:
         levels = tuple(Level(rate=r, max_concurrency=args.max_concurrency) for r in args.rate)
     else:
@@ -208,12 +238,20 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             num_images=args.num_images,
             output_format=cast(OutputFormat, args.format),
             guidance_scale=args.guidance,
-            preview_mode=cast(PreviewMode, args.preview_mode),
+            preview_mode=cast(PreviewMode, canonical_name(args.preview_mode)),
+            decoder=cast(Decoder, canonical_name(args.decoder)),
+            init_image=_read_image("--init-image", args.init_image),
+            strength=args.strength,
+            mask_image=_read_image("--mask", args.mask),
         ),
         prompts=prompts,
         seed=args.seed,
         slo_ms=args.slo_ms,
-        secure=args.secure,
+        secure=connection.secure,
+        root_certificates=connection.root_certificates,
+        client_cert=connection.client_cert,
+        client_key=connection.client_key,
+        token=connection.token,
         connections=args.connections,
         progress=not args.no_progress,
         baseline_model=args.baseline,

@@ -90,7 +90,11 @@ class BenchConfig:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     seed: int = 0  # request i gets seed + i * num_images (image j of it: + j, on the server)
     slo_ms: float | None = None  # goodput counts ok requests within this end-to-end latency
-    secure: bool = False
+    secure: bool = False  # TLS with the system's roots
+    root_certificates: bytes | None = field(default=None, repr=False)  # PEM roots to trust (implies TLS)
+    client_cert: bytes | None = field(default=None, repr=False)  # mTLS: PEM chain, with client_key
+    client_key: bytes | None = field(default=None, repr=False)  # mTLS: its PEM private key
+    token: str | None = field(default=None, repr=False)  # bearer token; None: $LCMSERVE_TOKEN, if set
     connections: int = 1  # gRPC channels, requests spread round-robin over them
     progress: bool = True
     baseline_model: str | None = None
@@ -117,4 +121,9 @@ class BenchConfig:
         data = dataclasses.asdict(self)
         data["levels"] = [{k: v for k, v in lv.items() if v is not None} for lv in data["levels"]]
         data["prompts"] = len(self.prompts)
+        for name in ("init_image", "mask_image"):  # bytes: their size, not their contents
+            image = getattr(self.shape, name)
+            data["shape"][name] = None if image is None else f"{len(image)} bytes"
+        for name in ("root_certificates", "client_cert", "client_key", "token"):  # whether set, never the secret
+            data[name] = getattr(self, name) is not None
         return data

@@ -306,7 +306,12 @@ async def run_bench(
     if config.target is not None:
         async with contextlib.AsyncExitStack() as stack:
             clients = [
-                await stack.enter_async_context(AsyncClient(config.target, secure=config.secure))
+                # retries=0: a load tester reports overload as failures, not as latency of retried calls.
+                await stack.enter_async_context(AsyncClient(
+                    config.target, secure=config.secure, root_certificates=config.root_certificates,
+                    client_cert=config.client_cert, client_key=config.client_key, token=config.token,
+                    retries=0,
+                ))
                 for _ in range(config.connections)
             ]
             source = _RequestSource(config)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import BenchConfig, BenchError, Level
+from .config import BenchConfig, BenchError, Level, RequestShape
 
 _PERCENTILES = (50, 90, 95, 99)
 
@@ -272,7 +272,8 @@ def format_table(report: BenchReport) -> str:
     lines = [
         f"lcmserve bench: {report.config.target or 'no server'}, {shape.width}x{shape.height}, "
         f"{shape.num_inference_steps} steps, {shape.num_images} image(s)/request, {shape.output_format}, "
-        f"guidance {shape.guidance_scale:g}, previews {shape.preview_mode}",
+        f"guidance {shape.guidance_scale:g}, previews {shape.preview_mode}, decoder {shape.decoder}"
+        + _image_mode(shape),
         groups.rstrip(),
         line([name for _, name in columns]),
         *(line(row) for row in rows),
@@ -355,3 +356,12 @@ def write_plot(report: BenchReport, path: Path) -> None:
     ax.legend()
     ax.margins(x=0.15, y=0.1)
     fig.savefig(path, bbox_inches="tight")
+
+
+def _image_mode(shape: RequestShape) -> str:
+    """", img2img strength 0.5" / ", inpainting strength 1" for a run with an init image, else ""."""
+    if shape.init_image is None:
+        return ""
+    kind = "inpainting" if shape.mask_image is not None else "img2img"
+    strength = "0.8 (server default)" if shape.strength is None else f"{shape.strength:g}"
+    return f", {kind} strength {strength}"

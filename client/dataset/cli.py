@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._common import DEFAULT_TARGET
+from .._connection import ConnectionFlagError, add_security_arguments, read_security_arguments
 from ..errors import LcmServeError
 from .job import JobConfig, run as run_job
 from .keep import keep
@@ -36,8 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="server (any gRPC target string); repeat for several servers "
         f"(default: $LCMSERVE_TARGET, else {DEFAULT_TARGET})",
     )
-    parser.add_argument("--secure", action="store_true", help="TLS with the system's root certificates")
-    parser.add_argument("--root-certificates", type=Path, metavar="PEM", help="TLS trusting these roots")
+    add_security_arguments(parser)  # --secure, --root-certificates, --client-cert, --client-key, --token
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -46,9 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, metavar="N", help="make at most the first N images of the plan")
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                        help="deadline of one request (default 300)")
+                        help="deadline of one request, its retries included (default 300)")
     parser.add_argument("--retries", type=int, default=4, metavar="N",
-                        help="retries of a request that got UNAVAILABLE/RESOURCE_EXHAUSTED (default 4)")
+                        help="the SDK's retries of a request that got UNAVAILABLE or RESOURCE_EXHAUSTED, with "
+                             "the same seeds (default 4; 0: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--no-contact-sheets", action="store_true", help="do not write DIR/contact/")
     parser.add_argument("--keep", type=Path, metavar="FILE",
@@ -63,16 +64,13 @@ def _config(args: argparse.Namespace) -> JobConfig:
             raise DatasetError(f"--{name} {value}: must be >= 1")
     if args.retries < 0 or not args.timeout > 0:
         raise DatasetError("--retries must be >= 0 and --timeout > 0")
-    roots = None
-    if args.root_certificates is not None:
-        try:
-            roots = args.root_certificates.read_bytes()
-        except OSError as exc:
-            raise DatasetError(f"--root-certificates {args.root_certificates}: {exc.strerror}") from exc
+    connection = read_security_arguments(args)  # ConnectionFlagError: run() reports it
     targets = tuple(args.target or [os.environ.get("LCMSERVE_TARGET", DEFAULT_TARGET)])
     return JobConfig(targets=targets, concurrency=args.concurrency, limit=args.limit,
                      timeout_s=args.timeout, retries=args.retries, progress=not args.no_progress,
-                     contact_sheets=not args.no_contact_sheets, secure=args.secure, root_certificates=roots)
+                     contact_sheets=not args.no_contact_sheets, secure=connection.secure,
+                     root_certificates=connection.root_certificates, client_cert=connection.client_cert,
+                     client_key=connection.client_key, token=connection.token)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     except DatasetError as exc:
         print(f"lcmserve dataset: error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionFlagError as exc:  # 1: a PEM file unreadable, 2: flags that do not go together
+        print(f"lcmserve dataset: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except LcmServeError as exc:
         print(f"lcmserve dataset: error: {exc} (rerun the same command to resume)", file=sys.stderr)
         return 1

@@ -6,10 +6,12 @@ request when the last one ended. N defaults to two batches' worth of requests fr
 GetModelInfo limits (``2 * max_batch_size / rows per request``, a guided image takes two rows), so
 one batch can be queued while the other runs; ``concurrency`` overrides it.
 
-Retries are the job's own until the SDK has them (issue #12): UNAVAILABLE and RESOURCE_EXHAUSTED
-are retried ``retries`` times, after 0.5, 1, 2, 4... s (at most 8 s; the server's RetryInfo
-delay when it sends one). Every request carries fixed seeds, so a retry makes the same images.
-A request that still fails is reported and left for the next run; the others go on.
+Retries are the SDK's (lcmserve/retry.py): each AsyncClient gets ``retries=``, and
+``AsyncClient.generate`` retries UNAVAILABLE and RESOURCE_EXHAUSTED (with a RetryInfo) with
+backoff inside the request's one deadline (``timeout_s``). Every request carries its fixed seeds,
+so a retry makes the same images. A request that still fails is reported and left for the next
+run; the others go on. Before the first request the job waits up to ``_READY_S`` for each server
+to be SERVING (one still loading its model), then reads its GetModelInfo.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
 from .. import __version__
 from ..aio import AsyncClient
-from ..errors import LcmServeError, ResourceExhaustedError, UnavailableError
+from ..errors import LcmServeError
 from ..options import GenerateOptions
 from ..types import Image, ModelInfo
 from .contact import ContactSheets
@@ -35,8 +37,7 @@ from .plan import Plan, PlannedImage, make_plan
 from .spec import DatasetError, DatasetSpec, load_spec
 from .store import Store, write_manifest
 
-_RETRY_FIRST_S = 0.5  # first backoff, doubled per retry
-_RETRY_MAX_S = 8.0
+_READY_S = 30.0  # how long a server may take to turn SERVING before the job gives up on it
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,15 @@ class JobConfig:
     concurrency: int | None = None  # requests in flight per target; None: from GetModelInfo
     limit: int | None = None  # make at most the first N images of the plan (expansion order)
     timeout_s: float = 300.0  # deadline of one request
-    retries: int = 4  # of a request that got UNAVAILABLE or RESOURCE_EXHAUSTED
+    retries: int = 4  # the SDK's retries of a request (UNAVAILABLE, RESOURCE_EXHAUSTED); 0: none
     progress: bool = True  # tqdm bar on stderr
     contact_sheets: bool = True  # DIR/contact/*.png (needs Pillow)
     secure: bool = False  # TLS with the system's roots
-    root_certificates: bytes | None = None  # PEM roots to trust (implies TLS)
-    client_options: tuple[tuple[str, Any], ...] = ()  # more AsyncClient keyword arguments, as pairs
+    root_certificates: bytes | None = field(default=None, repr=False)  # PEM roots to trust (implies TLS)
+    client_cert: bytes | None = field(default=None, repr=False)  # mTLS: PEM chain, with client_key
+    client_key: bytes | None = field(default=None, repr=False)  # mTLS: its PEM private key
+    token: str | None = field(default=None, repr=False)  # bearer token; None: $LCMSERVE_TOKEN, if set
+    client_options: tuple[tuple[str, Any], ...] = ()  # more AsyncClient keyword arguments, as pairs; they win
 
 
 @dataclass(frozen=True)
@@ -193,21 +197,11 @@ class _Job:
                                    num_images=len(request.images), **extra)
 
     async def generate(self, client: AsyncClient, request: _Request) -> list[Image]:
-        """The request's images, ordered by index; retries UNAVAILABLE/RESOURCE_EXHAUSTED."""
-        options = self.options(request)
-        for attempt in range(self.config.retries + 1):
-            try:
-                images = [event async for event in client.stream(
-                    request.images[0].prompt, options, timeout=self.config.timeout_s) if isinstance(event, Image)]
-                break
-            except (UnavailableError, ResourceExhaustedError) as exc:
-                if attempt == self.config.retries:
-                    raise
-                delay = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2**attempt)
-                if isinstance(exc, ResourceExhaustedError) and exc.retry_after_s:
-                    delay = exc.retry_after_s
-                await asyncio.sleep(delay)
-        images.sort(key=lambda image: image.index)
+        """The request's images, ordered by index. The SDK's generate() retries the whole request
+        (UNAVAILABLE, RESOURCE_EXHAUSTED) with its seeds, even after step events came."""
+        result = await client.generate(request.images[0].prompt, self.options(request),
+                                       timeout=self.config.timeout_s)
+        images = result.images  # ordered by index
         seeds = [image.seed for image in images]
         wanted = [image.seed for image in request.images]
         if seeds != wanted:
@@ -243,15 +237,10 @@ def default_concurrency(limits_batch: int, spec: DatasetSpec, queue: int) -> int
     return max(1, min(2 * limits_batch // rows, limits_batch + queue))
 
 
-async def _model_info(client: AsyncClient, retries: int) -> ModelInfo:
-    for attempt in range(retries + 1):
-        try:
-            return await client.model_info(timeout=30)
-        except UnavailableError:
-            if attempt == retries:
-                raise
-            await asyncio.sleep(min(_RETRY_MAX_S, _RETRY_FIRST_S * 2**attempt))
-    raise AssertionError("unreachable")
+async def _model_info(client: AsyncClient) -> ModelInfo:
+    """The server's GetModelInfo once it is SERVING (raises DeadlineExceededError after _READY_S)."""
+    await client.wait_until_ready(timeout=_READY_S)
+    return await client.model_info(timeout=30)
 
 
 async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str | Path,
@@ -266,10 +255,14 @@ async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str
     _check_sdk_supports(spec)
     plan = make_plan(spec)
     out = Path(out)
-    clients = [AsyncClient(t, secure=config.secure, root_certificates=config.root_certificates,
-                           **dict(config.client_options)) for t in config.targets]
+    connection: dict[str, Any] = dict(
+        secure=config.secure, root_certificates=config.root_certificates, client_cert=config.client_cert,
+        client_key=config.client_key, token=config.token, retries=config.retries,
+    )
+    connection.update(config.client_options)  # they win
+    clients = [AsyncClient(t, **connection) for t in config.targets]
     try:
-        infos = [await _model_info(client, config.retries) for client in clients]
+        infos = [await _model_info(client) for client in clients]
         models = [dataclasses.asdict(info) for info in infos]
         store = Store(out, spec, plan)
         store.check_model(models)
