@@ -57,6 +57,21 @@ class VaeEncode(torch.nn.Module):
         return moments
 
 
+class TinyVaeDecode(torch.nn.Module):
+    """Latents (B, 4, h, w) / the tiny autoencoder's scaling factor (TAESD: 1.0) -> pixels (B, 3, 8h, 8w)
+    in [-1, 1]: AutoencoderTiny.decode (tanh clamp of the latents at +-3, the decoder, [0, 1] -> [-1, 1]),
+    what the eager runtime's tiny_vae_decode returns (export/tiny_vae.py `decoder_of`)."""
+
+    def __init__(self, tiny_vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.tiny_vae = tiny_vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        decode: Callable[..., Any] = getattr(self.tiny_vae, "decode")  # noqa: B009 - AutoencoderTiny.decode
+        pixels: torch.Tensor = decode(latents, return_dict=False)[0]
+        return pixels
+
+
 class TextEncode(torch.nn.Module):
     """Token ids (B, 77) int64 -> last hidden state (B, 77, D), as StableDiffusionPipeline.encode_prompt."""
 

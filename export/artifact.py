@@ -57,10 +57,12 @@ IMAGE_SIDE_RANGE = (64, 1024)  # pixels, as the request validation allows
 # File names inside compiled/<backend>/, per part.
 PARTS: dict[str, dict[str, str]] = {
     # vae_encoder (img2img, inpainting) is optional when reading: artifacts from before it serve it eagerly.
+    # tiny_vae_decoder (TAESD's decoder) is written only for an artifact with tiny_vae/, and optional when
+    # reading (artifacts from before it, or without a tiny autoencoder, run tiny_vae/ eagerly).
     "aoti": {"text_encoder": "text_encoder.pt2", "unet": "unet.pt2", "vae_decoder": "vae_decoder.pt2",
-             "vae_encoder": "vae_encoder.pt2"},
+             "vae_encoder": "vae_encoder.pt2", "tiny_vae_decoder": "tiny_vae_decoder.pt2"},
     "onnx": {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx",
-             "vae_encoder": "vae_encoder.onnx"},
+             "vae_encoder": "vae_encoder.onnx", "tiny_vae_decoder": "tiny_vae_decoder.onnx"},
     # torch.compiler.save_cache_artifacts() bytes, and the C++ kernels inductor built on the CPU
     # (the mega-cache bundles Triton kernels but not these: without them a CPU start rebuilds each).
     "compile": {"cache": "inductor_cache.bin", "cpp_kernels": "cpp_kernels"},
@@ -71,7 +73,10 @@ IO_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     "unet": (("latents", "timesteps", "text"), "noise"),
     "vae_decoder": (("latents",), "pixels"),
     "vae_encoder": (("pixels",), "moments"),
+    "tiny_vae_decoder": (("latents",), "pixels"),
 }
+# Parts an artifact may lack (see PARTS): its runtimes then run them eagerly.
+OPTIONAL_PARTS: tuple[str, ...] = ("vae_encoder", "tiny_vae_decoder")
 
 
 class ArtifactMismatchError(RuntimeError):
@@ -220,7 +225,7 @@ class CompiledEntry:
 
 @dataclass(frozen=True, kw_only=True)
 class AotiEntry(CompiledEntry):
-    """AOTInductor `.pt2` packages of the four parts (PARTS["aoti"]; vae_encoder optional when read)."""
+    """AOTInductor `.pt2` packages of the parts (PARTS["aoti"]; OPTIONAL_PARTS may be absent)."""
 
     backend: ClassVar[str] = "aoti"
     shapes: dict[str, Any] = field(default_factory=dict)  # exported input/output shapes and dims, for people
@@ -228,8 +233,8 @@ class AotiEntry(CompiledEntry):
 
 @dataclass(frozen=True, kw_only=True)
 class OnnxEntry(CompiledEntry):
-    """ONNX files of the four parts (PARTS["onnx"], `<part>_data` external weights; vae_encoder optional
-    when read)."""
+    """ONNX files of the parts (PARTS["onnx"], `<part>_data` external weights; OPTIONAL_PARTS may be
+    absent)."""
 
     backend: ClassVar[str] = "onnx"
     onnxruntime: str | None = None  # onnxruntime.__version__ at export (its parity check ran there)

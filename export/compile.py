@@ -5,10 +5,12 @@ model/ folder it saves (LoRAs already fused), and returns the manifest's typed `
 (artifact.py). The server side (what each backend serves, how an artifact for another machine is
 refused) is server/compiled.py and server/loader.py; docs/backends.md has the reasons and measured times.
 
-    aoti     torch.export of four adapters (UNet step, VAE decode and encode, text encode), dynamic batch
-             (1..63) and dynamic latent sides, each compiled by AOTInductor into a `.pt2` package.
+    aoti     torch.export of four adapters (UNet step, VAE decode and encode, text encode), plus the tiny
+             autoencoder's decoder when the artifact has tiny_vae/ (written before this runs), dynamic
+             batch (1..63) and dynamic latent sides, each compiled by AOTInductor into a `.pt2` package.
     compile  torch.compile of the UNet and VAE decode, run once per warm shape so inductor compiles
-             them; the compile caches are saved with `torch.compiler.save_cache_artifacts()`.
+             them; the compile caches are saved with `torch.compiler.save_cache_artifacts()`. The tiny
+             decoder (and the VAE encoder, text encoder) stay eager there.
     onnx     `torch.onnx.export(..., dynamo=True)` of the same adapters, same dynamic dims. We export
              with PyTorch's own exporter rather than optimum: optimum-onnx (where optimum's ONNX code
              lives now) requires transformers < 4.58 and conflicts with the transformers 5 we run.
@@ -33,6 +35,7 @@ import torch
 
 from lcmserve.export.adapters import (
     TextEncode,
+    TinyVaeDecode,
     UNetStep,
     VaeDecode,
     VaeEncode,
@@ -52,6 +55,7 @@ from lcmserve.export.artifact import (
     IO_NAMES,
     MAX_BATCH,
     PARTS,
+    TINY_VAE_DIR,
     CompiledEntry,
     Served,
     device_arch,
@@ -108,15 +112,17 @@ def compile_artifact(
         "dtype": str(dtype).removeprefix("torch."),
         "optimizations": optimizations_for(dev),
     }
+    # The artifact's tiny autoencoder (export saves tiny_vae/ before compiling), exported beside the VAE.
+    tiny = _load_tiny_vae(out_dir, dev, dtype, shapes) if backend != "compile" else None
     with torch.no_grad():
         if backend == "aoti":
-            info.update(_export_aoti(pipe, dest, dev, dtype, shapes))
+            info.update(_export_aoti(pipe, dest, dev, dtype, shapes, tiny))
         elif backend == "onnx":
             if dtype == torch.bfloat16:
                 raise ValueError("--backend onnx --dtype bfloat16: ONNX Runtime has few bfloat16 kernels; "
                                  "export with --dtype float16 (GPU) or float32 (CPU)")
             info["onnxruntime"] = onnxruntime_version()
-            info.update(_export_onnx(pipe, dest, dev, dtype, shapes))
+            info.update(_export_onnx(pipe, dest, dev, dtype, shapes, tiny))
         else:
             sizes = list(resolutions) or [(shapes["default_side"], shapes["default_side"])]
             batches = {"unet": tuple(warm_batches), "vae_decoder": tuple(vae_warm_batches)}
@@ -158,6 +164,19 @@ def _model_shapes(pipe: SDPipeline) -> dict[str, int]:
     }
 
 
+def _load_tiny_vae(out_dir: Path, dev: torch.device, dtype: torch.dtype,
+                   s: dict[str, int]) -> torch.nn.Module | None:
+    """out_dir/tiny_vae/'s AutoencoderTiny on `dev` in `dtype`, or None when the artifact has none."""
+    folder = out_dir / TINY_VAE_DIR
+    if not (folder / "config.json").is_file():
+        return None
+    from lcmserve.export.tiny_vae import load_tiny_vae
+
+    module, _ = load_tiny_vae(str(folder), dtype=dtype, device=dev, latent_channels=s["latent_channels"],
+                              vae_scale_factor=s["vae_scale"])
+    return module
+
+
 def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[str, Any], Served]:
     """torch.export dynamic_shapes per part, and the same in JSON for the manifest."""
     from torch.export import Dim
@@ -174,6 +193,7 @@ def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[s
         "vae_decoder": {"latents": {0: batch, 2: vae_h, 3: vae_w}},
         "vae_encoder": {"pixels": {0: batch, 2: s["vae_scale"] * Dim("vae_h", min=s["vae_lo"], max=s["vae_hi"]),
                                    3: s["vae_scale"] * Dim("vae_w", min=s["vae_lo"], max=s["vae_hi"])}},
+        "tiny_vae_decoder": {"latents": {0: batch, 2: vae_h, 3: vae_w}},  # the VAE decoder's ranges
     }
     c, n, d = s["latent_channels"], s["text_len"], s["text_dim"]
     shapes_json = {
@@ -184,6 +204,8 @@ def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[s
                         "pixels": ["batch", 3, f"{s['vae_scale']}*vae_h", f"{s['vae_scale']}*vae_w"]},
         "vae_encoder": {"pixels": ["batch", 3, f"{s['vae_scale']}*vae_h", f"{s['vae_scale']}*vae_w"],
                         "moments": ["batch", 2 * c, "vae_h", "vae_w"]},
+        "tiny_vae_decoder": {"latents": ["batch", c, "vae_h", "vae_w"],
+                             "pixels": ["batch", 3, f"{s['vae_scale']}*vae_h", f"{s['vae_scale']}*vae_w"]},
         "dims": {"batch": [1, MAX_BATCH], "unet_h_blocks": [s["k_lo"], s["k_hi"]],
                  "unet_w_blocks": [s["k_lo"], s["k_hi"]], "vae_h": [s["vae_lo"], s["vae_hi"]],
                  "vae_w": [s["vae_lo"], s["vae_hi"]]},
@@ -211,17 +233,24 @@ def _example_inputs(s: dict[str, int], dev: torch.device, dtype: torch.dtype, ba
         "vae_decoder": (torch.randn(batch, c, h, w, generator=gen).to(dev, dtype),),
         "vae_encoder": (torch.rand(batch, 3, h * s["vae_scale"], w * s["vae_scale"], generator=gen).mul(2).sub(1)
                         .to(dev, dtype),),  # pixels in [-1, 1]
+        "tiny_vae_decoder": (torch.randn(batch, c, h, w, generator=gen).to(dev, dtype),),  # latents / 1.0
     }
 
 
-def _adapters(pipe: SDPipeline, dev: torch.device, dtype: torch.dtype,
-              optimizations: Sequence[str]) -> dict[str, torch.nn.Module]:
-    """Rewritten copies of the four parts behind plain-tensor adapters (the pipeline is untouched)."""
+def _adapters(pipe: SDPipeline, dev: torch.device, dtype: torch.dtype, optimizations: Sequence[str],
+              tiny: torch.nn.Module | None = None) -> dict[str, torch.nn.Module]:
+    """Rewritten copies of the four parts (five with a tiny autoencoder) behind plain-tensor adapters
+    (the pipeline and `tiny` are untouched)."""
     text = _copy_to(pipe.text_encoder, dev, dtype)
     unet = apply_optimizations(_copy_to(pipe.unet, dev, dtype), tuple(optimizations))
     vae = apply_optimizations(_copy_to(pipe.vae, dev, dtype), tuple(optimizations))
-    return {"text_encoder": TextEncode(text).eval(), "unet": UNetStep(unet).eval(),
-            "vae_decoder": VaeDecode(vae).eval(), "vae_encoder": VaeEncode(vae).eval()}
+    adapters: dict[str, torch.nn.Module] = {
+        "text_encoder": TextEncode(text).eval(), "unet": UNetStep(unet).eval(),
+        "vae_decoder": VaeDecode(vae).eval(), "vae_encoder": VaeEncode(vae).eval()}
+    if tiny is not None:
+        tiny_copy = apply_optimizations(_copy_to(tiny, dev, dtype), tuple(optimizations))
+        adapters["tiny_vae_decoder"] = TinyVaeDecode(tiny_copy).eval()
+    return adapters
 
 
 def _copy_to(part: object, dev: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -233,10 +262,15 @@ def _copy_to(part: object, dev: torch.device, dtype: torch.dtype) -> torch.nn.Mo
     return module
 
 
-def _references(pipe: SDPipeline, inputs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
-    """The unrewritten pipeline's outputs at the example inputs: what each compiled part must match."""
-    eager = {"text_encoder": TextEncode(as_module(pipe.text_encoder)), "unet": UNetStep(as_module(pipe.unet)),
-             "vae_decoder": VaeDecode(as_module(pipe.vae)), "vae_encoder": VaeEncode(as_module(pipe.vae))}
+def _references(pipe: SDPipeline, inputs: dict[str, tuple[torch.Tensor, ...]],
+                tiny: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The unrewritten pipeline's (and tiny autoencoder's) outputs at the example inputs: what each
+    compiled part must match."""
+    eager: dict[str, torch.nn.Module] = {
+        "text_encoder": TextEncode(as_module(pipe.text_encoder)), "unet": UNetStep(as_module(pipe.unet)),
+        "vae_decoder": VaeDecode(as_module(pipe.vae)), "vae_encoder": VaeEncode(as_module(pipe.vae))}
+    if tiny is not None:
+        eager["tiny_vae_decoder"] = TinyVaeDecode(tiny)
     return {part: eager[part](*inputs[part]) for part in eager}
 
 
@@ -252,11 +286,11 @@ def _check_parity(part: str, got: torch.Tensor, want: torch.Tensor, dtype: torch
 
 
 def _export_aoti(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
-                 s: dict[str, int]) -> dict[str, Any]:
+                 s: dict[str, int], tiny: torch.nn.Module | None = None) -> dict[str, Any]:
     specs, shapes_json, served = _dynamic_specs(s)
     inputs = _example_inputs(s, dev, dtype)
-    references = _references(pipe, inputs)
-    adapters = _adapters(pipe, dev, dtype, optimizations_for(dev))
+    references = _references(pipe, inputs, tiny)
+    adapters = _adapters(pipe, dev, dtype, optimizations_for(dev), tiny)
     seconds: dict[str, Any] = {}
     parity: dict[str, float] = {}
     files: dict[str, str] = {}
@@ -286,15 +320,15 @@ def _export_aoti(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torch.d
 
 
 def _export_onnx(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
-                 s: dict[str, int]) -> dict[str, Any]:
+                 s: dict[str, int], tiny: torch.nn.Module | None = None) -> dict[str, Any]:
     import onnxruntime as ort  # type: ignore[import-untyped]  # onnxruntime ships no type information
 
     specs, shapes_json, served = _dynamic_specs(s)
     inputs = _example_inputs(s, dev, dtype)
-    references = _references(pipe, inputs)
+    references = _references(pipe, inputs, tiny)
     # ONNX Runtime runs its own kernels: layouts are its business, so no channels_last here.
     optimizations = [o for o in optimizations_for(dev) if o != "channels_last"]
-    adapters = _adapters(pipe, dev, dtype, optimizations)
+    adapters = _adapters(pipe, dev, dtype, optimizations, tiny)
     seconds: dict[str, Any] = {}
     parity: dict[str, float | str] = {}
     files: dict[str, str] = {}

@@ -1,9 +1,11 @@
 """The aoti and compile runtimes: the `Runtime` boundary of runtime.py served from `compiled/<backend>/`.
 
     aoti     AOTInductor packages (`.pt2`, made by `torch.export` + `aoti_compile_and_package`) of the
-             UNet, VAE decoder and encoder, and text encoder. Loading unzips and dlopens them: seconds.
+             UNet, VAE decoder and encoder, text encoder, and the tiny autoencoder's decoder when the
+             artifact has one. Loading unzips and dlopens them: seconds.
     compile  torch.compile (inductor) of the UNet and VAE decode, started from the compile cache that
-             the export saved (`torch.compiler.save_cache_artifacts`); the text encoder stays eager.
+             the export saved (`torch.compiler.save_cache_artifacts`); the text encoder, VAE encoder
+             and tiny decoder stay eager.
 
 What each artifact serves is its manifest entry's `served` (export/artifact.py): batch 1..63 per call
 (larger batches run in chunks); for aoti, UNet latent sides that are multiples of 2**(UNet
@@ -71,9 +73,11 @@ class AOTIRuntime(CompiledRuntimeBase):
         load = torch._inductor.aoti_load_package
         kwargs = aoti_load_kwargs(load)
         self.spec.extra["aoti_run_single_threaded"] = bool(kwargs.get("run_single_threaded"))
-        self._parts: dict[str, AotiPart] = {  # (no vae_encoder in artifacts from before img2img: eager)
+        # OPTIONAL_PARTS (vae_encoder, tiny_vae_decoder) may be absent: those run eagerly.
+        self._parts: dict[str, AotiPart] = {
             part: load(str(artifact_dir / entry.files[part]), device_index=index, **kwargs)
-            for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder") if part in entry.files}
+            for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "tiny_vae_decoder")
+            if part in entry.files}
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return chunked(self._parts["text_encoder"], input_ids.to(torch.int64).contiguous())
@@ -96,6 +100,16 @@ class AOTIRuntime(CompiledRuntimeBase):
         if "vae_encoder" not in self._parts or not self.vae_serves(pixels[:, :, ::f, ::f]):
             return super().vae_encode(pixels)  # eager, logged
         return chunked(self._parts["vae_encoder"], pixels.contiguous())
+
+    def compiled_tiny_vae_decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        part = self._parts.get("tiny_vae_decoder")
+        if part is None:
+            return None
+
+        def run(latents: torch.Tensor) -> torch.Tensor:
+            return chunked(part, latents.contiguous())
+
+        return run
 
 
 def serving_compile_settings(recorded: Mapping[str, Any]) -> dict[str, Any]:

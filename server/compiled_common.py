@@ -5,7 +5,8 @@ compiled.py (aoti, compile) and compiled_onnx.py (onnx). Which one serves is dec
 
 Shapes outside what the exported graphs hold (`Served` in the manifest entry) run on the eager
 modules of model/, loaded the first time one comes and logged once per shape; batches past
-MAX_BATCH run in near-equal chunks.
+MAX_BATCH run in near-equal chunks. The tiny autoencoder's decoder (an artifact with tiny_vae/)
+is the compiled part `tiny_vae_decoder` where the artifact has one, else eager (`serve_tiny_vae`).
 """
 
 from __future__ import annotations
@@ -116,6 +117,42 @@ class CompiledRuntimeBase:
                         "from %s", self.backend, "x".join(map(str, pixels.shape[-2:])), self.model_dir)
             self._eager["vae_encoder"] = VaeEncode(load_part("vae", self.model_dir, self.dtype)).to(self.device).eval()
         return chunked(self._eager["vae_encoder"], pixels.contiguous())
+
+    def compiled_tiny_vae_decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The artifact's compiled tiny decoder (latents (B, 4, h, w) in a served VAE range -> pixels), or
+        None where it has none (the compile backend; artifacts from before it). Subclasses override."""
+        return None
+
+    def serve_tiny_vae(self, eager: Callable[[torch.Tensor], torch.Tensor],
+                       own: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The runtime's `tiny_vae_decode` (loader.attach_tiny_vae): the compiled part when `own` (the
+        tiny autoencoder is this artifact's tiny_vae/, the one exported) and the artifact has it, with
+        `eager` (export/tiny_vae.py `decoder_of`) for sides outside the served range; else `eager`,
+        logged once. spec.extra["tiny_vae_decoder"] says which: "compiled" or "eager"."""
+        compiled = self.compiled_tiny_vae_decoder() if own else None
+        if compiled is None:
+            why = ("the tiny autoencoder served is not the artifact's own tiny_vae/" if not own
+                   else "the compile backend compiles the UNet and VAE decode only" if self.backend == "compile"
+                   else "it has no compiled tiny decoder (exported before it)")
+            log.warning("%s artifact: %s; running the tiny autoencoder's decoder eagerly", self.backend, why)
+            self.spec.extra["tiny_vae_decoder"] = "eager"
+            return eager
+        log.info("%s artifact: serving its compiled tiny decoder (%s)", self.backend,
+                 self.entry.files.get("tiny_vae_decoder"))
+        self.spec.extra["tiny_vae_decoder"] = "compiled"
+
+        def tiny_vae_decode(latents: torch.Tensor) -> torch.Tensor:
+            if self.vae_serves(latents):
+                return compiled(latents)
+            key = ("tiny_vae_decoder", tuple(latents.shape[-2:]))
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("tiny_vae_decoder: latent size %s is not served by the %s artifact (served: %s); "
+                            "running it eagerly", "x".join(map(str, key[1])), self.backend,
+                            self.entry.served.to_json())
+            return eager(latents)
+
+        return tiny_vae_decode
 
     def eager_part(self, part: Literal["unet", "vae_decoder"], shape: tuple[int, ...]) -> torch.nn.Module:
         """The eager UNetStep / VaeDecode of model/ (loaded once), for a shape the artifact does not hold."""

@@ -1,4 +1,5 @@
-"""The onnx backend: ONNX files of the three parts served by ONNX Runtime.
+"""The onnx backend: ONNX files of the parts (text encoder, UNet, VAE decoder and encoder, tiny decoder
+when the artifact has one) served by ONNX Runtime.
 
 The CUDA execution provider with IO binding on a GPU (ORT reads and writes torch's device memory, on
 torch's stream), the CPU provider otherwise (IO binding on host memory). Shapes outside what the
@@ -7,6 +8,7 @@ export holds fall back to eager as for aoti (compiled_common.py). Chosen in load
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,8 @@ class OnnxRuntime(CompiledRuntimeBase):
             # calls on 2 cores right after ORT runs.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._sessions: dict[str, Any] = {part: ort.InferenceSession(str(artifact_dir / entry.files[part]), options, providers=providers)
-                          for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder") if part in entry.files}
+                          for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "tiny_vae_decoder")
+                          if part in entry.files}
         self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def _run(self, part: str, inputs: tuple[torch.Tensor, ...], out_shape: tuple[int, ...],
@@ -125,3 +128,14 @@ class OnnxRuntime(CompiledRuntimeBase):
             return self._run("vae_encoder", (x,), shape, self.dtype)
 
         return chunked(run, pixels)
+
+    def compiled_tiny_vae_decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if "tiny_vae_decoder" not in self._sessions:
+            return None
+        f = self.spec.vae_scale_factor
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            shape = (x.shape[0], 3, x.shape[2] * f, x.shape[3] * f)
+            return self._run("tiny_vae_decoder", (x,), shape, self.dtype)
+
+        return lambda latents: chunked(run, latents)

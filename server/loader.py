@@ -66,8 +66,10 @@ def _artifact_tiny_vae(model: str) -> str | None:
 
 
 def attach_tiny_vae(runtime: Runtime, source: str | None, default_decoder: str = "vae") -> Runtime:
-    """Give `runtime` (any backend) the tiny autoencoder `source` (export/tiny_vae.py), run eagerly in
-    the model's dtype on its device, and say so in its spec (decoders, default_decoder, record)."""
+    """Give `runtime` (any backend) the tiny autoencoder `source` (export/tiny_vae.py), in the model's
+    dtype on its device, and say so in its spec (decoders, default_decoder, record). A compiled runtime
+    serving its artifact's own tiny_vae/ runs the compiled tiny decoder where the artifact has one
+    (compiled_common.py `serve_tiny_vae`); otherwise it runs eagerly."""
     default_decoder = default_decoder.replace("-", "_")
     if default_decoder not in ("vae", "tiny_vae"):
         raise LoadError(f"--default-decoder {default_decoder!r} is not one of vae, tiny-vae")
@@ -83,7 +85,13 @@ def attach_tiny_vae(runtime: Runtime, source: str | None, default_decoder: str =
                                    latent_channels=spec.latent_channels, vae_scale_factor=spec.vae_scale_factor)
     if _artifact_tiny_vae(source) is not None:  # an artifact's own: its export record (with the sha256)
         record = {**record, **(read_manifest(source).tiny_vae or {})}
-    runtime.tiny_vae_decode = decoder_of(module)
+    decode = decoder_of(module)
+    from .compiled_common import CompiledRuntimeBase
+
+    if isinstance(runtime, CompiledRuntimeBase):
+        own = _artifact_tiny_vae(source) is not None and Path(source).resolve() == runtime.artifact_dir.resolve()
+        decode = runtime.serve_tiny_vae(decode, own)
+    runtime.tiny_vae_decode = decode
     runtime.spec = dataclasses.replace(spec, decoders=("vae", "tiny_vae"), default_decoder=default_decoder,
                                        tiny_vae_scaling_factor=float(record["scaling_factor"]), tiny_vae=record)
     log.info("tiny autoencoder %s (%s) on %s; default decoder %s", source, record["kind"], spec.device,
