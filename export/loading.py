@@ -10,7 +10,6 @@ MODEL is, in the order tried:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from lcmserve.export.artifact import DTYPES, MANIFEST_NAME, MODEL_DIR, read_mani
 from lcmserve.export.errors import ModelNotFoundError, UserInputError
 from lcmserve.export.pipeline import SDPipeline, lcm_scheduler, pipeline_from_pretrained
 from lcmserve.export.presets import PRESETS, preset_dir
+from lcmserve.export.sources import looks_like_hub_id
 
 __all__ = [
     "load_pipeline",
@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -67,7 +66,7 @@ def resolve_model(model: str) -> tuple[str, str]:
         )
     if path.exists():
         raise ModelNotFoundError(f"model {model} is a file; expected a folder, a preset or a hub id")
-    if _HUB_ID.match(model) and not model.startswith("."):
+    if looks_like_hub_id(model):
         return "hub", model
     raise ModelNotFoundError(
         f"model {model!r} is not a preset ({', '.join(PRESETS)}), an existing folder, or a hub id (org/name)"

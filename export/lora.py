@@ -12,15 +12,14 @@ No torch import at module level: the CLI parses `--lora` before importing torch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lcmserve.export.errors import LoraError
+from lcmserve.export.sources import file_sha256, looks_like_hub_id
 
 if TYPE_CHECKING:
     from lcmserve.export.pipeline import SDPipeline
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lcmserve.export.lora")
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Markers inside a diffusers-layout key; what precedes the first is the adapted module's name.
 _DIFFUSERS_MARKERS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_linear_layer.", "_lora.")
 
@@ -93,14 +91,6 @@ def parse_lora_arg(arg: str, *, allow_partial: bool = False) -> LoraSpec:
     return LoraSpec(source=source, scale=scale, allow_partial=allow_partial)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_source(source: str) -> Path:
     """The local .safetensors file for a source: a file, a folder holding one, or a hub id (downloaded
     or taken from the hub cache)."""
@@ -129,7 +119,7 @@ def resolve_source(source: str) -> Path:
 
 def _looks_like_hub_id(source: str) -> bool:
     """True for `org/name` with nothing path-like (no .safetensors suffix, no ./ ~ or second slash)."""
-    return bool(_HUB_ID.match(source)) and not source.endswith(".safetensors") and not source.startswith(".")
+    return looks_like_hub_id(source) and not source.endswith(".safetensors")
 
 
 def _download(repo_id: str) -> Path:

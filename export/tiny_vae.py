@@ -16,10 +16,8 @@ SRC (`lcmserve export --tiny-vae SRC`, `lcmserve serve --tiny-vae SRC`) is, in t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,21 +28,13 @@ from lcmserve.export.artifact import MANIFEST_NAME, TINY_VAE_DIR
 from lcmserve.export.errors import ModelNotFoundError, UserInputError
 from lcmserve.export.pipeline import as_module
 from lcmserve.export.presets import PRESETS, cache_root, init_weights, preset_spec
+from lcmserve.export.sources import file_sha256, looks_like_hub_id
 
 if TYPE_CHECKING:
     import torch
 
 TINY_VAE_VERSION = 1  # bump when a preset's tiny autoencoder changes
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_preset_tiny_vae(name: str) -> torch.nn.Module:
@@ -100,7 +90,7 @@ def resolve_tiny_vae(source: str) -> tuple[str, Path]:
     if path.exists():
         raise ModelNotFoundError(f"tiny autoencoder {source} is a file; expected an AutoencoderTiny folder, "
                                  f"a preset ({', '.join(PRESETS)}) or a hub id")
-    if _HUB_ID.match(source) and not source.startswith("."):
+    if looks_like_hub_id(source):
         return "hub", _download(source)
     raise ModelNotFoundError(f"tiny autoencoder {source!r} is not a preset ({', '.join(PRESETS)}), an existing "
                              "folder, or a hub id (org/name, e.g. madebyollin/taesd)")
