@@ -142,6 +142,15 @@ def compile_parts(unet: torch.nn.Module, vae: torch.nn.Module, optimizations: Se
     return unet_c, vae_c
 
 
+def compile_tiny_vae_decoder(tiny_vae: torch.nn.Module, optimizations: Sequence[str],
+                             settings: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+    """torch.compile'd TinyVaeDecode (the compile backend's tiny decoder), built as compile_parts builds
+    the VAE decode: same rewrites, same settings, fullgraph; export and server must match here too."""
+    apply_optimizations(tiny_vae, optimizations)
+    tiny_c: Callable[..., torch.Tensor] = torch.compile(TinyVaeDecode(tiny_vae).eval(), fullgraph=True, **settings)
+    return tiny_c
+
+
 def warm_compiled(unet: Callable[..., torch.Tensor], vae: Callable[..., torch.Tensor],
                   shapes: Mapping[str, Sequence[Sequence[int]]], *, device: torch.device, dtype: torch.dtype,
                   latent_channels: int, text_len: int, text_dim: int) -> None:
@@ -149,14 +158,21 @@ def warm_compiled(unet: Callable[..., torch.Tensor], vae: Callable[..., torch.Te
     part: this compiles (export), or loads from the cache (server start)."""
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for part, fn in (("unet", unet), ("vae_decoder", vae)):
-            for batch, h, w in shapes.get(part, ()):
-                latents = torch.randn(batch, latent_channels, h, w, generator=gen).to(device, dtype)
-                if part == "unet":
-                    timesteps = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-                    fn(latents, timesteps, torch.randn(batch, text_len, text_dim, generator=gen).to(device, dtype))
-                else:
-                    fn(latents)
+        for batch, h, w in shapes.get("unet", ()):
+            latents = torch.randn(batch, latent_channels, h, w, generator=gen).to(device, dtype)
+            timesteps = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+            unet(latents, timesteps, torch.randn(batch, text_len, text_dim, generator=gen).to(device, dtype))
+    warm_decoder(vae, shapes.get("vae_decoder", ()), device=device, dtype=dtype, latent_channels=latent_channels)
+
+
+def warm_decoder(decode: Callable[..., torch.Tensor], shapes: Sequence[Sequence[int]], *, device: torch.device,
+                 dtype: torch.dtype, latent_channels: int) -> None:
+    """Run each (batch, latent_h, latent_w) of `shapes` once through a compiled decoder (the VAE's, or the
+    tiny autoencoder's at the VAE's warm shapes): compiles at export, loads from the cache at serve."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for batch, h, w in shapes:
+            decode(torch.randn(batch, latent_channels, h, w, generator=gen).to(device, dtype))
 
 
 @contextlib.contextmanager

@@ -250,7 +250,9 @@ class OnnxEntry(CompiledEntry):
 
 @dataclass(frozen=True, kw_only=True)
 class CompileEntry(CompiledEntry):
-    """torch.compile caches (PARTS["compile"]) of the UNet and VAE decode, warmed at `warm_shapes`."""
+    """torch.compile caches (PARTS["compile"]) of the UNet and VAE decode, warmed at `warm_shapes`; also of
+    the tiny autoencoder's decoder where warm_shapes has "tiny_vae_decoder" (artifacts with tiny_vae/;
+    older ones, without it, run tiny_vae/ eagerly)."""
 
     backend: ClassVar[str] = "compile"
     torch_compile: dict[str, Any] = field(default_factory=dict)  # torch.compile kwargs used at export

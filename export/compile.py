@@ -8,9 +8,10 @@ refused) is server/compiled.py and server/loader.py; docs/backends.md has the re
     aoti     torch.export of four adapters (UNet step, VAE decode and encode, text encode), plus the tiny
              autoencoder's decoder when the artifact has tiny_vae/ (written before this runs), dynamic
              batch (1..63) and dynamic latent sides, each compiled by AOTInductor into a `.pt2` package.
-    compile  torch.compile of the UNet and VAE decode, run once per warm shape so inductor compiles
-             them; the compile caches are saved with `torch.compiler.save_cache_artifacts()`. The tiny
-             decoder (and the VAE encoder, text encoder) stay eager there.
+    compile  torch.compile of the UNet and VAE decode, plus the tiny autoencoder's decoder when the
+             artifact has tiny_vae/ (at the VAE decoder's warm shapes), run once per warm shape so
+             inductor compiles them; the compile caches are saved with
+             `torch.compiler.save_cache_artifacts()`. The VAE encoder and text encoder stay eager there.
     onnx     `torch.onnx.export(..., dynamo=True)` of the same adapters, same dynamic dims. We export
              with PyTorch's own exporter rather than optimum: optimum-onnx (where optimum's ONNX code
              lives now) requires transformers < 4.58 and conflicts with the transformers 5 we run.
@@ -42,10 +43,12 @@ from lcmserve.export.adapters import (
     apply_optimizations,
     compile_parts,
     compile_settings,
+    compile_tiny_vae_decoder,
     copy_cpp_kernels,
     inductor_cache_dir,
     optimizations_for,
     warm_compiled,
+    warm_decoder,
 )
 from lcmserve.export.artifact import (
     COMPILED_BACKENDS,
@@ -112,8 +115,8 @@ def compile_artifact(
         "dtype": str(dtype).removeprefix("torch."),
         "optimizations": optimizations_for(dev),
     }
-    # The artifact's tiny autoencoder (export saves tiny_vae/ before compiling), exported beside the VAE.
-    tiny = _load_tiny_vae(out_dir, dev, dtype, shapes) if backend != "compile" else None
+    # The artifact's tiny autoencoder (export saves tiny_vae/ before compiling), compiled beside the VAE.
+    tiny = _load_tiny_vae(out_dir, dev, dtype, shapes)
     with torch.no_grad():
         if backend == "aoti":
             info.update(_export_aoti(pipe, dest, dev, dtype, shapes, tiny))
@@ -126,7 +129,9 @@ def compile_artifact(
         else:
             sizes = list(resolutions) or [(shapes["default_side"], shapes["default_side"])]
             batches = {"unet": tuple(warm_batches), "vae_decoder": tuple(vae_warm_batches)}
-            info.update(_export_compile(pipe, dest, dev, dtype, shapes, sizes, batches))
+            if tiny is not None:  # the tiny decoder decodes what the VAE does: the same warm shapes
+                batches["tiny_vae_decoder"] = tuple(vae_warm_batches)
+            info.update(_export_compile(pipe, dest, dev, dtype, shapes, sizes, batches, tiny))
     info["files"] = {part: str((dest / name).relative_to(out_dir)) for part, name in info["files"].items()}
     info["export_seconds"]["total"] = round(time.perf_counter() - start, 1)
     log.info("compiled %s for %s (%s) in %.1f s: %s", backend, info["device_arch"], info["device_name"],
@@ -375,7 +380,11 @@ def _onnx_parity(ort: Any, path: Path, part: str, inputs: tuple[torch.Tensor, ..
 
 def _export_compile(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torch.dtype,
                     s: dict[str, int], resolutions: Sequence[tuple[int, int]],
-                    warm_batches: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+                    warm_batches: dict[str, tuple[int, ...]],
+                    tiny: torch.nn.Module | None = None) -> dict[str, Any]:
+    """torch.compile the UNet, VAE decode and (with `tiny`, the artifact's AutoencoderTiny) the tiny
+    decoder, warm each at warm_shapes[part] in an empty inductor cache, check parity, save the cache.
+    warm_shapes["tiny_vae_decoder"] in the entry is what tells the server the cache holds it."""
     settings = compile_settings(dev)
     optimizations = optimizations_for(dev)
     f = s["vae_scale"]
@@ -391,18 +400,25 @@ def _export_compile(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torc
         raise ValueError(f"warm batches {warm_batches}: the UNet and VAE need one batch size in common")
     batch, h, w = common[min(1, len(common) - 1)]
     inputs = _example_inputs(s, dev, dtype, batch=batch, latent_hw=(h, w))
-    references = _references(pipe, inputs)
+    references = _references(pipe, inputs, tiny)
     # An empty inductor cache for this compile: everything it builds is then collected from one place,
     # and the export never depends on what an earlier compile left in the user's cache.
     with tempfile.TemporaryDirectory(prefix="lcmserve-inductor-") as tmp, inductor_cache_dir(Path(tmp)):
         unet_c, vae_c = compile_parts(unet, vae, optimizations, settings)
+        compiled = {"unet": unet_c, "vae_decoder": vae_c}
+        if tiny is not None:
+            compiled["tiny_vae_decoder"] = compile_tiny_vae_decoder(_copy_to(tiny, dev, dtype), optimizations,
+                                                                    settings)
         t0 = time.perf_counter()
         warm_compiled(unet_c, vae_c, warm_shapes, device=dev, dtype=dtype, latent_channels=s["latent_channels"],
                       text_len=s["text_len"], text_dim=s["text_dim"])
+        if tiny is not None:
+            warm_decoder(compiled["tiny_vae_decoder"], warm_shapes["tiny_vae_decoder"], device=dev, dtype=dtype,
+                         latent_channels=s["latent_channels"])
         t1 = time.perf_counter()
         parity = {}
         with torch.inference_mode():
-            for part, fn in (("unet", unet_c), ("vae_decoder", vae_c)):
+            for part, fn in compiled.items():  # at a warm shape of each: no new compile
                 parity[part] = _check_parity(part, fn(*inputs[part]), references[part], dtype)
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:

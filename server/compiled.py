@@ -3,9 +3,10 @@
     aoti     AOTInductor packages (`.pt2`, made by `torch.export` + `aoti_compile_and_package`) of the
              UNet, VAE decoder and encoder, text encoder, and the tiny autoencoder's decoder when the
              artifact has one. Loading unzips and dlopens them: seconds.
-    compile  torch.compile (inductor) of the UNet and VAE decode, started from the compile cache that
-             the export saved (`torch.compiler.save_cache_artifacts`); the text encoder, VAE encoder
-             and tiny decoder stay eager.
+    compile  torch.compile (inductor) of the UNet and VAE decode, and of the tiny autoencoder's decoder
+             where the export warmed it (an artifact with tiny_vae/), started from the compile cache
+             that the export saved (`torch.compiler.save_cache_artifacts`); the text encoder and VAE
+             encoder stay eager.
 
 What each artifact serves is its manifest entry's `served` (export/artifact.py): batch 1..63 per call
 (larger batches run in chunks); for aoti, UNet latent sides that are multiples of 2**(UNet
@@ -37,8 +38,15 @@ from typing import Any
 
 import torch
 
-from lcmserve.export.adapters import TextEncode, compile_parts, copy_cpp_kernels, warm_compiled
-from lcmserve.export.artifact import AotiEntry, CompileEntry, Manifest
+from lcmserve.export.adapters import (
+    TextEncode,
+    compile_parts,
+    compile_tiny_vae_decoder,
+    copy_cpp_kernels,
+    warm_compiled,
+    warm_decoder,
+)
+from lcmserve.export.artifact import TINY_VAE_DIR, AotiEntry, CompileEntry, Manifest
 from lcmserve.export.pipeline import load_part
 
 from .compiled_common import CompiledRuntimeBase, batch_timesteps, chunked
@@ -135,6 +143,9 @@ class TorchCompileRuntime(CompiledRuntimeBase):
                  *, warmup: bool = True) -> None:
         super().__init__(artifact_dir, manifest, entry, device)
         self.settings = serving_compile_settings(entry.torch_compile)
+        self._warmup = warmup
+        self._tiny_shapes = entry.warm_shapes.get("tiny_vae_decoder")  # None: the export did not compile it
+        self._tiny: Callable[[torch.Tensor], torch.Tensor] | None = None
         cache = artifact_dir / entry.files["cache"]
         t0 = time.perf_counter()
         torch.compiler.load_cache_artifacts(cache.read_bytes())
@@ -165,3 +176,30 @@ class TorchCompileRuntime(CompiledRuntimeBase):
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return chunked(self._vae, latents)
+
+    def compiled_tiny_vae_decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The tiny decoder compiled as the export compiled it (the artifact's tiny_vae/, same rewrites and
+        settings) and warmed at its recorded warm shapes, which the loaded cache holds: built on the first
+        call (loader.attach_tiny_vae, at load), so a runtime serving another tiny autoencoder never compiles
+        it. None for an artifact whose export did not compile it."""
+        shapes = self._tiny_shapes
+        if shapes is None:
+            return None
+        if self._tiny is None:
+            from lcmserve.export.tiny_vae import load_tiny_vae
+
+            module, _ = load_tiny_vae(str(self.artifact_dir / TINY_VAE_DIR), dtype=self.dtype, device=self.device,
+                                      latent_channels=self.spec.latent_channels,
+                                      vae_scale_factor=self.spec.vae_scale_factor)
+            self._tiny = compile_tiny_vae_decoder(module, self.entry.optimizations, self.settings)
+            if self._warmup:
+                t0 = time.perf_counter()
+                warm_decoder(self._tiny, shapes, device=self.device, dtype=self.dtype,
+                             latent_channels=self.spec.latent_channels)
+                self.spec.extra["tiny_vae_warmup_seconds"] = round(time.perf_counter() - t0, 3)
+        tiny = self._tiny
+
+        def run(latents: torch.Tensor) -> torch.Tensor:
+            return chunked(tiny, latents)
+
+        return run

@@ -120,7 +120,7 @@ class CompiledRuntimeBase:
 
     def compiled_tiny_vae_decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The artifact's compiled tiny decoder (latents (B, 4, h, w) in a served VAE range -> pixels), or
-        None where it has none (the compile backend; artifacts from before it). Subclasses override."""
+        None where it has none (artifacts from before it). Subclasses override."""
         return None
 
     def serve_tiny_vae(self, eager: Callable[[torch.Tensor], torch.Tensor],
@@ -132,13 +132,13 @@ class CompiledRuntimeBase:
         compiled = self.compiled_tiny_vae_decoder() if own else None
         if compiled is None:
             why = ("the tiny autoencoder served is not the artifact's own tiny_vae/" if not own
-                   else "the compile backend compiles the UNet and VAE decode only" if self.backend == "compile"
+                   else "its compile cache has no tiny decoder (exported before it)" if self.backend == "compile"
                    else "it has no compiled tiny decoder (exported before it)")
             log.warning("%s artifact: %s; running the tiny autoencoder's decoder eagerly", self.backend, why)
             self.spec.extra["tiny_vae_decoder"] = "eager"
             return eager
         log.info("%s artifact: serving its compiled tiny decoder (%s)", self.backend,
-                 self.entry.files.get("tiny_vae_decoder"))
+                 self.entry.files.get("tiny_vae_decoder", "in its compile cache"))
         self.spec.extra["tiny_vae_decoder"] = "compiled"
 
         def tiny_vae_decode(latents: torch.Tensor) -> torch.Tensor:
