@@ -211,8 +211,8 @@ def test_gpu_check_tiny_dry_run(tmp_path: pathlib.Path) -> None:
     stages = {rec["stage"]: rec.get("status") for rec in recs if rec.get("status") != "level"}
     assert all(status == "ok" for name, status in stages.items() if name != "env"), stages
     levels = [rec for rec in recs if rec.get("status") == "level"]
-    assert {rec["stage"] for rec in levels} == {"bench_eager_low", "bench_eager_high", "baseline_plain",
-                                                 "baseline_cached"}
+    assert {rec["stage"] for rec in levels} == {"bench_eager_low", "bench_eager_high", "bench_eager_img2img",
+                                                 "baseline_plain", "baseline_cached"}
     assert all(rec.get("failed", 0) == 0 and rec["images_per_s"] > 0 for rec in levels)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["results.jsonl", "table.md"]
 
