@@ -181,9 +181,6 @@ class Engine:
                         time.sleep(self.config.batch_wait_ms / 1e3)  # let company arrive for an idle batch
                     try:
                         self._iteration()
-                        oom = self.config.faults.iteration_oom_seed  # test hook (config.FaultInjection)
-                        if oom is not None and any(s.request.params.seed == oom for s in self._active):
-                            raise torch.OutOfMemoryError(f"injected CUDA out of memory (seed {oom})")
                     except Exception as exc:  # a bad batch fails its requests, not the server
                         log.exception("engine iteration failed")
                         if isinstance(exc, torch.OutOfMemoryError):  # this batch did not fit now: retryable
@@ -212,9 +209,11 @@ class Engine:
         self._admit(time.monotonic())
         if not self._active:
             return
-        fault = self.config.faults.iteration_fault_seed
-        if fault is not None and any(s.request.params.seed == fault for s in self._active):
-            raise RuntimeError(f"injected iteration fault (seed {fault})")
+        faults, seeds = self.config.faults, {s.request.params.seed for s in self._active}  # test hooks (config.py)
+        if faults.iteration_fault_seed in seeds:
+            raise RuntimeError(f"injected iteration fault (seed {faults.iteration_fault_seed})")
+        if faults.iteration_oom_seed in seeds:
+            raise torch.OutOfMemoryError(f"injected CUDA out of memory (seed {faults.iteration_oom_seed})")
         # 2-3. one UNet call per resolution, then the LCM step and events
         by_resolution: dict[tuple[int, int], list[Sample]] = {}
         for sample in self._active:
