@@ -24,12 +24,24 @@ class Limits:
     max_guidance_scale: float = 20.0
 
     @property
+    def max_image_bytes(self) -> int:
+        """The largest init or mask image a request may carry: max_side^2 RGB, RAW or a PNG no
+        larger than that (+64 KiB of PNG overhead)."""
+        return self.max_side * self.max_side * 3 + 64 * 1024
+
+    @property
+    def max_image_pixels(self) -> int:
+        """16 x max_side^2 pixels (4096 x 4096 at the default 1024): a phone photo decodes; resize
+        larger ones before sending."""
+        return 16 * self.max_side * self.max_side
+
+    @property
     def max_request_bytes(self) -> int:
         """The receive limit: the largest valid GenerateRequest, with room for the img2img issue's
         init and mask images (each at most max_side^2 RGB, RAW or a PNG no larger than that), so a
         63 MiB prompt is refused by gRPC before it is read rather than after."""
         prompts = 2 * 4 * self.max_prompt_chars  # prompt + negative prompt, up to 4 UTF-8 bytes a character
-        images = 2 * (self.max_side * self.max_side * 3 + 64 * 1024)  # init + mask image, with PNG overhead
+        images = 2 * self.max_image_bytes  # init + mask image
         return prompts + images + 64 * 1024  # the other fields and framing
 
     @property

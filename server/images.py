@@ -38,11 +38,9 @@ class ImageLimits:
 
 
 def image_limits(limits: Limits) -> ImageLimits:
-    """The largest image a request may carry: max_side^2 RGB (+64 KiB of PNG overhead), the share of
-    `Limits.max_request_bytes` kept for each image, and 16 x max_side^2 pixels (4096 x 4096 at the
-    default 1024): a phone photo decodes; resize larger ones before sending."""
-    return ImageLimits(max_bytes=limits.max_side * limits.max_side * 3 + 64 * 1024,
-                       max_pixels=16 * limits.max_side * limits.max_side)
+    """The largest image a request may carry (Limits.max_image_bytes: the share of
+    `Limits.max_request_bytes` kept for each image) and its most pixels (Limits.max_image_pixels)."""
+    return ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
 
 
 @dataclass(frozen=True)
