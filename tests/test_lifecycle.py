@@ -67,8 +67,9 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_artifact) -> None:
 
 # --- the engine process (server/engine_process.py) -------------------------------------------------
 
-def _engine_pid(server: ServerProcess) -> int:
-    """The server's child that runs the engine (multiprocessing's spawn_main)."""
+def _engine_pids(server: ServerProcess) -> list[int]:
+    """The server's children that run engines (multiprocessing's spawn_main)."""
+    pids = []
     for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
         try:
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
@@ -76,8 +77,16 @@ def _engine_pid(server: ServerProcess) -> int:
         except (OSError, ValueError, IndexError):
             continue
         if ppid == server.proc.pid and b"spawn_main" in cmdline:
-            return int(stat.parent.name)
-    raise AssertionError(f"no engine process under {server.proc.pid}")
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _engine_pid(server: ServerProcess) -> int:
+    """The server's child that runs the engine."""
+    pids = _engine_pids(server)
+    if not pids:
+        raise AssertionError(f"no engine process under {server.proc.pid}")
+    return pids[0]
 
 
 def _gone(pid: int, timeout: float) -> bool:

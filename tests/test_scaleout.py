@@ -15,7 +15,6 @@ import os
 import pathlib
 import re
 import signal
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -23,27 +22,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pytest
 from conftest import ServerProcess
+from test_lifecycle import _allowed_cpus, _engine_pids, linux_only
 
 from lcmserve import Client, GenerateResult
 
 SMALL = dict(num_inference_steps=2, width=64, height=64, output_format="raw")
 ONE_PER_BATCH = ("--max-batch-size", "2")  # with GUIDED: one image per UNet call, one per VAE decode
 GUIDED = dict(SMALL, guidance_scale=2.0)
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-
-
-def _engine_pids(server: ServerProcess) -> list[int]:
-    """The server's children that run engines (multiprocessing's spawn_main)."""
-    pids = []
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == server.proc.pid and b"spawn_main" in cmdline:
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def _ok_count(server: ServerProcess) -> int:
@@ -133,16 +118,6 @@ def test_one_client_balances_over_three_servers_through_a_kill_and_a_drain(tiny_
         sdk_log.removeHandler(retried)
         for server in servers:
             server.stop()
-
-
-def _allowed_cpus(pid: int) -> set[str]:
-    """Cpus_allowed_list of every thread of `pid`."""
-    lists = set()
-    for status in pathlib.Path(f"/proc/{pid}/task").glob("*/status"):
-        for line in status.read_text().splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                lists.add(line.split()[1])
-    return lists
 
 
 @linux_only
