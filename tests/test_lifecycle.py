@@ -105,6 +105,16 @@ def _gone(pid: int, timeout: float) -> bool:
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
+def _assert_not_serving_within_10_s(client: Client) -> None:
+    """After an engine death: health turns NOT_SERVING within 10 s and new work is refused UNAVAILABLE."""
+    deadline = time.monotonic() + 10
+    while client.health_status() == "SERVING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.health_status() == "NOT_SERVING"
+    with pytest.raises(UnavailableError, match="not serving"):
+        client.generate("after", num_inference_steps=1, width=64, height=64, timeout=10)
+
+
 @linux_only
 def test_engine_process_death_fails_in_flight_requests_and_health(tiny_artifact) -> None:
     server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1")
@@ -116,12 +126,7 @@ def test_engine_process_death_fails_in_flight_requests_and_health(tiny_artifact)
             killed_at = time.monotonic()
             with pytest.raises(UnavailableError, match="engine process exited"):
                 list(stream)
-            deadline = time.monotonic() + 10
-            while client.health_status() == "SERVING" and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert client.health_status() == "NOT_SERVING"
-            with pytest.raises(UnavailableError, match="not serving"):
-                client.generate("after", num_inference_steps=1, width=64, height=64, timeout=10)
+            _assert_not_serving_within_10_s(client)
         # Fail fast (issue 10): the server exits non-zero by itself, so that its supervisor restarts it.
         assert server.proc.wait(max(0.0, killed_at + 10 - time.monotonic())) != 0
     finally:
@@ -141,12 +146,7 @@ def test_engine_loop_death_fails_in_flight_requests_and_health(tiny_artifact, mo
                 killer.generate("the fault", seed=666, num_inference_steps=1, width=64, height=64, timeout=60)
             with pytest.raises(UnavailableError, match="engine loop died"):
                 list(stream)
-            deadline = time.monotonic() + 10
-            while client.health_status() == "SERVING" and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert client.health_status() == "NOT_SERVING"
-            with pytest.raises(UnavailableError, match="not serving"):
-                client.generate("after", num_inference_steps=1, width=64, height=64, timeout=10)
+            _assert_not_serving_within_10_s(client)
     finally:
         server.kill()
 
