@@ -113,7 +113,7 @@ def compile_settings(device: str | torch.device) -> dict[str, Any]:
     the server compiles with the recorded ones).
 
     CUDA: the default mode, not "reduce-overhead". The engine captures its own CUDA graphs, one per
-    padded batch bucket and resolution (server/cuda_graphs.py), around whatever callables the runtime
+    padded batch bucket and resolution (server/engine/cuda_graphs.py), around whatever callables the runtime
     gives it, and they capture default-mode inductor code as well as eager code: the launch overhead
     that reduce-overhead would remove (a batch-1 UNet step: 25 ms eager, 8 ms replayed on an H100) is
     removed by the engine's graphs instead. reduce-overhead would also break serving: its cudagraph

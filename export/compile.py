@@ -3,7 +3,7 @@
 `compile_artifact` is called by `lcmserve export --backend aoti|compile|onnx` on the pipeline whose
 model/ folder it saves (LoRAs already fused), and returns the manifest's typed `compiled` entry
 (artifact.py). The server side (what each backend serves, how an artifact for another machine is
-refused) is server/compiled.py and server/loader.py; docs/backends.md has the reasons and measured times.
+refused) is server/model/compiled.py and server/model/loader.py; docs/backends.md has the reasons and measured times.
 
     aoti     torch.export of four adapters (UNet step, VAE decode and encode, text encode), plus the tiny
              autoencoder's decoder when the artifact has tiny_vae/ (written before this runs), dynamic

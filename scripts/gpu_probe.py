@@ -180,7 +180,7 @@ class Probe:
                 fields["out_abs_max"] = round(float(reference.abs().max()), 3)
                 fields["finite"] = bool(torch.isfinite(reference).all())
                 if self.cuda:
-                    from lcmserve.server.cuda_graphs import BucketedGraphs
+                    from lcmserve.server.engine.cuda_graphs import BucketedGraphs
 
                     graphs = BucketedGraphs(fn, (bucket,), f"probe-{part}", max_resolutions=1)
                     start = time.perf_counter()
@@ -205,7 +205,7 @@ class Probe:
     def lcm_step(self) -> dict[str, Any]:
         """One LCM step at batch 32, the engine's host work against device-only work."""
         torch = self.torch
-        from lcmserve.server.lcm import Coefficients, LcmSchedule, lcm_step, renoise
+        from lcmserve.server.engine.lcm import Coefficients, LcmSchedule, lcm_step, renoise
 
         batch, h = 32, self.side // 8
         schedule = LcmSchedule(self.pipe.scheduler, 8, device=self.device)
@@ -214,7 +214,7 @@ class Probe:
         latents = latents.float()
         unet: Callable[..., Any] = self.unet_call
         if self.cuda:
-            from lcmserve.server.cuda_graphs import BucketedGraphs
+            from lcmserve.server.engine.cuda_graphs import BucketedGraphs
 
             unet = BucketedGraphs(self.unet_call, (batch,), "probe-lcm", max_resolutions=1)
         table_cpu = schedule.table.cpu()

@@ -39,7 +39,7 @@ def _host_sync_inside(x: torch.Tensor) -> torch.Tensor:
 
 
 def failed_capture(probe: ProbeLike) -> dict[str, Any]:
-    from lcmserve.server.cuda_graphs import BucketedGraphs
+    from lcmserve.server.engine.cuda_graphs import BucketedGraphs
 
     caller = torch.cuda.current_stream()
     x = torch.randn(3, 64, device=probe.device)
@@ -114,7 +114,7 @@ def _in_thread(fn: Callable[[], None], timeout_s: float = 60.0) -> str | None:
 
 
 def compile_thread(probe: ProbeLike) -> dict[str, Any]:
-    from lcmserve.server.cuda_graphs import BucketedGraphs
+    from lcmserve.server.engine.cuda_graphs import BucketedGraphs
 
     device = probe.device
     x1, x2, x3 = (torch.randn(n, 64, device=device, dtype=torch.float16) for n in (1, 2, 3))
@@ -176,7 +176,7 @@ class _TinyConv(torch.nn.Module):
 
 
 def aoti_graph(probe: ProbeLike) -> dict[str, Any]:
-    from lcmserve.server.cuda_graphs import BucketedGraphs
+    from lcmserve.server.engine.cuda_graphs import BucketedGraphs
 
     device = probe.device
     module = _TinyConv().to(device, torch.float16).eval()

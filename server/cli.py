@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lcmserve.export.errors import ExportError
 
-    from .app import StartupError, serve
-    from .loader import LoadError, load_runtime
+    from .edge.app import StartupError, serve
+    from .model.loader import LoadError, load_runtime
 
     try:
         faults = FaultInjection.from_env()
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch_size < 2:
         print("lcmserve serve: --max-batch-size must be at least 2 (a guided image takes two rows)", file=sys.stderr)
         return 2
-    from .pool import EngineSlot
+    from .edge.pool import EngineSlot
 
     try:
         devices = parse_devices(args.devices, args.device)

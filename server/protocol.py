@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 if TYPE_CHECKING:
-    from .runtime import ModelSpec
+    from .model.runtime import ModelSpec
 
 
 # ---- a validated request ------------------------------------------------------------------------
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """A validated GenerateRequest (server/validation.py makes these), defaults filled in."""
+    """A validated GenerateRequest (server/edge/validation.py makes these), defaults filled in."""
 
     prompt_ids: tuple[int, ...]  # CLIP ids, truncated and padded to 77
     negative_ids: tuple[int, ...]  # ids of the negative prompt ("" when none)
@@ -46,7 +46,7 @@ class GenerationParams:
     prompt_truncated: bool = False
     prompt_tokens: int = 0
     decoder: str = "unspecified"  # of the final images: vae | tiny_vae | unspecified (the model's default_decoder)
-    # img2img / inpainting (server/images.py decodes and resizes them at the edge, off its event loop):
+    # img2img / inpainting (server/edge/images.py decodes and resizes them at the edge, off its event loop):
     init_image: bytes | None = None  # (height, width, 3) uint8 RGB, resized as VaeImageProcessor does
     mask_image: bytes | None = None  # (height, width) uint8 grey, resized likewise; white = repaint
     strength: float = 1.0  # with init_image: how far it is noised (0 < strength <= 1)

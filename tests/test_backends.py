@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from lcmserve.export.artifact import ArtifactMismatchError
-from lcmserve.server.compiled import TorchCompileRuntime, aoti_load_kwargs, serving_compile_settings
-from lcmserve.server.compiled_onnx import OnnxRuntime
-from lcmserve.server.loader import available_backends, load_compiled_runtime, pick_backend
-from lcmserve.server.runtime import EagerRuntime, spec_from_pipeline
+from lcmserve.server.model.compiled import TorchCompileRuntime, aoti_load_kwargs, serving_compile_settings
+from lcmserve.server.model.compiled_onnx import OnnxRuntime
+from lcmserve.server.model.loader import available_backends, load_compiled_runtime, pick_backend
+from lcmserve.server.model.runtime import EagerRuntime, spec_from_pipeline
 
 # Exporting the three backends compiles for about 9 minutes on 2 shared cores (aoti ~170 s, compile
 # ~300 s, onnx ~55 s): marked slow so `pytest -m "not slow"` can skip them; `make test` runs them.
@@ -251,7 +251,7 @@ def test_aoti_loads_in_seconds(artifact: tuple[str, Path]) -> None:
 _COLD_START = """
 import json, sys, time, torch
 from torch._dynamo.utils import counters
-from lcmserve.server.loader import load_compiled_runtime
+from lcmserve.server.model.loader import load_compiled_runtime
 start = time.perf_counter()
 rt = load_compiled_runtime(sys.argv[1], backend="compile", device="cpu")
 print(json.dumps({"seconds": time.perf_counter() - start, "hit": counters["inductor"]["fxgraph_cache_hit"],

@@ -46,7 +46,7 @@ def test_serve_refuses_bad_buckets_before_loading() -> None:
 
 
 def test_serve_help_states_the_real_bucket_default() -> None:
-    from lcmserve.server.engine import EngineConfig
+    from lcmserve.server.engine.loop import EngineConfig
 
     help_text = " ".join(lcmserve("serve", "--help").stdout.split())
     assert f"(default {','.join(map(str, EngineConfig.buckets))})" in help_text

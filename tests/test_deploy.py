@@ -27,14 +27,14 @@ import pytest
 import yaml
 
 from lcmserve.server.cli import add_arguments
-from lcmserve.server.metrics import Metrics
+from lcmserve.server.edge.metrics import Metrics
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASE = REPO / "deploy" / "kubernetes"
 EXAMPLES = REPO / "deploy" / "examples"
 KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 PENDING_METRIC = "lcmserve_inference_pending_request_count"
-STOP_AFTER_DRAIN_S = 12.0  # engine stop (10 s), then gRPC server stop (2 s): server/app.py, drain()
+STOP_AFTER_DRAIN_S = 12.0  # engine stop (10 s), then gRPC server stop (2 s): server/edge/app.py, drain()
 CUSTOM_KINDS = {"ScaledObject", "PodMonitor"}  # CRDs: no bundled schema
 
 Manifest = dict[str, Any]
@@ -241,7 +241,7 @@ def test_services_select_the_deployment_pods(base: dict[str, Manifest]) -> None:
 
 def test_hpa_scales_on_the_servers_pending_requests_gauge(base: dict[str, Manifest]) -> None:
     exported = {metric.name for metric in Metrics().registry.collect()}
-    assert PENDING_METRIC in exported  # the gauge server/metrics.py really serves
+    assert PENDING_METRIC in exported  # the gauge server/edge/metrics.py really serves
     hpa = base["HorizontalPodAutoscaler/lcmserve"]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "lcmserve"}

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from lcmserve.server.cuda_graphs import BucketedGraphs
+from lcmserve.server.engine.cuda_graphs import BucketedGraphs
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WEIGHT = torch.linspace(-1, 1, 16 * 8).view(8, 16)

@@ -270,7 +270,7 @@ def test_errors_reach_the_client_as_lcmserve_errors(hard_server: ServerProcess) 
 
 
 def test_server_options_refuse_shared_ports_and_bound_messages() -> None:
-    from lcmserve.server.app import App
+    from lcmserve.server.edge.app import App
     from lcmserve.server.config import EngineConfig, Limits, ServerConfig
 
     options = dict(App(ServerConfig(max_connection_age_s=300, max_concurrent_rpcs=64, metrics_port=None),
@@ -285,7 +285,7 @@ def test_server_options_refuse_shared_ports_and_bound_messages() -> None:
 
 
 def test_token_check_accepts_only_listed_bearer_tokens() -> None:
-    from lcmserve.server.service import TokenAuth
+    from lcmserve.server.edge.service import TokenAuth
 
     auth = TokenAuth(["alpha", "beta"])
     assert auth.allowed((("authorization", "Bearer alpha"),)) and auth.allowed((("authorization", "bearer beta"),))

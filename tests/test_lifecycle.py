@@ -65,7 +65,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_artifact) -> None:
     server.stop()
 
 
-# --- the engine process (server/engine_process.py) -------------------------------------------------
+# --- the engine process (server/edge/engine_process.py) -------------------------------------------------
 
 def _engine_pids(server: ServerProcess) -> list[int]:
     """The server's children that run engines (multiprocessing's spawn_main)."""

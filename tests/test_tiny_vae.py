@@ -147,7 +147,7 @@ def test_a_model_without_a_tiny_vae_refuses_it(tiny_server: str, field: str) -> 
 def test_serve_loads_a_tiny_vae_for_a_plain_model_and_its_default(tiny_artifact: pathlib.Path,
                                                                    tiny_vae_source: pathlib.Path) -> None:
     """`serve --model DIR/model --tiny-vae FOLDER --default-decoder tiny-vae`, at the loader."""
-    from lcmserve.server.loader import LoadError, load_runtime
+    from lcmserve.server.model.loader import LoadError, load_runtime
 
     runtime = load_runtime(str(tiny_artifact / "model"), device="cpu", tiny_vae=str(tiny_vae_source),
                            default_decoder="tiny-vae")
@@ -178,7 +178,7 @@ def _pil_encode_jpeg(images: list, quality: int) -> list:  # type: ignore[type-a
 def test_jpeg_encoder_selection() -> None:
     import torch
 
-    from lcmserve.server.encode import GpuJpeg, select_jpeg_encoder
+    from lcmserve.server.engine.encode import GpuJpeg, select_jpeg_encoder
 
     def missing(device: torch.device):  # type: ignore[no-untyped-def]
         raise ImportError("No module named 'torchvision'")
@@ -206,9 +206,9 @@ def test_gpu_jpeg_rows_come_back_encoded_and_the_others_as_pixels(tiny_vae_sourc
     import torch
 
     from lcmserve.server.config import EngineConfig
-    from lcmserve.server.decoders import Decoders
-    from lcmserve.server.encode import GpuJpeg, encode
-    from lcmserve.server.loader import load_runtime
+    from lcmserve.server.engine.decoders import Decoders
+    from lcmserve.server.engine.encode import GpuJpeg, encode
+    from lcmserve.server.model.loader import load_runtime
     from lcmserve.server.protocol import Picture
 
     runtime = load_runtime("tiny", device="cpu", tiny_vae=str(tiny_vae_source))
@@ -257,7 +257,7 @@ def test_compiled_backends_serve_the_tiny_decoder_as_eager(backend: str, tmp_pat
     import torch
 
     from lcmserve.export.fuse import export_model
-    from lcmserve.server.loader import load_runtime
+    from lcmserve.server.model.loader import load_runtime
 
     if backend == "onnx":
         pytest.importorskip("onnxruntime")
@@ -287,7 +287,7 @@ def test_compiled_backends_serve_the_tiny_decoder_as_eager(backend: str, tmp_pat
 def test_the_edge_refuses_a_decoder_the_model_lacks_naming_the_field(tmp_path: pathlib.Path) -> None:
     """validate() with the model's decoders (service.py passes ModelSpec.decoders): every such field named."""
     from lcmserve.export.presets import write_tokenizer
-    from lcmserve.server.validation import InvalidRequest, validate
+    from lcmserve.server.edge.validation import InvalidRequest, validate
     from lcmserve.v1 import generation_pb2 as pb
 
     tokenizer = write_tokenizer(tmp_path)

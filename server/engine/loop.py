@@ -11,7 +11,7 @@ Contract of the loop (`Engine._run`), one iteration:
                VAE-encode their init image (batched, once per request) and start at the step their
                strength gives; inpainting samples blend their kept region back after every step.
   2. denoise : per resolution, ONE UNet call for every active sample, each at its own timestep;
-               then the vectorized LCM step (server/lcm.py) with coefficients gathered on the device.
+               then the vectorized LCM step (server/engine/lcm.py) with coefficients gathered on the device.
   3. events  : a step event per sample (with a preview if asked: latent->RGB projection, or a
                batched VAE decode); samples at their last step go to the VAE in batches; pixels
                are encoded to JPEG/PNG/WEBP/RAW in a thread pool. Each request's events go to the
@@ -35,13 +35,13 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from .config import EngineConfig
+from ..config import EngineConfig
 from .cuda_graphs import BucketedGraphs
 from .decoders import Decoders
 from .encode import approx_preview, encode, select_jpeg_encoder
 from .admission import draw_noise, keep_unmasked, start_from_images
 from .lcm import LcmSchedule, lcm_step, renoise, scheduler_config
-from .protocol import (
+from ..protocol import (
     Admitted,
     Event,
     Failure,
@@ -56,7 +56,7 @@ from .protocol import (
     UNetCall,
     VaeDecode,
 )
-from .runtime import Runtime
+from ..model.runtime import Runtime
 from .timing import DeviceTimer
 from .work import EngineStopped, QueueFull, Request, Sample
 

@@ -28,13 +28,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .config import EngineConfig
+from ..config import EngineConfig
 from .engine_process import EngineProcess, Ticket
 from .metrics import Metrics
-from .placement import engine_splits
-from .protocol import EngineInfo, GenerationParams
-from .runtime import Runtime
-from .work import EngineStopped
+from ..placement import engine_splits
+from ..protocol import EngineInfo, GenerationParams
+from ..model.runtime import Runtime
+from ..engine.work import EngineStopped
 
 log = logging.getLogger("lcmserve.pool")
 

@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from .lcm import Step
-from .protocol import TERMINAL, Event, Failure, GenerationParams, Timings
+from ..protocol import TERMINAL, Event, Failure, GenerationParams, Timings
 
 log = logging.getLogger("lcmserve.engine")
 
@@ -90,7 +90,7 @@ class Request:
     failed: bool = False  # ended (failed, cancelled or expired): its samples leave the batch
     timings: Timings = field(default_factory=Timings)
     lock: threading.Lock = field(default_factory=threading.Lock)  # encoders add to timings from the pool
-    # img2img / inpainting, made once for all its images at the first admission (server/admission.py):
+    # img2img / inpainting, made once for all its images at the first admission (server/engine/admission.py):
     init_moments: torch.Tensor | None = None  # (1, 8, h, w) VAE-encoder moments of the init image, model dtype
     latent_mask: torch.Tensor | None = None  # (1, 1, h, w) float32, 1 = repaint: the mask at latent size
 

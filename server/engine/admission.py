@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .lcm import Coefficients, LcmSchedule, Step, add_noise, renoise
-from .protocol import GenerationParams
-from .runtime import ModelSpec
+from ..protocol import GenerationParams
+from ..model.runtime import ModelSpec
 from .work import Inpainting, Request, Sample
 
 

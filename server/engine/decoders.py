@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import EngineConfig
+from ..config import EngineConfig
 from .encode import GpuJpeg, to_host_hwc, to_uint8_chw
-from .protocol import Picture
-from .runtime import Runtime
+from ..protocol import Picture
+from ..model.runtime import Runtime
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .protocol import Picture
+from ..protocol import Picture
 
 # Linear map from SD v1.5's 4 latent channels to RGB in about [-1, 1] (a widely used fit; rows are
 # latent channels, columns R, G, B). Good enough to watch a picture form; not a decoder.

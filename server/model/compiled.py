@@ -13,7 +13,7 @@ What each artifact serves is its manifest entry's `served` (export/artifact.py):
 upsamplers) and VAE sides in the image range, other sides on the eager modules of model/
 (compiled_common.py); compile: any shape, the warm shapes without a cold compile.
 
-Both runtimes' callables may be captured in the engine's own CUDA graphs (server/cuda_graphs.py):
+Both runtimes' callables may be captured in the engine's own CUDA graphs (server/engine/cuda_graphs.py):
   - aoti packages are loaded with `run_single_threaded=True`. Without it the AOTInductor runner
     guards its model container with a CUDA event recorded on the current stream; during the
     engine's first capture that stream is the capture stream, so the event becomes a captured

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from lcmserve.v1 import generation_pb2 as pb
 
-from .config import Limits
+from ..config import Limits
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 ImageField = Literal["init_image", "mask_image"]

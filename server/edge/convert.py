@@ -12,10 +12,10 @@ from grpc_status import rpc_status
 from lcmserve.names import DECODER_VALUES, OUTPUT_FORMAT_VALUES
 from lcmserve.v1 import generation_pb2 as pb
 
-from .config import EngineConfig
-from .protocol import HostTensor, ImageEvent, Picture, StepEvent, Summary
-from .runtime import ModelSpec
-from .config import Limits
+from ..config import EngineConfig
+from ..protocol import HostTensor, ImageEvent, Picture, StepEvent, Summary
+from ..model.runtime import ModelSpec
+from ..config import Limits
 from .images import image_limits
 from .validation import InvalidRequest
 

@@ -13,9 +13,9 @@ from google.protobuf.message import DecodeError, Message
 from lcmserve.names import decoder_name, output_format_name, preview_mode_name
 from lcmserve.v1 import generation_pb2 as pb
 
-from .config import Limits
+from ..config import Limits
 from .images import PreparedImages
-from .protocol import GenerationParams
+from ..protocol import GenerationParams
 
 # The request's `optional` scalar fields: unset means the default.
 OptionalField = Literal["num_inference_steps", "guidance_scale", "width", "height", "num_images", "seed", "quality",

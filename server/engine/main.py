@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import grpc
 
-from .config import EngineConfig
-from .engine import Engine, bind_device
-from .placement import CpuSplit, pin_process
-from .protocol import (
+from ..config import EngineConfig
+from .loop import Engine, bind_device
+from ..placement import CpuSplit, pin_process
+from ..protocol import (
     TERMINAL,
     Cancel,
     EngineInfo,
@@ -45,8 +45,8 @@ from .protocol import (
     Submit,
     Summary,
 )
-from .runtime import Runtime
-from .validation import tokenize
+from ..model.runtime import Runtime
+from ..edge.validation import tokenize
 from .work import EngineStopped, OrderedEvents, QueueFull, Request
 
 log = logging.getLogger("lcmserve.engine_main")
@@ -208,7 +208,7 @@ def warm_up(engine: Engine, events: queue.Queue[Event]) -> None:
 
 
 def _picklable(exc: BaseException) -> BaseException:
-    from .loader import LoadError
+    from ..model.loader import LoadError
 
     try:
         pickle.loads(pickle.dumps(exc))

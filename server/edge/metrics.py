@@ -16,7 +16,7 @@ from __future__ import annotations
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
-from .protocol import Admitted, GraphStats, MetricUpdate, Queued, UNetCall, VaeDecode
+from ..protocol import Admitted, GraphStats, MetricUpdate, Queued, UNetCall, VaeDecode
 
 _MS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -32,11 +32,11 @@ from typing import Literal
 
 import grpc
 
-from .config import EngineConfig
-from .engine_main import engine_main
+from ..config import EngineConfig
+from ..engine.main import engine_main
 from .metrics import Metrics
-from .placement import CpuSplit, cpu_split, pin_process
-from .protocol import (
+from ..placement import CpuSplit, cpu_split, pin_process
+from ..protocol import (
     TERMINAL,
     Cancel,
     EngineInfo,
@@ -51,8 +51,8 @@ from .protocol import (
     Submit,
     ToEngine,
 )
-from .runtime import Runtime
-from .work import EngineStopped
+from ..model.runtime import Runtime
+from ..engine.work import EngineStopped
 
 log = logging.getLogger("lcmserve.engine_process")
 

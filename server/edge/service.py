@@ -23,13 +23,13 @@ import grpc
 from lcmserve.v1 import generation_pb2 as pb
 
 from . import convert
-from .config import Limits
+from ..config import Limits
 from .images import prepare_images
 from .pool import EnginePool
 from .metrics import Metrics
-from .protocol import Failure, ImageEvent, StepEvent, Summary
+from ..protocol import Failure, ImageEvent, StepEvent, Summary
 from .validation import InvalidRequest, UndecodableRequest, parse, validate
-from .work import EngineStopped
+from ..engine.work import EngineStopped
 
 log = logging.getLogger("lcmserve.service")
 

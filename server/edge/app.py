@@ -33,11 +33,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]  # ships no type information
 
-from .config import EngineConfig, Limits, ServerConfig
+from ..config import EngineConfig, Limits, ServerConfig
 from .pool import EnginePool, EngineSlot
 from .metrics import Metrics, MetricsBindError
-from .placement import describe
-from .runtime import Runtime
+from ..placement import describe
+from ..model.runtime import Runtime
 from .service import SERVICE_NAME, GenerationService, ServingState, TokenAuth
 
 log = logging.getLogger("lcmserve.server")
