@@ -10,7 +10,7 @@ PORT   ?= 50051
 MODEL  ?= tiny
 OUT    ?= out
 
-.PHONY: install demo serve test lint typecheck proto proto-check clean gpu-check-prepare
+.PHONY: install demo serve test lint typecheck proto proto-check clean gpu-check-prepare container-check
 
 install: $(VENV)/.installed
 
@@ -67,3 +67,8 @@ gpu-check-prepare: install
 	rm -rf /tmp/lcmserve-wheel-check; echo "pip install --target accepts .device/wheels for CPython 3.12 manylinux x86_64"
 	if [ -f ../shared/anchors/gpu_baseline.py ]; then mkdir -p .device/anchors && cp ../shared/anchors/gpu_baseline.py .device/anchors/; fi
 	du -sh .device
+
+# The Dockerfile built with buildah and its server run from the image, end to end (root on a Debian
+# host; a few minutes, so not part of `make test`; docs/deploy.md).
+container-check: install
+	bash scripts/container_check.sh
