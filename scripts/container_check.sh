@@ -133,7 +133,7 @@ make_local_base() {
   if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$mnt/usr/local/share/ca-certificates/"
   fi
-  chroot "$mnt" update-ca-certificates >/dev/null
+  chroot "$mnt" update-ca-certificates >>"$WORK/debootstrap.log" 2>&1
   chroot "$mnt" python3 -m venv /opt/python
   rm -rf "$mnt"/var/lib/apt/lists/* "$mnt"/var/cache/apt/*.bin "$mnt"/var/cache/apt/archives/*.deb
   buildah umount "$ctr" >/dev/null
@@ -236,7 +236,7 @@ in_netns "$LCMSERVE" health --target "127.0.0.1:$PORT" --timeout 2
 SERVER_PID=$(in_netns ss -Hltnp "sport = :$PORT" | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2)
 [[ -n $SERVER_PID ]] || fail "no process listens on port $PORT"
 echo "server pid $SERVER_PID: $(tr '\0' ' ' <"/proc/$SERVER_PID/cmdline")"
-echo "as $(ps -o user= -p "$SERVER_PID") (uid $(ps -o uid= -p "$SERVER_PID" | tr -d ' '))"
+echo "as uid $(ps -o uid= -p "$SERVER_PID" | tr -d ' ') (the image's USER $IMAGE_USER)"
 ok
 
 step "/models writable by the image's user"
