@@ -65,13 +65,19 @@ class FaultInjection:
     iteration_oom_seed: an engine iteration holding a request with this seed raises
       torch.OutOfMemoryError (as CUDA out of memory would): that batch fails RESOURCE_EXHAUSTED with
       a retry hint, the allocator's cache is freed, the engine goes on.
+    cuda_error_seed: an engine iteration holding a request with this seed raises the RuntimeError of a
+      sticky CUDA error ("CUDA error: an illegal memory access was encountered"): the device would be
+      unusable, so the loop dies of it, as with loop_death_seed.
 
+    The engine process runs server/engine/faults.py's FaultInjectingEngine when any is set; the
+    product loop has no test hooks (in-process engine tests inject their faults themselves).
     Example: LCMSERVE_FAULT_INJECTION="iteration_fault_seed=667,iteration_oom_seed=668".
     """
 
     iteration_fault_seed: int | None = None
     loop_death_seed: int | None = None
     iteration_oom_seed: int | None = None
+    cuda_error_seed: int | None = None
 
     ENV = "LCMSERVE_FAULT_INJECTION"
 
@@ -81,7 +87,7 @@ class FaultInjection:
         if not text:
             return cls()
         values: dict[str, int] = {}
-        known = {"iteration_fault_seed", "loop_death_seed", "iteration_oom_seed"}
+        known = {"iteration_fault_seed", "loop_death_seed", "iteration_oom_seed", "cuda_error_seed"}
         for item in text.split(","):
             name, _, value = item.partition("=")
             name = name.strip().replace("-", "_")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcmserve.server.engine.loop import bind_device
+from lcmserve.server.engine.device import bind_device
 from lcmserve.server.engine.lcm import LcmSchedule, lcm_step, renoise
 
 
@@ -62,3 +62,57 @@ def test_cuda_graph_counters_reach_metrics() -> None:
     value = metrics.registry.get_sample_value
     assert value("lcmserve_cuda_graph_events", {"callable": "unet", "counter": "eager_calls"}) == 5
     assert value("lcmserve_cuda_graph_events", {"callable": "unet", "counter": "captures"}) == 10
+
+
+@pytest.mark.parametrize("error", [OSError("libnvjpeg.so.13: cannot open shared object file"),
+                                   ValueError("nvjpeg: unsupported"), AttributeError("no encode_jpeg"),
+                                   RuntimeError("CUDA error: invalid device ordinal"), Exception("anything else")],
+                         ids=lambda e: type(e).__name__)
+def test_gpu_jpeg_selection_survives_any_exception(error: Exception, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 18 item 5: whatever goes wrong selecting nvjpeg, the server serves with the host encoder,
+    saying so in one log line."""
+    from lcmserve.server.engine.encode import select_jpeg_encoder
+
+    def load(device: torch.device):  # type: ignore[no-untyped-def]
+        raise error
+
+    with caplog.at_level("INFO", logger="lcmserve.encode"):
+        assert select_jpeg_encoder(torch.device("cuda", 0), load) is None
+    assert len(caplog.records) == 1 and "JPEG on the host" in caplog.records[0].getMessage()
+
+
+def test_gpu_jpeg_is_probed_at_a_real_image_size() -> None:
+    from lcmserve.server.engine.encode import PROBE_SHAPE, probe_jpeg
+
+    seen: list[tuple[int, ...]] = []
+
+    def encode_jpeg(images: list[torch.Tensor], quality: int) -> list[torch.Tensor]:
+        seen.extend(tuple(image.shape) for image in images)
+        return [torch.tensor(list(b"\xff\xd8\xff\xd9"), dtype=torch.uint8) for _ in images]
+
+    probe_jpeg(encode_jpeg, torch.device("cpu"))
+    assert seen == [(3, 512, 512)] == [PROBE_SHAPE]
+    with pytest.raises(RuntimeError, match="no JPEG"):
+        probe_jpeg(lambda images, quality: [torch.zeros(4, dtype=torch.uint8)], torch.device("cpu"))
+
+
+def test_sticky_device_errors_are_told_from_a_bad_batch() -> None:
+    from lcmserve.server.engine.device import is_sticky_device_error
+
+    assert is_sticky_device_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert is_sticky_device_error(RuntimeError("CUDA error: unspecified launch failure"))
+    if isinstance(getattr(torch, "AcceleratorError", None), type):
+        assert is_sticky_device_error(torch.AcceleratorError("an illegal instruction was encountered"))
+    assert not is_sticky_device_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not is_sticky_device_error(RuntimeError("shape mismatch: CUDA error mentioned later"))
+    assert not is_sticky_device_error(ValueError("CUDA error: not a RuntimeError"))
+
+
+def test_the_fault_switch_parses_every_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lcmserve.server.config import FaultInjection
+
+    monkeypatch.setenv(FaultInjection.ENV, "cuda_error_seed=669, iteration_oom_seed=668")
+    assert FaultInjection.from_env() == FaultInjection(cuda_error_seed=669, iteration_oom_seed=668)
+    monkeypatch.setenv(FaultInjection.ENV, "cuda_error=1")
+    with pytest.raises(ValueError, match="cuda_error_seed"):
+        FaultInjection.from_env()

@@ -11,8 +11,10 @@ for a batch of one; every randn below is drawn in the same order, shape and dtyp
                                                  masked image (a 4-channel UNet never uses those
                                                  latents: drawn and dropped), then each renoise
 
-(LCMScheduler.step draws at every step but the last.) All of it is drawn at admission and copied to
-the device once, so the loop never waits for the host's random numbers.
+(LCMScheduler.step draws at every step but the last.) All of it is drawn when the request reaches
+the engine (`draw_host`, on the engine process's receiver thread, in Engine.submit) and copied to
+the device once at admission (`to_device`, non-blocking from pinned memory), so the loop thread
+neither draws random numbers nor waits for their copy.
 
 With an init image a sample runs the last steps of its num_steps schedule (params.start_step on):
 diffusers' `get_timesteps` slices the full schedule and sets the scheduler's begin index, so each
@@ -29,27 +31,37 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .lcm import Coefficients, LcmSchedule, Step, add_noise, renoise
+from .lcm import LcmSchedule, add_noise
 from ..protocol import GenerationParams
 from ..model.runtime import ModelSpec
+from .rows import index, to_device
 from .work import Inpainting, Request, Sample
 
 
-def draw_noise(params: GenerationParams, seed: int, steps: list[Step], spec: ModelSpec, dtype: torch.dtype,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One image's draws -> (initial latents or empty, (len(steps) - 1, 4, h, w) renoise noise,
-    (2, 4, h, w) VAE-sample and start noise of an init image or None), float32 on the device."""
+def _head(params: GenerationParams) -> int:
+    """Draws before the renoise noise: the initial latents; or an init image's VAE sample and start
+    noise (+ the masked image's VAE sample, drawn and dropped, for inpainting)."""
+    return 1 if params.init_image is None else 3 if params.mask_image is not None else 2
+
+
+def draw_host(params: GenerationParams, seed: int, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    """One image's draws, in the reference pipeline's order -> (head + steps_run - 1, 4, h, w) on the
+    host, each randn in the model dtype as diffusers draws it. Runs off the loop thread."""
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (1, spec.latent_channels, params.height // spec.vae_scale_factor, params.width // spec.vae_scale_factor)
-    head = 1 if params.init_image is None else 3 if params.mask_image is not None else 2
-    draws = [torch.randn(shape, generator=generator, dtype=dtype) for _ in range(head + len(steps) - 1)]
-    host = torch.cat(draws)  # (head + renoises, 4, h, w), each randn in the model dtype as diffusers draws it
-    if device.type == "cuda":
-        host = host.pin_memory()
-    on_device = host.to(device, non_blocking=True).float()
+    return torch.cat([torch.randn(shape, generator=generator, dtype=dtype)
+                      for _ in range(_head(params) + params.steps_run - 1)])
+
+
+def draws_to_device(params: GenerationParams, host: torch.Tensor, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """draw_host's tensor -> (initial latents or empty, (steps_run - 1, 4, h, w) renoise noise,
+    (2, 4, h, w) VAE-sample and start noise of an init image or None), float32 on the device, from
+    one non-blocking copy."""
+    on_device = to_device(host, device).float()
     if params.init_image is None:
         return on_device[:1], on_device[1:], None
-    return torch.empty(0, device=device), on_device[head:], on_device[:2]
+    return torch.empty(0, device=device), on_device[_head(params):], on_device[:2]
 
 
 def start_from_images(samples: list[Sample], vae_encode: Callable[[torch.Tensor], torch.Tensor],
@@ -72,8 +84,7 @@ def start_from_images(samples: list[Sample], vae_encode: Callable[[torch.Tensor]
             request.init_moments = m[None]
             if request.params.mask_image is not None:
                 request.latent_mask = latent_mask(request.params, spec)
-    rows = torch.tensor([s.current.row for s in pending], dtype=torch.long).to(spec.device, non_blocking=True)
-    coefficients = schedule.coefficients(rows)
+    coefficients = schedule.coefficients(index([s.current.row for s in pending], spec.device))
     for j, s in enumerate(pending):
         assert s.image_noise is not None and s.request.init_moments is not None
         p = s.request.params
@@ -81,10 +92,10 @@ def start_from_images(samples: list[Sample], vae_encode: Callable[[torch.Tensor]
         init = init.float()  # (1, 4, h, w): x0 of the init image, scaled as diffusers scales it
         start_noise = s.image_noise[1:2]
         if s.request.latent_mask is not None:
-            s.latents = start_noise if p.strength == 1.0 else add_noise(init, start_noise, coefficients.select([j]))
+            s.latents = start_noise if p.strength == 1.0 else add_noise(init, start_noise, coefficients.select(slice(j, j + 1)))
             s.inpaint = Inpainting(init=init, noise=start_noise, mask=s.request.latent_mask)
         else:
-            s.latents = add_noise(init, start_noise, coefficients.select([j]))
+            s.latents = add_noise(init, start_noise, coefficients.select(slice(j, j + 1)))
         s.image_noise = None
     elapsed_ms = (time.perf_counter() - start) * 1e3
     for request in {s.request for s in pending}:
@@ -107,7 +118,7 @@ def init_pixels(params: GenerationParams, spec: ModelSpec) -> torch.Tensor:
     image = np.frombuffer(params.init_image, dtype=np.uint8).reshape(params.height, params.width, 3)
     unit = image.astype(np.float32) / 255.0
     normalized = 2.0 * unit - 1.0
-    return torch.from_numpy(normalized.transpose(2, 0, 1)[None].copy()).to(spec.device, spec.dtype)
+    return to_device(torch.from_numpy(normalized.transpose(2, 0, 1)[None].copy()).to(spec.dtype), spec.device)
 
 
 def latent_mask(params: GenerationParams, spec: ModelSpec) -> torch.Tensor:
@@ -121,23 +132,5 @@ def latent_mask(params: GenerationParams, spec: ModelSpec) -> torch.Tensor:
     mask[mask >= 0.5] = 1
     size = (params.height // spec.vae_scale_factor, params.width // spec.vae_scale_factor)
     small = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None], size=size)
-    return small.to(spec.device, spec.dtype).float()
+    return to_device(small.to(spec.dtype), spec.device).float()
 
-
-def keep_unmasked(samples: list[Sample], latents: torch.Tensor, c: Coefficients | None) -> torch.Tensor:
-    """Inpainting, after a step: latents (B, 4, h, w) of `samples`, with each inpainting sample's kept
-    region put back from its init latents, as the pipeline does for a 4-channel UNet:
-    (1 - mask) * init_proper + mask * latents, where init_proper is the init latents noised with the
-    start noise to the next timestep (`c`: the samples' Coefficients) or, after the last step and for
-    what is shown (previews, the final image), the clean init latents (`c` None)."""
-    rows = [i for i, s in enumerate(samples) if s.inpaint is not None]
-    if not rows:
-        return latents
-    inpaints = [ip for ip in (samples[i].inpaint for i in rows) if ip is not None]
-    init = torch.cat([ip.init for ip in inpaints])  # (R, 4, h, w)
-    mask = torch.cat([ip.mask for ip in inpaints])  # (R, 1, h, w)
-    if c is not None:
-        init = renoise(init, torch.cat([ip.noise for ip in inpaints]), c.select(rows))
-    out = latents.clone()
-    out[rows] = (1 - mask) * init + mask * latents[rows]
-    return out

@@ -23,6 +23,7 @@ from ..config import EngineConfig
 from .encode import GpuJpeg, to_host_hwc, to_uint8_chw
 from ..protocol import Picture
 from ..model.runtime import Runtime
+from .rows import pick
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -85,11 +86,11 @@ class Decoders:
         on_gpu = [i for i, q in enumerate(qualities) if q is not None] if self.gpu_jpeg is not None else []
         rows: list[torch.Tensor | Picture] = [torch.empty(0)] * len(qualities)
         if on_gpu and self.gpu_jpeg is not None:
-            for i, picture in zip(on_gpu, self.gpu_jpeg(pixels[on_gpu], [q for q in qualities if q is not None])):
+            for i, picture in zip(on_gpu, self.gpu_jpeg(pick(pixels, on_gpu), [q for q in qualities if q is not None])):
                 rows[i] = picture
         on_host = [i for i in range(len(qualities)) if i not in on_gpu]
         if on_host:
-            for i, host in zip(on_host, to_host_hwc(pixels[on_host] if on_gpu else pixels)):
+            for i, host in zip(on_host, to_host_hwc(pick(pixels, on_host))):
                 rows[i] = host
         return rows
 

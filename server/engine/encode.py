@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..protocol import Picture
+from ..protocol import HostTensor, ImageEvent, Picture, StepEvent
+from .work import Request
 
 # Linear map from SD v1.5's 4 latent channels to RGB in about [-1, 1] (a widely used fit; rows are
 # latent channels, columns R, G, B). Good enough to watch a picture form; not a decoder.
@@ -77,6 +78,32 @@ def encode(image: np.ndarray, fmt: str, quality: int) -> tuple[Picture, float]:
 
 
 
+# ---- the encoder pool's jobs: one event each, its picture encoded ----------------------------------
+
+
+def host_tensors(latents: torch.Tensor) -> list[HostTensor]:
+    """(B, ...) on the device -> B float32 host tensors (one copy off the device for the batch; waits)."""
+    host = latents.float().contiguous().cpu()
+    return [HostTensor(tuple(row.shape), row.numpy().astype("<f4").tobytes()) for row in host]
+
+
+def encode_step_event(request: Request, pixels: torch.Tensor | Picture, event: StepEvent) -> StepEvent:
+    """A step event with its preview: host pixels encoded here, or a picture the GPU encoded."""
+    p = request.params
+    picture, ms = (pixels, 0.0) if isinstance(pixels, Picture) else encode(pixels.numpy(), p.output_format, p.quality)
+    request.add_encode_ms(ms)
+    return StepEvent(event.image_index, event.step, event.num_steps, event.timestep, picture, event.latents)
+
+
+def encode_image_event(request: Request, pixels: torch.Tensor | Picture, index: int, seed: int,
+                       latents: HostTensor | None) -> ImageEvent:
+    """A final image's event: host pixels encoded here, or a picture the GPU encoded."""
+    p = request.params
+    picture, ms = (pixels, 0.0) if isinstance(pixels, Picture) else encode(pixels.numpy(), p.output_format, p.quality)
+    request.add_encode_ms(ms)
+    return ImageEvent(index, seed, picture, latents)
+
+
 # ---- JPEG on the GPU ---------------------------------------------------------------------------------
 
 log = logging.getLogger("lcmserve.encode")
@@ -101,27 +128,36 @@ class GpuJpeg:
         return [out[i] for i in range(len(qualities))]
 
 
+PROBE_SHAPE = (3, 512, 512)  # the probe is a real image size: nvjpeg set-up failures show at size, not at 8x8
+
+
+def probe_jpeg(encode_jpeg: EncodeJpeg, device: torch.device) -> None:
+    """Encode one PROBE_SHAPE image on `device`; raises unless a JPEG comes back."""
+    probe = torch.zeros(PROBE_SHAPE, dtype=torch.uint8, device=device)
+    if not encode_jpeg([probe], 90)[0].cpu().numpy().tobytes().startswith(b"\xff\xd8"):
+        raise RuntimeError("encode_jpeg returned no JPEG")
+
+
 def _torchvision_encode_jpeg(device: torch.device) -> EncodeJpeg:
     """torchvision.io.encode_jpeg, tried once on `device` (a torchvision built without nvjpeg, or for
-    another CUDA, fails here rather than on a request). Raises ImportError or RuntimeError."""
+    another CUDA, fails here rather than on a request)."""
     # optional (not installable beside every torch build), and without type information
     from torchvision.io import encode_jpeg  # type: ignore[import-not-found, import-untyped, unused-ignore]
-
-    probe = torch.zeros(3, 8, 8, dtype=torch.uint8, device=device)
-    if not encode_jpeg([probe], 90)[0].cpu().numpy().tobytes().startswith(b"\xff\xd8"):
-        raise RuntimeError("torchvision.io.encode_jpeg returned no JPEG")
 
     def encode(images: list[torch.Tensor], quality: int) -> list[torch.Tensor]:
         result: list[torch.Tensor] = encode_jpeg(images, quality)
         return result
 
+    probe_jpeg(encode, device)
     return encode
 
 
 def select_jpeg_encoder(device: torch.device,
                         load: Callable[[torch.device], EncodeJpeg] = _torchvision_encode_jpeg) -> GpuJpeg | None:
-    """GPU JPEG on a CUDA device when `load` (torchvision's encode_jpeg) works there, else None: the
-    host encoder (PIL in the encoder threads). Logs which, and why not the GPU."""
+    """GPU JPEG on a CUDA device when `load` (torchvision's encode_jpeg, probed at 3x512x512) works
+    there, else None: the host encoder (PIL in the encoder threads). Whatever goes wrong in the
+    selection (an import, a missing library, a CUDA or nvjpeg error) falls back to the host encoder
+    with one log line: GPU JPEG is a speed-up, never a reason not to serve."""
     if device.type != "cuda":
         return None
     try:
@@ -129,8 +165,9 @@ def select_jpeg_encoder(device: torch.device,
     except ImportError as exc:
         log.info("JPEG on the host (PIL): torchvision is not importable (%s)", exc)
         return None
-    except RuntimeError as exc:
-        log.warning("JPEG on the host (PIL): torchvision's encode_jpeg failed on %s (%s)", device, exc)
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional speed-up means the host encoder
+        log.warning("JPEG on the host (PIL): GPU JPEG (torchvision's encode_jpeg) failed on %s: %s: %s",
+                    device, type(exc).__name__, exc)
         return None
     log.info("JPEG on the GPU: torchvision's encode_jpeg (nvjpeg) on %s", device)
     return encoder

@@ -43,9 +43,12 @@ class Coefficients:
     sqrt_alpha_next: torch.Tensor  # sqrt(alpha_cumprod[t_next]): the renoise towards the next step
     sqrt_beta_next: torch.Tensor
 
-    def select(self, rows: list[int]) -> Coefficients:
-        """The coefficients of some of the samples, in `rows` order."""
-        return Coefficients(*(getattr(self, f.name)[rows] for f in fields(self)))
+    def select(self, rows: torch.Tensor | slice) -> Coefficients:
+        """The coefficients of some of the samples: `rows` a (N,) int64 index on the device (rows.py)
+        or a slice; never a Python list, whose copy to the device would make the host wait."""
+        if isinstance(rows, slice):
+            return Coefficients(*(getattr(self, f.name)[rows] for f in fields(self)))
+        return Coefficients(*(getattr(self, f.name).index_select(0, rows) for f in fields(self)))
 
 
 class LcmSchedule:
@@ -85,6 +88,15 @@ class LcmSchedule:
 def scheduler_config(scheduler: LCMScheduler) -> Mapping[str, Any]:
     """The scheduler's config (diffusers' FrozenDict; its ConfigMixin attribute carries no type)."""
     return cast(Mapping[str, Any], getattr(scheduler, "config"))  # noqa: B009
+
+
+def check_scheduler(scheduler: LCMScheduler) -> None:
+    """Refuse a scheduler whose step this module does not compute (ValueError, at start)."""
+    config = scheduler_config(scheduler)
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"prediction_type {config['prediction_type']!r} is not supported (SD v1.5 is 'epsilon')")
+    if config.get("thresholding") or config.get("clip_sample"):
+        raise ValueError("LCM with thresholding or clip_sample is not supported (SD v1.5 + LCM uses neither)")
 
 
 def fresh_scheduler(scheduler: LCMScheduler) -> LCMScheduler:

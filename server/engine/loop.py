@@ -1,32 +1,43 @@
 """The engine: one loop per device owns the model; every image is a sample in one running batch.
 
-Contract of the loop (`Engine._run`), one iteration:
+Contract of the loop (`Engine._run`), one iteration (`Engine.iteration`):
   1. admit   : move waiting requests' images into the batch while rows are free (a guided image
-               takes two rows: conditional + unconditional); drop cancelled or expired ones.
-               New samples get their text embeddings (one batched call, LRU cache), and draw from
-               their own CPU generator (seed + image index) their initial latents and then the
-               renoise noise of every step, in that order: exactly what diffusers' pipeline and
-               LCMScheduler draw for a batch of one, so the seed contract holds. img2img and
-               inpainting samples (admission.py) draw as diffusers' img2img/inpaint pipelines do,
+               takes two rows: conditional + unconditional), in line order: a request that does not
+               fit keeps its place at the head of the line; drop cancelled or expired ones.
+               New samples get their text embeddings (one batched call, LRU cache: text.py) and
+               their generator's draws, made when the request arrived (Engine.submit, on the
+               receiver thread: admission.py), copied to the device. img2img and inpainting samples
                VAE-encode their init image (batched, once per request) and start at the step their
-               strength gives; inpainting samples blend their kept region back after every step.
-  2. denoise : per resolution, ONE UNet call for every active sample, each at its own timestep;
-               then the vectorized LCM step (server/engine/lcm.py) with coefficients gathered on the device.
+               strength gives.
+  2. denoise : per resolution, ONE UNet call for every active sample, each at its own timestep,
+               guidance, the LCM step, renoise and inpainting's blend: step.denoise (step.py), the
+               function to read to understand denoising.
   3. events  : a step event per sample (with a preview if asked: latent->RGB projection, or a
-               batched VAE decode); samples at their last step go to the VAE in batches; pixels
+               batched decode); samples at their last step go to their decoder in batches; pixels
                are encoded to JPEG/PNG/WEBP/RAW in a thread pool. Each request's events go to the
                sink in order (work.OrderedEvents).
-Nothing in the hot loop waits for the GPU except the copies of decoded pixels (and latents, when
-asked for) to the host, so the host queues the next step while the GPU runs this one; UNet times
-come from CUDA events (timing.py). A cancelled or expired request's samples leave the batch at the
-next iteration; nothing else in the batch notices: a sample's output depends only on its own
-inputs and generator. The engine runs in a process of its own (engine_main.py).
+
+Where the loop waits for the GPU, and nowhere else: the copies to the host of decoded pixels (final
+images, full and tiny-VAE previews, or their GPU JPEG bytes: decoders.py), of approx previews
+(encode.approx_preview) and of latents when a request asks for them (encode.host_tensors); the UNet timing
+of a finished request (timing.py, after its decode has waited anyway); a CUDA graph capture of a new
+size (cuda_graphs.py); and after a failed batch (empty_cache). Row positions reach the device as
+index tensors from pinned memory, never as Python lists (rows.py), so the host queues the next step
+while the GPU runs this one; UNet times come from CUDA events.
+
+A cancelled or expired request's samples leave the batch at the next iteration; nothing else in the
+batch notices: a sample's output depends only on its own inputs and generator. An exception inside
+an iteration fails that batch's requests (out of memory: RESOURCE_EXHAUSTED, else INTERNAL) and the
+loop goes on; a sticky device error (torch.AcceleratorError, "CUDA error: ...": every later call
+would fail too) ends the loop, as any exception that escapes it does: `dead` is set and `on_death`
+called (the engine process then reports LoopDied and exits: main.py). The engine runs in a process
+of its own (main.py); tests may run it in-process (tests/engine_fixture.py).
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
+import collections
 import logging
 import threading
 import time
@@ -38,16 +49,14 @@ import torch
 from ..config import EngineConfig
 from .cuda_graphs import BucketedGraphs
 from .decoders import Decoders
-from .encode import approx_preview, encode, select_jpeg_encoder
-from .admission import draw_noise, keep_unmasked, start_from_images
-from .lcm import LcmSchedule, lcm_step, renoise, scheduler_config
+from .encode import approx_preview, encode_image_event, encode_step_event, host_tensors, select_jpeg_encoder
+from .admission import draw_host, draws_to_device, start_from_images
+from .lcm import LcmSchedule, check_scheduler
 from ..protocol import (
     Admitted,
     Event,
     Failure,
     GraphStats,
-    HostTensor,
-    ImageEvent,
     MetricUpdate,
     Picture,
     Queued,
@@ -57,24 +66,15 @@ from ..protocol import (
     VaeDecode,
 )
 from ..model.runtime import Runtime
+from .device import bind_device as bind_device  # (re-exported: main.py imports it from here)
+from .device import is_sticky_device_error
+from .rows import pick
+from .step import denoise
+from .text import PromptEmbeddings
 from .timing import DeviceTimer
 from .work import EngineStopped, QueueFull, Request, Sample
 
 log = logging.getLogger("lcmserve.engine")
-
-
-class InjectedLoopDeath(BaseException):
-    """Raised by FaultInjection.loop_death_seed; a BaseException so that no handler in the loop keeps it."""
-
-
-def bind_device(device: torch.device) -> bool:
-    """Make `device` the current CUDA device of the calling thread (graph pools, side streams and
-    captures land on the current device, whatever device the tensors are on: without this a model on
-    cuda:1 captures empty graphs on cuda:0). Returns whether a device was set (False off CUDA)."""
-    if device.type != "cuda":
-        return False
-    torch.cuda.set_device(device)
-    return True
 
 
 class Engine:
@@ -93,23 +93,22 @@ class Engine:
         self.dtype = runtime.spec.dtype
         self.sink = sink
         self.record = record
+        check_scheduler(runtime.scheduler)
         self.schedule = LcmSchedule(runtime.scheduler, config.max_steps, self.device)
-        self._check_scheduler()
         self.unet: Callable[..., torch.Tensor] = runtime.unet
-        # Backends that record their own graphs or sync the host (ONNX Runtime) say so in
-        # spec.extra; eager, AOTInductor and torch.compile (default mode) callables are capturable.
-        capturable = runtime.spec.extra.get("cuda_graph_capturable", True)
-        graphs = self.device.type == "cuda" and config.cuda_graphs and capturable
+        # Backends that record their own graphs or sync the host (ONNX Runtime) say so in the spec;
+        # eager, AOTInductor and torch.compile (default mode) callables are capturable.
+        graphs = self.device.type == "cuda" and config.cuda_graphs and runtime.spec.graph_capturable
         if graphs:
             self.unet = BucketedGraphs(runtime.unet, config.buckets, name="unet")
         # vae (+ tiny_vae), CUDA graphs per bucket; JPEG on the GPU when torchvision can (encode.py)
         self.decoders = Decoders(runtime, config, graphs, select_jpeg_encoder(self.device))
         self._graphs = [fn for fn in (self.unet, *self.decoders.callables) if isinstance(fn, BucketedGraphs)]
-        runtime.spec.extra["jpeg_encoder"] = self.decoders.jpeg_encoder  # for GetModelInfo and the log
+        self.jpeg_encoder = self.decoders.jpeg_encoder  # "gpu" | "host": a fact of this engine (GetModelInfo)
         log.info("decoders %s (default %s); JPEG encoder: %s", ", ".join(self.decoders.names),
                  runtime.spec.default_decoder, self.decoders.jpeg_encoder)
         self.timer = DeviceTimer(self.device)
-        self._text_cache: collections.OrderedDict[tuple[int, ...], torch.Tensor] = collections.OrderedDict()
+        self.texts = PromptEmbeddings(runtime.encode_text, self.device, config.text_cache_size)
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._active: list[Sample] = []
@@ -128,28 +127,37 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises QueueFull at once when max_queued_requests requests already wait
-        beyond what the batch takes in at its next admission (free rows are not a queue)."""
+        beyond what the batch takes in at its next admission (free rows are not a queue). Draws
+        every image's random numbers here, in the caller's thread (the receiver's), not the loop's."""
+        with self._cond:
+            self._check_room(request)
+        p = request.params
+        request.draws = [draw_host(p, p.seed + i, self.runtime.spec, self.dtype) for i in range(p.num_images)]
         with self._cond:
             if self._stopping or self.dead is not None:
                 raise EngineStopped("the engine is not running")
-            # Free rows at the next admission go to waiting requests in line order (head of line);
-            # only those beyond count. (_active belongs to the loop thread: a snapshot one iteration
-            # stale only moves the line by that iteration.)
-            free = self.config.max_batch_size - sum(s.request.params.rows_per_image for s in list(self._active))
-            beyond = 0
-            for waiting in self._waiting:
-                rows = (waiting.params.num_images - waiting.next_image) * waiting.params.rows_per_image
-                if beyond or rows > free:
-                    beyond += 1
-                else:
-                    free -= rows
-            fits = not beyond and request.params.num_images * request.params.rows_per_image <= free
-            if not fits and beyond >= self.config.max_queued_requests:
-                raise QueueFull(f"{beyond} requests are waiting beyond the next batch (max_queued_requests="
-                                f"{self.config.max_queued_requests})")
             self._waiting.append(request)
             self._cond.notify()
         self.record(Queued(1))
+
+    def _check_room(self, request: Request) -> None:
+        if self._stopping or self.dead is not None:
+            raise EngineStopped("the engine is not running")
+        # Free rows at the next admission go to waiting requests in line order (head of line); only
+        # those beyond count. (_active belongs to the loop thread: a snapshot one iteration stale
+        # only moves the line by that iteration.)
+        free = self.config.max_batch_size - sum(s.request.params.rows_per_image for s in list(self._active))
+        beyond = 0
+        for waiting in self._waiting:
+            rows = (waiting.params.num_images - waiting.next_image) * waiting.params.rows_per_image
+            if beyond or rows > free:
+                beyond += 1
+            else:
+                free -= rows
+        fits = not beyond and request.params.num_images * request.params.rows_per_image <= free
+        if not fits and beyond >= self.config.max_queued_requests:
+            raise QueueFull(f"{beyond} requests are waiting beyond the next batch (max_queued_requests="
+                            f"{self.config.max_queued_requests})")
 
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:
@@ -165,38 +173,12 @@ class Engine:
         try:
             bind_device(self.device)  # the current device is per thread
             with torch.inference_mode():
-                while True:
-                    with self._cond:
-                        while not self._waiting and not self._active and not self._stopping:
-                            self._cond.wait()
-                        stopping = self._stopping
-                        if stopping:  # the edge drained what it could; abandon the rest
-                            self._abandon_all()
-                        self._check_loop_fault()
-                    if stopping:
-                        if self.after_iteration:
-                            self.after_iteration()
-                        return
-                    if not self._active and self.config.batch_wait_ms > 0:
-                        time.sleep(self.config.batch_wait_ms / 1e3)  # let company arrive for an idle batch
-                    try:
-                        self._iteration()
-                    except Exception as exc:  # a bad batch fails its requests, not the server
-                        log.exception("engine iteration failed")
-                        if isinstance(exc, torch.OutOfMemoryError):  # this batch did not fit now: retryable
-                            failure = Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                              f"the device ran out of memory for this batch ({exc})")
-                        else:
-                            failure = Failure(grpc.StatusCode.INTERNAL,
-                                              f"generation failed: {type(exc).__name__}: {exc}")
-                        for failed in {s.request for s in self._active}:
-                            if not failed.failed:
-                                self._end(failed, failure)
-                        self._active = []
-                        if self.device.type == "cuda":
-                            torch.cuda.empty_cache()  # give back what the failed batch held
+                while self._wait_for_work():
+                    self.iteration()
                     if self.after_iteration:
                         self.after_iteration()
+                if self.after_iteration:  # the failures of what was abandoned
+                    self.after_iteration()
         except BaseException as exc:
             self.dead = exc
             log.critical("engine loop died: %r", exc)
@@ -204,22 +186,55 @@ class Engine:
                 self.on_death(exc)
             raise
 
+    def _wait_for_work(self) -> bool:
+        """Block until a request waits or samples are active; False when stopping (what is still
+        here has failed UNAVAILABLE: the edge drained what it could)."""
+        with self._cond:
+            while not self._waiting and not self._active and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                self._abandon_all()
+                return False
+        if not self._active and self.config.batch_wait_ms > 0:
+            time.sleep(self.config.batch_wait_ms / 1e3)  # let company arrive for an idle batch
+        return True
+
+    def iteration(self) -> None:
+        """One iteration (the loop thread runs these; an in-process test may call it itself instead
+        of start()). A failed batch fails its requests; a sticky device error is raised."""
+        try:
+            self._iteration()
+        except Exception as exc:
+            if is_sticky_device_error(exc):
+                raise  # the device is unusable: the loop dies of it, the process exits (main.py)
+            log.exception("engine iteration failed")
+            if isinstance(exc, torch.OutOfMemoryError):  # this batch did not fit now: retryable
+                failure = Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"the device ran out of memory for this batch ({exc})")
+            else:
+                failure = Failure(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
+            for failed in {s.request for s in self._active}:
+                if not failed.failed:
+                    self._end(failed, failure)
+            self._active = []
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give back what the failed batch held
+
     def _iteration(self) -> None:
         # 1. admit
         self._admit(time.monotonic())
-        if not self._active:
-            return
-        faults, seeds = self.config.faults, {s.request.params.seed for s in self._active}  # test hooks (config.py)
-        if faults.iteration_fault_seed in seeds:
-            raise RuntimeError(f"injected iteration fault (seed {faults.iteration_fault_seed})")
-        if faults.iteration_oom_seed in seeds:
-            raise torch.OutOfMemoryError(f"injected CUDA out of memory (seed {faults.iteration_oom_seed})")
-        # 2-3. one UNet call per resolution, then the LCM step and events
+        # 2-3. one step per resolution (step.py), then its events
         by_resolution: dict[tuple[int, int], list[Sample]] = {}
         for sample in self._active:
             by_resolution.setdefault(sample.resolution, []).append(sample)
         for group in by_resolution.values():
-            self._denoise_step(group)
+            denoised = denoise(group, self.unet, self.schedule, self.dtype, self.timer)  # (B, 4, h, w)
+            self._step_events(group, denoised)
+            finished = [i for i, s in enumerate(group) if s.current.is_last]
+            for s in group:
+                s.step += 1
+            if finished:
+                self._finish([group[i] for i in finished], pick(denoised, finished))
         self._active = [s for s in self._active if s.step < len(s.steps) and not s.request.failed]
         self._record_unet_times(wait=False)
         for fn in self._graphs:  # CUDA graph captures, evictions and eager fallbacks, for /metrics
@@ -232,10 +247,7 @@ class Engine:
             for request in requests:
                 request.timings.unet_ms += seconds * 1e3
 
-    def _check_loop_fault(self) -> None:
-        seed = self.config.faults.loop_death_seed
-        if seed is not None and any(r.params.seed == seed for r in self._waiting):
-            raise InjectedLoopDeath(f"injected loop death (seed {seed})")
+    # ---- admission ---------------------------------------------------------------------------
 
     def _admit(self, now: float) -> None:
         # Samples of cancelled or expired requests leave the batch here, before any more work.
@@ -264,7 +276,7 @@ class Engine:
                 self._waiting.popleft()
                 self.record(Queued(-1))
         if new:
-            self._encode_prompts(new)
+            self.texts.embed(new)
             start_from_images(new, self.runtime.vae_encode, self.schedule, self.runtime.spec, self.config.vae_batch_size)
             self._active.extend(new)
 
@@ -298,100 +310,32 @@ class Engine:
             request.timings.queue_ms = (request.admitted_at - request.arrival) * 1e3
             self.record(Admitted(request.admitted_at - request.arrival))
         p = request.params
-        seed = p.seed + index
-        spec = self.runtime.spec
         steps = self.schedule.steps[p.num_steps][p.start_step:]  # img2img: the schedule's last steps
-        # Every draw of its generator, in diffusers' order (admission.py); an init image's latents come
-        # after the batched VAE encode (start_from_images).
-        latents, noise, image_noise = draw_noise(p, seed, steps, spec, self.dtype, self.device)
-        return Sample(request=request, index=index, seed=seed, steps=steps, latents=latents, noise=noise,
+        # Every draw of its generator, made at submit in diffusers' order (admission.py); an init
+        # image's latents come after the batched VAE encode (start_from_images).
+        latents, noise, image_noise = draws_to_device(p, request.draws[index], self.device)
+        request.draws[index] = torch.empty(0)  # the host copy is not needed any more
+        return Sample(request=request, index=index, seed=p.seed + index, steps=steps, latents=latents, noise=noise,
                       cond=torch.empty(0), uncond=None, image_noise=image_noise)
 
-    def _encode_prompts(self, samples: list[Sample]) -> None:
-        """Text embeddings (batched, cached) of newly admitted samples."""
-        start = time.perf_counter()
-        wanted: list[tuple[int, ...]] = []
-        for s in samples:
-            wanted.append(s.request.params.prompt_ids)
-            if s.request.params.guided:
-                wanted.append(s.request.params.negative_ids)
-        missing = list(dict.fromkeys(ids for ids in wanted if ids not in self._text_cache))
-        if missing:
-            ids = torch.tensor(missing, dtype=torch.long, device=self.device)  # (N, 77)
-            embeddings = self.runtime.encode_text(ids)  # (N, 77, D)
-            for key, emb in zip(missing, embeddings):
-                self._text_cache[key] = emb
-            while len(self._text_cache) > self.config.text_cache_size:
-                self._text_cache.popitem(last=False)
-        text_ms = (time.perf_counter() - start) * 1e3 if missing else 0.0
-        for request in {s.request for s in samples}:
-            request.timings.text_ms += text_ms
-        for s in samples:
-            p = s.request.params
-            s.cond = self._text_cache[p.prompt_ids]
-            self._text_cache.move_to_end(p.prompt_ids)
-            if p.guided:
-                s.uncond = self._text_cache[p.negative_ids]
-
-    def _denoise_step(self, group: list[Sample]) -> None:
-        # Rows of the UNet call: each sample's conditional row, then the unconditional rows of guided ones.
-        latents = torch.cat([s.latents for s in group])  # (B, 4, h, w) float32
-        guided = [i for i, s in enumerate(group) if s.uncond is not None]
-        rows = latents if not guided else torch.cat([latents, latents[guided]])
-        texts = [s.cond for s in group] + [s.uncond for s in group if s.uncond is not None]
-        steps = [s.current for s in group]
-        table_rows = torch.tensor([st.row for st in steps] + [steps[i].row for i in guided],
-                                  dtype=torch.long).to(self.device, non_blocking=True)  # (R,)
-        with self.timer.measure(len(table_rows), {s.request for s in group}):
-            noise_pred = self.unet(
-                rows.to(self.dtype),  # (R, 4, h, w)
-                self.schedule.timesteps[table_rows],  # (R,) int64
-                torch.stack(texts),  # (R, 77, D)
-            ).float()
-        if guided:
-            # As diffusers: uncond + scale * (cond - uncond), for the guided samples only.
-            cond = noise_pred[guided]
-            uncond = noise_pred[len(group):]
-            scale = torch.tensor([group[i].request.params.guidance_scale for i in guided],
-                                 dtype=torch.float32).to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-            noise_pred = noise_pred[: len(group)].clone()
-            noise_pred[guided] = uncond + scale * (cond - uncond)
-        coefficients = self.schedule.coefficients(table_rows[: len(group)])
-        denoised = lcm_step(latents, noise_pred[: len(group)], coefficients)  # (B, 4, h, w) float32
-
-        going_on = [i for i, st in enumerate(steps) if not st.is_last]
-        if going_on:
-            noise = torch.cat([group[i].noise[group[i].step: group[i].step + 1] for i in going_on])
-            c = self.schedule.coefficients(table_rows[going_on])
-            renoised = renoise(denoised[going_on], noise, c)
-            renoised = keep_unmasked([group[i] for i in going_on], renoised, c)  # inpainting's kept region
-            for j, i in enumerate(going_on):
-                group[i].latents = renoised[j: j + 1]
-
-        denoised = keep_unmasked(group, denoised, None)  # shown and final: the kept region is the init image's
-        self._step_events(group, denoised)
-        finished = [i for i, st in enumerate(steps) if st.is_last]
-        for s in group:
-            s.step += 1
-        if finished:
-            self._finish([group[i] for i in finished], denoised[finished])
+    # ---- events ------------------------------------------------------------------------------
 
     def _step_events(self, group: list[Sample], denoised: torch.Tensor) -> None:
         approx = [i for i, s in enumerate(group) if s.request.params.preview_mode == "approx"]
         pixels: dict[int, torch.Tensor | Picture] = {}
         if approx:
-            pixels.update(zip(approx, approx_preview(denoised[approx])))
+            pixels.update(zip(approx, approx_preview(pick(denoised, approx))))
         for mode, decoder in (("full", "vae"), ("tiny_vae", "tiny_vae")):  # full-size previews, per decoder
             rows = [i for i, s in enumerate(group) if s.request.params.preview_mode == mode]
             if rows:
-                pixels.update(zip(rows, self._decode(denoised[rows], [group[i].request for i in rows], decoder)))
+                pixels.update(zip(rows, self._decode(pick(denoised, rows), [group[i].request for i in rows], decoder)))
         want_latents = [i for i, s in enumerate(group) if s.request.params.include_latents]
-        host_latents = dict(zip(want_latents, _host_tensors(denoised[want_latents]))) if want_latents else {}
+        host_latents = dict(zip(want_latents, host_tensors(pick(denoised, want_latents)))) if want_latents else {}
         for i, s in enumerate(group):
             event = StepEvent(image_index=s.index, step=s.step, num_steps=len(s.steps), timestep=s.current.timestep,
                               preview=None, latents=host_latents.get(i))
             if i in pixels:
-                s.request.events.put(self._pool.submit(_encode_step, s.request, pixels[i], event))
+                s.request.events.put(self._pool.submit(encode_step_event, s.request, pixels[i], event))
             else:
                 s.request.events.put(event)
 
@@ -401,13 +345,13 @@ class Engine:
         for j, s in enumerate(samples):
             by_decoder.setdefault(self.decoders.resolve(s.request.params.decoder), []).append(j)
         for decoder, rows in by_decoder.items():  # one batched decode per (resolution, decoder)
-            for j, pixels in zip(rows, self._decode(denoised[rows], [samples[k].request for k in rows], decoder)):
+            for j, pixels in zip(rows, self._decode(pick(denoised, rows), [samples[k].request for k in rows], decoder)):
                 images[j] = pixels
-        latents = _host_tensors(denoised) if any(s.request.params.include_latents for s in samples) else None
+        latents = host_tensors(denoised) if any(s.request.params.include_latents for s in samples) else None
         for j, s in enumerate(samples):
             request = s.request
             lat = latents[j] if latents is not None and request.params.include_latents else None
-            request.events.put(self._pool.submit(_encode_image, request, images[j], s.index, s.seed, lat))
+            request.events.put(self._pool.submit(encode_image_event, request, images[j], s.index, s.seed, lat))
             request.unfinished -= 1
             if request.unfinished == 0:
                 p = request.params
@@ -451,39 +395,8 @@ class Engine:
         count = 0
         with torch.inference_mode():
             for bucket in [b for b in self.unet.buckets if b <= self.config.max_batch_size]:
-                self.unet(torch.randn(bucket, spec.latent_channels, h, w, device=self.device, dtype=self.dtype),
-                          torch.full((bucket,), 999, dtype=torch.long, device=self.device),
-                          torch.zeros(bucket, spec.text_max_length, spec.text_hidden_size, device=self.device,
-                                      dtype=self.dtype))
+                self.unet(self.runtime.example_unet_call(bucket, h, w))
                 count += 1
             count += self.decoders.capture((spec.latent_channels, h, w), self.device, self.dtype)
         torch.cuda.synchronize()
         return count
-
-    def _check_scheduler(self) -> None:
-        config = scheduler_config(self.runtime.scheduler)
-        if config.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError(f"prediction_type {config['prediction_type']!r} is not supported (SD v1.5 is 'epsilon')")
-        if config.get("thresholding") or config.get("clip_sample"):
-            raise ValueError("LCM with thresholding or clip_sample is not supported (SD v1.5 + LCM uses neither)")
-
-
-def _host_tensors(latents: torch.Tensor) -> list[HostTensor]:
-    """(B, ...) on the device -> B float32 host tensors (one copy off the device for the batch)."""
-    host = latents.float().contiguous().cpu()
-    return [HostTensor(tuple(row.shape), row.numpy().astype("<f4").tobytes()) for row in host]
-
-
-def _encode_step(request: Request, pixels: torch.Tensor | Picture, event: StepEvent) -> StepEvent:
-    p = request.params
-    picture, ms = (pixels, 0.0) if isinstance(pixels, Picture) else encode(pixels.numpy(), p.output_format, p.quality)
-    request.add_encode_ms(ms)
-    return StepEvent(event.image_index, event.step, event.num_steps, event.timestep, picture, event.latents)
-
-
-def _encode_image(request: Request, pixels: torch.Tensor | Picture, index: int, seed: int,
-                  latents: HostTensor | None) -> ImageEvent:
-    p = request.params
-    picture, ms = (pixels, 0.0) if isinstance(pixels, Picture) else encode(pixels.numpy(), p.output_format, p.quality)
-    request.add_encode_ms(ms)
-    return ImageEvent(index, seed, picture, latents)

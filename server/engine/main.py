@@ -120,8 +120,16 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
     try:
         import torch
 
+        from .device import CUDA_TORCH_THREADS
+        from .faults import make_engine
+
+        planned = torch.device(name) if (name := _planned_device(make_runtime)) else None
+        if planned is not None:  # bound before the model loads: its warm-ups run on it, not on cuda:0
+            bind_device(planned)
         if threads:
             torch.set_num_threads(threads)
+        elif planned is not None and planned.type == "cuda":
+            torch.set_num_threads(CUDA_TORCH_THREADS)  # beside a GPU: a few, not every core
         start = time.perf_counter()
         runtime = make_runtime()
         device = runtime.spec.device
@@ -134,7 +142,9 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
             # One thread per core of its own: an OpenMP team that shares its cores with another busy
             # thread stalls at every barrier (measured 100x slower steps on 2 cores).
             torch.set_num_threads(len(split[1]) if split else max(1, (os.cpu_count() or 2) - 1))
-        engine = Engine(runtime, config, sink, record)
+        elif not threads and device.type == "cuda":
+            torch.set_num_threads(CUDA_TORCH_THREADS)
+        engine = make_engine(runtime, config, sink, record)  # faults.py: Engine, unless a test asks for faults
         graphs = engine.capture_graphs(capture_side, capture_side)
 
         def died(exc: BaseException) -> None:  # the loop is gone: say so, and go (nothing here works now)
@@ -188,6 +198,20 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
                 return
             case _:
                 log.error("unexpected message from the edge: %r", message)
+
+
+def _planned_device(make_runtime: Callable[[], Runtime]) -> str | None:
+    """The device `make_runtime` will load on, known before it loads: the `device` keyword of the
+    serve CLI's functools.partial(load_runtime, ...), or the loader's default (cuda when there is
+    one); None for any other callable (the device is then bound once the model has loaded)."""
+    import functools
+
+    import torch
+
+    if not isinstance(make_runtime, functools.partial):
+        return None
+    device = make_runtime.keywords.get("device")
+    return str(device) if device else "cuda" if torch.cuda.is_available() else "cpu"  # as loader.default_device
 
 
 def warm_up(engine: Engine, events: queue.Queue[Event]) -> None:

@@ -93,6 +93,10 @@ class Request:
     # img2img / inpainting, made once for all its images at the first admission (server/engine/admission.py):
     init_moments: torch.Tensor | None = None  # (1, 8, h, w) VAE-encoder moments of the init image, model dtype
     latent_mask: torch.Tensor | None = None  # (1, 1, h, w) float32, 1 = repaint: the mask at latent size
+    # Each image's generator draws, made when it reaches the engine (Engine.submit, off the loop
+    # thread): (head + steps_run - 1, 4, h, w) host tensors in the model dtype (admission.draw_host);
+    # an image's entry is emptied once its sample holds them on the device.
+    draws: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.unfinished = self.params.num_images
