@@ -1,5 +1,5 @@
-"""The ``lcmserve`` command: ``generate``, ``info`` and ``health`` here; ``serve``, ``export`` and
-``bench`` live in their own modules and are imported only when used.
+"""The ``lcmserve`` command: ``generate``, ``info`` and ``health`` here; ``serve``, ``export``,
+``bench`` and ``dataset`` live in their own modules and are imported only when used (_plugins.py).
 
 Exit codes: 0 done, 1 the server or the file system said no (one line on stderr), 2 bad usage
 or a missing extra, 130 interrupted.
@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import json
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 
 from . import __version__
 from ._common import DEFAULT_TARGET
 from ._connection import ConnectionFlagError, add_security_arguments, read_security_arguments
 from ._convert import parse_decoder, parse_output_format, parse_preview_mode
+from ._plugins import PLUGINS, CliExit, Handler, load_plugin, plugin_handler
+from ._terminal import ClosedPipeSafe, error_line, unknown_arguments
 from .client import Client
-from .errors import LcmServeError, UnavailableError
+from .errors import LcmServeError
+from .names import DECODER_VALUES, PREVIEW_MODE_VALUES, cli_choice, cli_names
 from .options import GenerateOptions
 from .types import (
     FORMAT_SUFFIXES,
@@ -36,112 +36,6 @@ from .types import (
     StepEvent,
     Summary,
 )
-
-_Handler = Callable[[argparse.Namespace], int]
-
-
-class _CliExit(Exception):
-    """Ends the command with one line on stderr and an exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-# ---- subcommands owned by other modules, imported lazily ---------------------------------------
-
-
-@dataclass(frozen=True)
-class _Plugin:
-    module: str  # provides add_arguments(parser) and run(args) -> int
-    help: str
-    what: str  # names it in "<what> needs the [extra] extra"
-    extra: str | None  # the pip extra that brings its dependencies
-    needs: tuple[str, ...]  # top-level modules of that extra it cannot start without
-
-
-_PLUGINS = {
-    "serve": _Plugin(
-        "lcmserve.server.cli",
-        "serve a model over gRPC (needs the [server] extra)",
-        "the server",
-        "server",
-        ("torch", "diffusers", "transformers"),
-    ),
-    "export": _Plugin(
-        "lcmserve.export.cli",
-        "fuse LoRAs into a base model, check and compile it into an artifact folder "
-        "(needs the [server] extra)",
-        "the export",
-        "server",
-        ("torch", "diffusers", "transformers"),
-    ),
-    "bench": _Plugin(
-        "lcmserve.bench.cli", "load-test a server: throughput and latency", "the benchmark", None, ()
-    ),
-    "dataset": _Plugin(
-        "lcmserve.dataset.cli",
-        "make a labelled, resumable image dataset from a YAML spec (imagefolder layout)",
-        "the dataset job",
-        None,
-        (),
-    ),
-}
-
-
-def _missing_modules(names: Sequence[str]) -> list[str]:
-    missing = []
-    for name in names:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
-
-
-def _extra_error(command: str, plugin: _Plugin, missing: str) -> _CliExit:
-    if plugin.extra is None:
-        return _CliExit(f"lcmserve {command}: {plugin.what} needs {missing}: pip install {missing}", 2)
-    return _CliExit(
-        f"lcmserve {command}: {plugin.what} needs the [{plugin.extra}] extra: "
-        f"pip install 'lcmserve[{plugin.extra}]' (not installed: {missing})",
-        2,
-    )
-
-
-def _load_plugin(command: str) -> ModuleType:
-    """Imports the module of ``command``, or raises _CliExit saying what to install."""
-    plugin = _PLUGINS[command]
-    missing = _missing_modules(plugin.needs)
-    if missing:
-        raise _extra_error(command, plugin, ", ".join(missing))
-    try:
-        module = importlib.import_module(plugin.module)
-    except ImportError as exc:
-        name = exc.name or ""
-        if name == "lcmserve" or name.startswith("lcmserve."):
-            raise _CliExit(f"lcmserve {command}: not available in this build ({exc})", 2) from exc
-        raise _extra_error(command, plugin, name or str(exc)) from exc
-    for attribute in ("add_arguments", "run"):
-        if not callable(getattr(module, attribute, None)):
-            raise _CliExit(f"lcmserve {command}: {plugin.module} has no {attribute}()", 2)
-    return module
-
-
-def _plugin_handler(command: str, module: ModuleType) -> _Handler:
-    def handle(args: argparse.Namespace) -> int:
-        try:
-            code = module.run(args)
-        except ImportError as exc:  # a dependency imported inside run()
-            name = exc.name or ""
-            if not name or name == "lcmserve" or name.startswith("lcmserve."):
-                raise
-            raise _extra_error(command, _PLUGINS[command], name) from exc
-        return int(code or 0)
-
-    return handle
 
 
 # ---- parser -------------------------------------------------------------------------------------
@@ -155,10 +49,11 @@ def _command_in(argv: Sequence[str]) -> str | None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``lcmserve`` parser. The subparser of a lazily imported subcommand gets its arguments
-    only when it is ``command`` (that imports its module; raises _CliExit if it cannot)."""
+    only when it is ``command`` (that imports its module; raises CliExit if it cannot)."""
     parser = argparse.ArgumentParser(
         prog="lcmserve",
-        description="Stable Diffusion v1.5 + LCM-LoRA over gRPC: serve, generate, benchmark.",
+        description="Stable Diffusion v1.5 + LCM-LoRA over gRPC: serve, export, generate, info, health, "
+        "bench (load tests) and dataset (labelled image sets).",
     )
     parser.add_argument("--version", action="version", version=f"lcmserve {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -169,14 +64,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Generate images from PROMPT on a running server and write them to files.",
     )
     _add_generate_arguments(generate)
-    generate.set_defaults(handler=_run_generate)
+    generate.set_defaults(handler=_run_generate, parser=generate)
 
     info = commands.add_parser(
         "info", help="describe the served model", description="Describe the served model."
     )
     _add_connection_arguments(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    info.set_defaults(handler=_run_info)
+    info.set_defaults(handler=_run_info, parser=info)
 
     health = commands.add_parser(
         "health",
@@ -184,14 +79,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Check grpc.health.v1 of the server: print its status; exit 0 if SERVING, else 1.",
     )
     _add_connection_arguments(health)
-    health.set_defaults(handler=_run_health)
+    health.set_defaults(handler=_run_health, parser=health)
 
-    for name, plugin in _PLUGINS.items():
+    for name, plugin in PLUGINS.items():
         subparser = commands.add_parser(name, help=plugin.help, description=plugin.help)
+        subparser.set_defaults(parser=subparser)
         if name == command:
-            module = _load_plugin(name)
+            module = load_plugin(name)
             module.add_arguments(subparser)
-            subparser.set_defaults(handler=_plugin_handler(name, module))
+            subparser.set_defaults(handler=plugin_handler(name, module))
     return parser
 
 
@@ -203,7 +99,9 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         help="server address, HOST:PORT, or several servers to balance over: ipv4:HOST:PORT,HOST:PORT,... or "
         f"dns:///NAME:PORT (default: $LCMSERVE_TARGET, else {DEFAULT_TARGET})",
     )
-    parser.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline in seconds")
+    parser.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+                        help="deadline of the call in seconds, > 0 (default: none, the call waits as long as "
+                        "it takes)")
     add_security_arguments(parser)
 
 
@@ -248,25 +146,30 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="PATH",
-        help="file to write (default out.<ext>); several images go to <stem>-<i><suffix>",
+        help="file to write (default out.<ext>); its suffix (.jpg, .png, .webp, .rgb) picks the format "
+        "when --format is not given; several images go to <stem>-<i><suffix>",
     )
     parser.add_argument(
         "--previews",
         type=Path,
         default=None,
         metavar="DIR",
-        help="write each step's preview as DIR/image<i>-step<k>.<ext>",
+        help="write each step's preview as DIR/image<i>-step<k>.<ext> (created at the first preview; "
+        "previews of an earlier run there, named so, are replaced)",
     )
     parser.add_argument(
         "--preview-mode",
-        choices=["approx", "full", "tiny-vae", "tiny_vae"],
+        type=cli_choice,
+        choices=cli_names(PREVIEW_MODE_VALUES),
         default=None,
-        help="approx: cheap, 1/8 size (default); full: a VAE decode per step; tiny-vae: the tiny "
-        "autoencoder's decode per step, full size (a model with one)",
+        help="approx: cheap, 1/8 size (default with --previews); full: a VAE decode per step; tiny-vae: the "
+        "tiny autoencoder's decode per step, full size (a model with one); none: step events without "
+        "pictures (default without --previews)",
     )
     parser.add_argument(
         "--decoder",
-        choices=["vae", "tiny-vae", "tiny_vae"],
+        type=cli_choice,
+        choices=cli_names(DECODER_VALUES),
         default=None,
         help="decoder of the final images: vae, or tiny-vae (TAESD; a model with one) "
         "(default: the server's --default-decoder)",
@@ -276,6 +179,17 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, metavar="S", help="with --init-image: 0 < S <= 1, how far it is "
                         "noised; int(steps * S) of the steps run (server default 0.8)")
     parser.add_argument("--mask", type=Path, metavar="FILE", help="inpainting, with --init-image: white = repaint")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0 (leave it out for no deadline), "
+                                         f"got {text}")
+    return value
 
 
 def _retries(text: str) -> int:
@@ -292,12 +206,20 @@ def _retries(text: str) -> int:
 
 
 def _output_format(args: argparse.Namespace) -> OutputFormat:
-    """--format, else the suffix of -o, else jpeg."""
-    if args.format is not None:
-        return parse_output_format(args.format, "--format")
-    if args.output is not None and args.output.suffix.lower() in SUFFIX_FORMATS:
-        return SUFFIX_FORMATS[args.output.suffix.lower()]
-    return "jpeg"
+    """--format, else the suffix of -o, else jpeg. Before anything is sent, refuses an -o suffix that
+    names no format lcmserve writes, or another format than --format (the file would lie)."""
+    named = parse_output_format(args.format, "--format") if args.format is not None else None
+    suffix = args.output.suffix.lower() if args.output is not None else ""
+    if not suffix:
+        return named or "jpeg"
+    by_suffix = SUFFIX_FORMATS.get(suffix)
+    if by_suffix is None:
+        raise CliExit(f"lcmserve generate: error: -o {args.output}: {suffix} names no format lcmserve writes "
+                       f"({', '.join(SUFFIX_FORMATS)}): use one of these, or no suffix and --format", 2)
+    if named is not None and named != by_suffix:
+        raise CliExit(f"lcmserve generate: error: --format {args.format} contradicts -o {args.output} "
+                       f"(a {by_suffix} file name): leave one out, or make them agree", 2)
+    return by_suffix
 
 
 def _image_path(output: Path | None, fmt: OutputFormat, index: int, several: bool) -> Path:
@@ -316,9 +238,9 @@ def _client(args: argparse.Namespace) -> Client:
         return Client(args.target, secure=c.secure, root_certificates=c.root_certificates, client_cert=c.client_cert,
                       client_key=c.client_key, token=c.token, timeout=args.timeout, retries=getattr(args, "retries", 3))
     except ConnectionFlagError as exc:  # an unreadable PEM file (1), flags that do not go together (2)
-        raise _CliExit(f"lcmserve {args.command}: error: {exc}", exc.exit_code) from exc
+        raise CliExit(f"lcmserve {args.command}: error: {exc}", exc.exit_code) from exc
     except ValueError as exc:  # e.g. a $LCMSERVE_TOKEN with whitespace
-        raise _CliExit(f"lcmserve {args.command}: error: {exc}", 2) from exc
+        raise CliExit(f"lcmserve {args.command}: error: {exc}", 2) from exc
 
 
 def _generate_options(args: argparse.Namespace, fmt: OutputFormat) -> GenerateOptions:
@@ -333,8 +255,8 @@ def _generate_options(args: argparse.Namespace, fmt: OutputFormat) -> GenerateOp
         num_images=args.num_images,
         output_format=fmt,
         quality=args.quality,
-        preview_mode=parse_preview_mode(args.preview_mode or "approx", "--preview-mode")
-        if args.previews is not None else "none",
+        preview_mode=parse_preview_mode(args.preview_mode or ("approx" if args.previews else "none"),
+                                        "--preview-mode"),
         decoder=parse_decoder(args.decoder or "unspecified", "--decoder"),
         init_image=args.init_image,
         strength=args.strength,
@@ -343,21 +265,21 @@ def _generate_options(args: argparse.Namespace, fmt: OutputFormat) -> GenerateOp
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    if args.preview_mode is not None and args.previews is None:
-        raise _CliExit("lcmserve generate: error: --preview-mode needs --previews DIR", 2)
+    if args.preview_mode not in (None, "none") and args.previews is None:
+        raise CliExit(f"lcmserve generate: error: --preview-mode {args.preview_mode} needs --previews DIR", 2)
     fmt = _output_format(args)
     with _client(args) as client:
         try:
             events = client.stream(args.prompt, _generate_options(args, fmt))
         except (ValueError, TypeError) as exc:  # arguments the SDK refused before sending
-            raise _CliExit(f"lcmserve generate: error: {exc}", 2) from exc
+            raise CliExit(f"lcmserve generate: error: {exc}", 2) from exc
         try:
             _write_events(events, args, fmt)
         except ImportError as exc:  # Pillow, to convert to the format that -o's suffix names
-            raise _CliExit(f"lcmserve generate: error: {exc}", 1) from exc
+            raise CliExit(f"lcmserve generate: error: {exc}", 1) from exc
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
-            raise _CliExit(
+            raise CliExit(
                 f"lcmserve generate: error: cannot write{where}: {exc.strerror or exc}", 1
             ) from exc
     return 0
@@ -366,11 +288,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _write_events(events: Iterator[GenerateEvent], args: argparse.Namespace, fmt: OutputFormat) -> None:
     """Writes previews and images as they arrive; prints each image's path, then the summary."""
     several = args.num_images is not None and args.num_images > 1
-    if args.previews is not None:
-        args.previews.mkdir(parents=True, exist_ok=True)
     num_previews = 0
     for event in events:
         if isinstance(event, StepEvent) and event.preview is not None and args.previews is not None:
+            if not num_previews:  # the server took the request: now the folder, without an older run's
+                _clear_previews(args.previews)
             ext = FORMAT_SUFFIXES[event.preview.format]
             event.preview.save(args.previews / f"image{event.image_index}-step{event.step}{ext}")
             num_previews += 1
@@ -389,6 +311,18 @@ def _write_events(events: Iterator[GenerateEvent], args: argparse.Namespace, fmt
             if event.prompt_truncated:
                 tokens = event.prompt_tokens
                 print(f"warning: the prompt ({tokens} tokens) was cut to CLIP's 77", file=sys.stderr)
+
+
+_PREVIEW_NAME = re.compile(r"image\d+-step\d+\.(jpg|png|webp|rgb)")  # what --previews writes
+
+
+def _clear_previews(folder: Path) -> None:
+    """Makes the --previews folder; removes previews an earlier run wrote there (only files named as
+    this command names them), so that the folder holds this run's steps only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if _PREVIEW_NAME.fullmatch(path.name) and path.is_file():
+            path.unlink()
 
 
 def _summary_line(summary: Summary) -> str:
@@ -447,42 +381,40 @@ def _run_health(args: argparse.Namespace) -> int:
 # ---- entry point --------------------------------------------------------------------------------
 
 
-def _port_of(target: str) -> str:
-    _, _, port = target.rpartition(":")
-    return port if port.isdigit() else "50051"
-
-
-def _error_line(command: str, args: argparse.Namespace, error: LcmServeError) -> str:
-    target = getattr(args, "target", None)
-    if isinstance(error, UnavailableError) and target is not None:
-        return (
-            f"lcmserve {command}: no server available at {target} ({error}); start one with "
-            f"'lcmserve serve --model tiny --port {_port_of(target)}', or pass --target HOST:PORT"
-        )
-    return f"lcmserve {command}: error: {error}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``lcmserve`` command with ``argv`` (default: sys.argv[1:]); returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    stdout = sys.stdout
+    sys.stdout = ClosedPipeSafe(stdout)  # a TextIO in all that is used
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()
+        return code
+    finally:
+        sys.stdout = stdout
+
+
+def _main(argv: list[str]) -> int:
     command = _command_in(argv)
     args = argparse.Namespace()
     try:
         parser = build_parser(command)
         try:
-            args = parser.parse_args(argv)
+            args, extras = parser.parse_known_args(argv)
+            if extras:  # the subcommand's usage, not the top level's, and the closest option
+                command_parser = getattr(args, "parser", None) or parser
+                command_parser.error(unknown_arguments(command_parser, extras))
         except SystemExit as exc:  # --help, --version, or a usage error argparse printed
             return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
-        handler: _Handler | None = getattr(args, "handler", None)
+        handler: Handler | None = getattr(args, "handler", None)
         if handler is None:
             parser.print_help(sys.stderr)
             return 2
         return handler(args)
-    except _CliExit as exc:
+    except CliExit as exc:
         print(str(exc), file=sys.stderr)
         return exc.code
     except LcmServeError as exc:
-        print(_error_line(command or "", args, exc), file=sys.stderr)
+        print(error_line(command or "", args, exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lcmserve {command or ''}: interrupted", file=sys.stderr)

@@ -238,7 +238,7 @@ def _error_from_status(code: str, details: str, status: status_pb2.Status | None
 
     if cls is ResourceExhaustedError:
         retry_after_s = _retry_after_s(status)
-        if retry_after_s is not None:
+        if retry_after_s is not None and "retry after" not in details:  # lcmserve's own message says it
             message += f" (retry after {retry_after_s:g} s)"
         elif "larger than max" in details:
             message += " (raise the client's max_message_mb, or the server's limit)"

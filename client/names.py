@@ -50,3 +50,14 @@ def decoder_name(number: int) -> str | None:
 def canonical_name(text: str) -> str:
     """A name as a user may type it on a command line -> the proto-derived name: "tiny-vae" -> "tiny_vae"."""
     return text.strip().lower().replace("-", "_")
+
+
+def cli_choice(text: str) -> str:
+    """``type=`` of an enum flag: a name in either spelling and any case -> the command line's
+    spelling ("tiny_vae", "TINY-VAE" -> "tiny-vae"); `--help` then lists one spelling of each."""
+    return text.strip().lower().replace("_", "-")
+
+
+def cli_names(values: dict[str, int]) -> list[str]:
+    """The names of an enum as the command line spells them: "tiny_vae" -> "tiny-vae"."""
+    return [cli_choice(name) for name in values]
