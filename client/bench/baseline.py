@@ -5,15 +5,23 @@ model, called with a batch of `b` requests at a time (b = 1, and the largest con
 images out, then encoded to the requested format as the server would (so both do the same work:
 text in, encoded bytes out; no previews). Needs the `[server]` extra (torch, diffusers, Pillow); it
 is imported only here, and only when asked for.
+
+On a CPU it runs as the server's engine process does (lcmserve.server.placement): torch threads one
+per CPU but the first, the process pinned to those CPUs (the first is the gRPC edge's), unless
+`baseline_threads` says how many threads. With torch's default (a thread per core, next to a server
+and this tool's own threads) an OpenMP team stalls at every barrier: on 2 cores, b=1 took 1457 ms
+where the same pipeline on one pinned thread took 102-123 ms. The report says what was used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import itertools
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .config import BenchConfig, BenchError, RequestShape
@@ -46,7 +54,38 @@ def run_baseline(
     dtype_name = config.baseline_dtype or ("float16" if device.startswith("cuda") else "float32")
     pipe = loading.load_pipeline(config.baseline_model, dtype=getattr(torch, dtype_name), device=device)
     pipe.set_progress_bar_config(disable=True)
+    with _as_the_engine(torch, device, config.baseline_threads) as (threads, cpus):
+        return _time_batches(config, config.baseline_model, pipe, torch, device, dtype_name, threads, cpus,
+                             should_stop)
 
+
+@contextlib.contextmanager
+def _as_the_engine(torch: Any, device: str, threads: int | None) -> Iterator[tuple[int, str]]:
+    """On a CPU device: torch threads and CPU affinity as the server's engine process gets them
+    (server/placement.py and the engine's start-up), restored afterwards. Yields (torch threads,
+    the CPUs used as "1" or "1-15 (15)", "" when not pinned)."""
+    if not device.startswith("cpu"):
+        if threads:
+            torch.set_num_threads(threads)
+        yield torch.get_num_threads(), ""
+        return
+    placement = importlib.import_module("lcmserve.server.placement")
+    split = placement.cpu_split(True)  # (edge cpus, engine cpus), None on 1 CPU or without affinity
+    saved_threads = torch.get_num_threads()
+    saved_cpus = tuple(sorted(os.sched_getaffinity(0))) if split is not None else ()
+    try:
+        if split is not None:
+            placement.pin_process(split[1])
+        torch.set_num_threads(threads or (len(split[1]) if split else max(1, (os.cpu_count() or 2) - 1)))
+        yield torch.get_num_threads(), placement.describe(split[1]) if split else ""
+    finally:
+        torch.set_num_threads(saved_threads)
+        if split is not None:
+            placement.pin_process(saved_cpus)
+
+
+def _time_batches(config: BenchConfig, model: str, pipe: Any, torch: Any, device: str, dtype_name: str,
+                  threads: int, cpus: str, should_stop: Callable[[], bool]) -> list[BaselineReport]:
     reports: list[BaselineReport] = []
     for batch_size in config.baseline_batch_sizes():
         if should_stop():
@@ -68,9 +107,11 @@ def run_baseline(
         images = len(latencies) * batch_size * config.shape.num_images
         reports.append(
             BaselineReport(
-                model=config.baseline_model,
+                model=model,
                 device=device,
                 dtype=dtype_name,
+                threads=threads,
+                cpus=cpus,
                 batch_size=batch_size,
                 calls=len(latencies),
                 images=images,

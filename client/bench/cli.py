@@ -9,14 +9,16 @@ import asyncio
 import contextlib
 import importlib.util
 import math
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
+from .._common import DEFAULT_TARGET
 from .._connection import ConnectionFlagError, add_security_arguments, read_security_arguments
-from ..names import OUTPUT_FORMAT_VALUES, PREVIEW_MODE_VALUES, canonical_name
+from ..names import DECODER_VALUES, OUTPUT_FORMAT_VALUES, PREVIEW_MODE_VALUES, canonical_name, cli_choice, cli_names
 from ..types import Decoder, OutputFormat, PreviewMode
 from .config import DEFAULT_PROMPTS, BenchConfig, BenchError, Level, RequestShape
 from .driver import run_bench
@@ -50,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
-        help="server to load; leave out with --baseline to time only diffusers",
+        help=f"server to load (default: $LCMSERVE_TARGET, else {DEFAULT_TARGET}; with --baseline, only --target "
+        "adds a server: without it only diffusers is timed)",
     )
     add_security_arguments(parser)  # --secure, --root-certificates, --client-cert, --client-key, --token
     load = parser.add_mutually_exclusive_group()
@@ -106,13 +109,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     shape.add_argument(
         "--preview-mode",
-        choices=(*PREVIEW_MODE_VALUES, "tiny-vae"),
+        type=cli_choice,
+        choices=cli_names(PREVIEW_MODE_VALUES),
         default="none",
         help="preview in each step event (default none)",
     )
     shape.add_argument(
         "--decoder",
-        choices=("unspecified", "vae", "tiny_vae", "tiny-vae"),
+        type=cli_choice,
+        choices=["unspecified", *cli_names(DECODER_VALUES)],
         default="unspecified",
         help="decoder of the final images (default unspecified: the server's default decoder)",
     )
@@ -168,6 +173,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("float16", "bfloat16", "float32"),
         help="default: float16 on cuda, float32 on cpu",
     )
+    base.add_argument(
+        "--baseline-threads",
+        type=int,
+        metavar="N",
+        help="torch threads on a CPU (default: as the server's engine, one per CPU but the first, on "
+        "those CPUs; the report says which)",
+    )
 
 
 def _read_image(flag: str, path: Path | None) -> bytes | None:
@@ -182,15 +194,17 @@ def _read_image(flag: str, path: Path | None) -> bytes | None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Checks the options and builds the config; raises BenchError naming the option."""
-    if args.target is None and args.baseline is None:
-        raise BenchError("give --target HOST:PORT (a server to load), --baseline MODEL, or both")
+    target = args.target
+    if target is None and args.baseline is None:  # as generate, info, health and dataset
+        target = os.environ.get("LCMSERVE_TARGET") or DEFAULT_TARGET
     if args.max_concurrency is not None and (args.rate is None or args.max_concurrency < 1):
         raise BenchError(f"--max-concurrency {args.max_concurrency}: needs --rate and a value >= 1")
     try:
         connection = read_security_arguments(args)
     except ConnectionFlagError as exc:
         raise BenchError(str(exc)) from exc
-    for name in ("requests", "connections", "steps", "width", "height", "num_images", "baseline_iters"):
+    for name in ("requests", "connections", "steps", "width", "height", "num_images", "baseline_iters",
+                 "baseline_threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BenchError(f"--{name.replace('_', '-')} {value}: must be >= 1")
@@ -224,8 +238,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 f"--baseline runs diffusers in this process and needs the server extra "
                 f"(missing {', '.join(missing)}): pip install 'lcmserve[server]'"
             )
+    _check_output_files(args)
     return BenchConfig(
-        target=args.target,
+        target=target,
         levels=levels,
         requests=args.requests,
         duration_s=args.duration,
@@ -259,7 +274,25 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         baseline_iters=args.baseline_iters,
         baseline_device=args.baseline_device,
         baseline_dtype=args.baseline_dtype,
+        baseline_threads=args.baseline_threads,
     )
+
+
+def _check_output_files(args: argparse.Namespace) -> None:
+    """Makes the folders of --json, --csv and --plot and checks that each file can be written, before
+    the run: a run takes minutes, and its results must not be lost to a missing folder."""
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if path is None:
+            continue
+        existed = path.exists()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("ab"):  # the real test (permissions, a folder of that name, a read-only disk)
+                pass
+        except OSError as exc:
+            raise BenchError(f"{flag} {path}: cannot write there: {exc.strerror or exc}") from exc
+        if not existed:
+            path.unlink()
 
 
 async def _run_until_interrupted(config: BenchConfig) -> BenchReport:

@@ -102,6 +102,7 @@ class BenchConfig:
     baseline_iters: int = 3  # timed pipeline calls per batch size, after one warm-up call
     baseline_device: str | None = None  # None: cuda if available, else cpu
     baseline_dtype: str | None = None  # None: float16 on cuda, float32 on cpu
+    baseline_threads: int | None = None  # torch threads on a CPU; None: as the server's engine (cores - 1)
 
     def __post_init__(self) -> None:
         if not self.prompts:

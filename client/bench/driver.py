@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
+from .._connection import unavailable_hint
 from ..aio import AsyncClient
 from ..errors import LcmServeError
 from ..types import Image, StepEvent, Summary
@@ -278,10 +279,12 @@ async def run_level(
 async def _smoke(client: AsyncClient, config: BenchConfig, source: _RequestSource) -> None:
     result = await _one_request(client, config, source.next(), time.perf_counter())
     if not result.ok:
-        raise BenchError(
-            f"the smoke request to {config.target} failed: {result.error}: {result.detail}"
-            " (is the server up, and does it accept this request shape?)"
-        )
+        if result.error == "UNAVAILABLE" and config.target is not None:
+            tls = bool(config.secure or config.root_certificates or config.client_cert)
+            why = unavailable_hint(config.target, result.detail or "", tls=tls, client_cert=bool(config.client_cert))
+        else:
+            why = "does the server accept this request shape?"
+        raise BenchError(f"the smoke request to {config.target} failed: {result.error}: {result.detail} ({why})")
 
 
 async def _server_info(client: AsyncClient) -> dict[str, Any] | None:

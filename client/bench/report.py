@@ -181,6 +181,8 @@ class BaselineReport:
     latency_ms: Stats  # per call (every request of a batch waits for the whole call)
     first_step_ms: Stats  # call start -> end of the first denoising step
     step_gap_ms: Stats  # between the ends of consecutive steps
+    threads: int = 0  # torch threads it ran with
+    cpus: str = ""  # the CPUs it was pinned to ("1", "1-15 (15)"); "": not pinned
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -282,9 +284,10 @@ def format_table(report: BenchReport) -> str:
         for code, count in lv.errors.items():
             lines.append(f"{lv.level.label}: {count} x {code}: {lv.error_details.get(code, '')}")
     for b in report.baseline:
+        where = f" on CPU {b.cpus}" if b.cpus else ""
         lines.append(
-            f"diffusers b={b.batch_size}: {b.model} in this process on {b.device} ({b.dtype}), "
-            f"{b.calls} timed calls of {b.batch_size} request(s)"
+            f"diffusers b={b.batch_size}: {b.model} in this process on {b.device} ({b.dtype}, {b.threads} torch "
+            f"thread(s){where}), {b.calls} timed calls of {b.batch_size} request(s)"
         )
     return "\n".join(lines)
 
@@ -309,7 +312,14 @@ def write_csv(report: BenchReport, path: Path) -> None:
             for m in ("latency_ms", "first_step_ms", "step_gap_ms"):
                 for k, v in data[m].items():
                     row[f"{m}_{k}"] = v
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+            writer.writerow({k: _csv_cell(v) for k, v in row.items()})
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell as the JSON report writes the value: true/false, empty for null."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else value
 
 
 def write_json(report: BenchReport, path: Path) -> None:
