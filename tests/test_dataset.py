@@ -226,6 +226,7 @@ def test_img2img_and_inpainting_specs(inpaint: bool, tiny_server: str, tmp_path:
     if not _has_sdk_fields(*needed):
         pytest.skip(f"the SDK has no {'/'.join(needed)} in GenerateOptions yet (img2img issue)")
     import datasets
+    from PIL import Image
 
     _init_folders(tmp_path)
     text = SPEC_24 + "init_images: walls/\nstrength: 0.6\n" + ("masks: masks/\n" if inpaint else "")
@@ -237,13 +238,56 @@ def test_img2img_and_inpainting_specs(inpaint: bool, tiny_server: str, tmp_path:
     for row in by_name.values():
         assert row["init_image"] in ("wall0.png", "wall1.png") and row["strength"] == 0.6
         assert row["init_sha256"] == hashlib.sha256((tmp_path / "walls" / row["init_image"]).read_bytes()).hexdigest()
-        if inpaint:  # the mask copied next to the image as its label
+        if inpaint:  # the mask next to the image as its label (64x64 already: its pixels unchanged)
             label = out / row["split"] / row["mask_file_name"]
-            assert label.read_bytes() == (tmp_path / "masks" / row["init_image"]).read_bytes()
+            with Image.open(label) as got, Image.open(tmp_path / "masks" / row["init_image"]) as mask:
+                assert got.mode == "L" and got.tobytes() == mask.tobytes()
             assert hashlib.sha256(label.read_bytes()).hexdigest() == row["mask_sha256"]
     loaded = datasets.load_dataset("imagefolder", data_dir=str(out))
     assert sum(s.num_rows for s in loaded.values()) == 12
     assert ("mask" in next(iter(loaded.values())).column_names) == inpaint
+
+
+def _server_mask(init: Path, mask: Path, width: int, height: int) -> bytes:
+    """The mask pixels the server uses for a (width, height) request with these files, (H, W) uint8."""
+    from lcmserve.server.config import Limits
+    from lcmserve.server.edge.images import prepare_images
+    from lcmserve.v1 import generation_pb2 as pb
+
+    request = pb.GenerateRequest(prompt="a crack", init_image=init.read_bytes(), mask_image=mask.read_bytes(),
+                                 width=width, height=height)
+    prepared = prepare_images(request, Limits())
+    assert prepared.mask_image is not None, prepared.violations
+    return prepared.mask_image
+
+
+@pytest.mark.parametrize("size", ["", "width: 96\nheight: 64\n"], ids=["photo-size", "spec-size"])
+def test_inpainting_labels_are_the_masks_the_server_used(size: str, tiny_server: str, tmp_path: Path) -> None:
+    """A 130x100 photo and mask: the image and its label are 128x96 (the photo floored to 8, as
+    `lcmserve generate` does) or the spec's size, and the label holds the server's resized mask."""
+    if not _has_sdk_fields("init_image", "strength", "mask_image"):
+        pytest.skip("the SDK has no init_image/mask_image in GenerateOptions yet (img2img issue)")
+    from PIL import Image, ImageDraw
+
+    for folder in ("walls", "masks"):
+        (tmp_path / folder).mkdir()
+    Image.new("RGB", (130, 100), "khaki").save(tmp_path / "walls" / "wall.jpg")
+    mask = Image.new("L", (130, 100), 0)
+    ImageDraw.Draw(mask).line((5, 95, 125, 3), fill=255, width=5)  # a thin diagonal: resizing blends it
+    mask.save(tmp_path / "masks" / "wall.png")
+    spec = write_spec(tmp_path, "prompts: ['a crack']\nnum_inference_steps: 2\ninit_images: walls/\n"
+                                "masks: masks/\nstrength: 1.0\n" + size)
+    report = run(spec, tmp_path / "out", targets=(tiny_server,), progress=False, contact_sheets=False)
+    assert report.complete, report.summary()
+    (row,) = rows(tmp_path / "out").values()
+    width, height = (96, 64) if size else (128, 96)
+    assert (row["width"], row["height"]) == (width, height)
+    folder = tmp_path / "out" / row["split"]
+    with Image.open(folder / row["file_name"]) as image, Image.open(folder / row["mask_file_name"]) as label:
+        assert image.size == label.size == (width, height)
+        assert label.mode == "L"
+        assert label.tobytes() == _server_mask(tmp_path / "walls" / "wall.jpg", tmp_path / "masks" / "wall.png",
+                                               width, height)
 
 
 # ---- without a server ---------------------------------------------------------------------------

@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     except ConnectionFlagError as exc:  # 1: a PEM file unreadable, 2: flags that do not go together
         print(f"lcmserve dataset: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except LcmServeError as exc:
-        print(f"lcmserve dataset: error: {exc} (rerun the same command to resume)", file=sys.stderr)
+    except LcmServeError as exc:  # before the first request: a server that did not answer or is not ready
+        print(f"lcmserve dataset: error: {exc}; nothing was made", file=sys.stderr)
         return 1
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""

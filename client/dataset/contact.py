@@ -93,10 +93,12 @@ def _sheet(out: Path, images: list[PlannedImage], image_mod: Any, draw_mod: Any)
     with image_mod.open(out / images[0].split / images[0].file_name) as first:
         width, height = first.size
     scale = min(max(_TILE_MIN / width, 1.0), _TILE_MAX / max(width, height))
-    tile_w, tile_h = max(_TILE_MIN, round(width * scale)), round(height * scale)
-    digits = max(1, (tile_w - 4) // _CHAR_W)  # a long seed wraps under a narrow tile
-    label_lines = max(math.ceil(len(str(image.seed)) / digits) for image in images)
-    label_h = label_lines * _LINE_H + 2
+    # A tile is as wide as its longest seed label (19 digits: wider than a 64-pixel image): a seed
+    # is read and copied whole, never wrapped.
+    probe = draw_mod.Draw(image_mod.new("RGB", (1, 1)))
+    label_w = max(math.ceil(probe.textlength(str(image.seed))) for image in images)
+    tile_w, tile_h = max(_TILE_MIN, round(width * scale), label_w + 4), round(height * scale)
+    label_h = _LINE_H + 2
     columns = min(_COLUMNS_MAX, math.ceil(math.sqrt(len(images))))
     rows = math.ceil(len(images) / columns)
     sheet_w = columns * tile_w
@@ -111,10 +113,7 @@ def _sheet(out: Path, images: list[PlannedImage], image_mod: Any, draw_mod: Any)
         with image_mod.open(out / planned.split / planned.file_name) as picture:
             tile = picture.convert("RGB").resize((round(width * scale), tile_h))
         sheet.paste(tile, (x + (tile_w - tile.width) // 2, y))
-        label = str(planned.seed)
-        for row in range(label_lines):
-            draw.text((x + 2, y + tile_h + 1 + row * _LINE_H), label[row * digits:(row + 1) * digits],
-                      fill="black")
+        draw.text((x + 2, y + tile_h + 1), str(planned.seed), fill="black")
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG", compress_level=1)  # fast zlib: sheets are looked at, not archived
     return buffer.getvalue()

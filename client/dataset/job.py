@@ -10,8 +10,9 @@ Retries are the SDK's (lcmserve/retry.py): each AsyncClient gets ``retries=``, a
 ``AsyncClient.generate`` retries UNAVAILABLE and RESOURCE_EXHAUSTED (with a RetryInfo) with
 backoff inside the request's one deadline (``timeout_s``). Every request carries its fixed seeds,
 so a retry makes the same images. A request that still fails is reported and left for the next
-run; the others go on. Before the first request the job waits up to ``_READY_S`` for each server
-to be SERVING (one still loading its model), then reads its GetModelInfo.
+run; the others go on. Before the first request the job asks each server's health once: where
+nothing answers it stops at once (nothing was made); a server that answers but is not SERVING yet
+(still loading its model) gets up to ``_READY_S``. Then it reads its GetModelInfo.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Any
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
 from .. import __version__
+from .._connection import unavailable_hint
 from ..aio import AsyncClient
-from ..errors import LcmServeError
+from ..errors import LcmServeError, UnavailableError
 from ..options import GenerateOptions
 from ..types import Image, ModelInfo
 from .contact import ContactSheets
@@ -85,6 +87,7 @@ class DatasetReport:
     wall_s: float  # the whole run
     contact_sheets: int  # sheets written by this run
     warnings: tuple[str, ...] = field(default=())
+    limit: int | None = None  # --limit: this run was asked for the first N images of the plan only
 
     @property
     def complete(self) -> bool:
@@ -111,7 +114,11 @@ class DatasetReport:
             lines.append(f"failed: {', '.join(failure.file_names)}: {failure.code}: {failure.detail}")
         if len(self.failures) > 5:
             lines.append(f"... and {len(self.failures) - 5} more failed requests")
-        if not self.complete:
+        if not self.complete and self.limit is not None and not self.failures:
+            lines.append(f"--limit {self.limit}: the first {min(self.limit, self.planned)} images of the plan are "
+                         f"done; run without --limit (or with a larger one) to make the other "
+                         f"{self.planned - self.done}")
+        elif not self.complete:
             lines.append("not complete: rerun the same command to make the rest")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
@@ -136,12 +143,10 @@ def _requests(todo: list[PlannedImage], per_request: int) -> Iterator[_Request]:
 
 
 def _options(spec: DatasetSpec) -> GenerateOptions:
-    """The options every request shares; the seed, count and init/mask images are per request."""
+    """The options every request shares; the seed, count, size and init/mask images are per request."""
     return GenerateOptions(
         num_inference_steps=spec.num_inference_steps,
         guidance_scale=spec.guidance_scale,
-        width=spec.width,
-        height=spec.height,
         output_format=spec.format,
         quality=spec.quality,
     )
@@ -194,7 +199,8 @@ class _Job:
         if first.mask is not None:
             extra["mask_image"] = self._read(first.mask)
         return dataclasses.replace(self.base, negative_prompt=first.negative_prompt, seed=first.seed,
-                                   num_images=len(request.images), **extra)
+                                   num_images=len(request.images), width=first.width, height=first.height,
+                                   **extra)
 
     async def generate(self, client: AsyncClient, request: _Request) -> list[Image]:
         """The request's images, ordered by index. The SDK's generate() retries the whole request
@@ -237,10 +243,19 @@ def default_concurrency(limits_batch: int, spec: DatasetSpec, queue: int) -> int
     return max(1, min(2 * limits_batch // rows, limits_batch + queue))
 
 
-async def _model_info(client: AsyncClient) -> ModelInfo:
-    """The server's GetModelInfo once it is SERVING (raises DeadlineExceededError after _READY_S)."""
-    await client.wait_until_ready(timeout=_READY_S)
-    return await client.model_info(timeout=30)
+async def _model_info(client: AsyncClient, config: JobConfig) -> ModelInfo:
+    """The server's GetModelInfo once it is SERVING. Raises UnavailableError at once where nothing
+    answers (its message says what that most likely means), DeadlineExceededError when it is still
+    not SERVING after _READY_S."""
+    try:
+        if await client.health_status(timeout=10) != "SERVING":
+            await client.wait_until_ready(timeout=_READY_S)
+        return await client.model_info(timeout=30)
+    except UnavailableError as exc:
+        tls = bool(config.secure or config.root_certificates or config.client_cert)
+        hint = unavailable_hint(client.target, exc.details or str(exc), tls=tls,
+                                client_cert=config.client_cert is not None)
+        raise UnavailableError(f"{hint} ({exc})", exc.code, exc.details) from exc
 
 
 async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str | Path,
@@ -262,7 +277,7 @@ async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str
     connection.update(config.client_options)  # they win
     clients = [AsyncClient(t, **connection) for t in config.targets]
     try:
-        infos = [await _model_info(client) for client in clients]
+        infos = [await _model_info(client, config) for client in clients]
         models = [dataclasses.asdict(info) for info in infos]
         store = Store(out, spec, plan)
         store.check_model(models)
@@ -309,6 +324,7 @@ async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str
             skipped=len(wanted) - len(todo), removed=store.removed, failures=tuple(job.failures),
             counts=counts, concurrency=sum(slots), generate_s=generate_s,
             wall_s=time.perf_counter() - started, contact_sheets=sheets, warnings=tuple(warnings),
+            limit=config.limit,
         )
         write_manifest(out, _manifest(spec, plan, store, config, models, report))
         return report

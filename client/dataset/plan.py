@@ -22,6 +22,10 @@ seed + i, as the server defines).
 Split of an image: u = int(sha256("split:<seed>")[:8], big-endian) / 2**64, uniform in [0, 1);
 the first split whose running sum of fractions exceeds u. Deterministic per image, so fractions
 hold only on average over many images.
+
+Size of an image: the spec's width and height; one not given is 512, or with init images the init
+image's side floored to a multiple of 8 (as the server and `lcmserve generate` do), so an
+inpainting image and its mask label have one size.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from pathlib import Path
 
 from ..types import FORMAT_SUFFIXES
 from .spec import IMAGE_SUFFIXES, DatasetError, DatasetSpec
+
+DEFAULT_SIDE = 512  # pixels: the server's default width and height (without an init image)
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,15 @@ class PlannedImage:
     file_name: str  # "<prompt_id>-<k:04d>.<ext>", inside DIR/<split>/
     init_image: Path | None  # img2img/inpainting source, absolute
     mask: Path | None  # inpainting mask, absolute
+    width: int = DEFAULT_SIDE  # pixels, sent in the request (see the module's docstring)
+    height: int = DEFAULT_SIDE
 
     @property
     def mask_file_name(self) -> str | None:
-        """Name of the mask's copy next to the image (its label), or None."""
+        """Name of the mask label next to the image (the mask as the server used it, PNG), or None."""
         if self.mask is None:
             return None
-        return f"{Path(self.file_name).stem}_mask{self.mask.suffix.lower()}"
+        return f"{Path(self.file_name).stem}_mask.png"
 
 
 @dataclass(frozen=True)
@@ -116,11 +124,24 @@ def init_pairs(spec: DatasetSpec) -> list[tuple[Path | None, Path | None]]:
     return pairs
 
 
+def _size(spec: DatasetSpec, init: Path | None) -> tuple[int, int]:
+    """(width, height) of the images made from ``init`` (see the module's docstring)."""
+    if spec.width is not None and spec.height is not None:
+        return spec.width, spec.height
+    if init is None:
+        return spec.width or DEFAULT_SIDE, spec.height or DEFAULT_SIDE
+    from .images import default_size  # Pillow: only for init images
+
+    width, height = default_size(init)
+    return spec.width or width, spec.height or height
+
+
 def make_plan(spec: DatasetSpec) -> Plan:
     """Expands the spec into its images. Raises DatasetError when two entries expand to the same
     prompt (their images would have the same seeds)."""
     suffix = FORMAT_SUFFIXES[spec.format]
     pairs = init_pairs(spec)
+    sizes = {init: _size(spec, init) for init, _ in pairs}
     images: list[PlannedImage] = []
     names: list[str] = []
     seen: dict[str, int] = {}  # prompt_id -> entry index
@@ -157,5 +178,7 @@ def make_plan(spec: DatasetSpec) -> Plan:
                         file_name=f"{prompt_id}-{k:04d}{suffix}",
                         init_image=init,
                         mask=mask,
+                        width=sizes[init][0],
+                        height=sizes[init][1],
                     ))
     return Plan(tuple(images), tuple(names))

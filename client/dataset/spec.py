@@ -63,8 +63,8 @@ class DatasetSpec:
     seed: int = 0  # every image's seed derives from it (see plan.prompt_seed)
     num_inference_steps: int = 4
     guidance_scale: float = 1.0
-    width: int = 512  # pixels
-    height: int = 512  # pixels
+    width: int | None = None  # pixels; None: 512, or with init_images each one's width floored to 8
+    height: int | None = None  # pixels; None: 512, or with init_images each one's height floored to 8
     format: OutputFormat = "png"
     quality: int | None = None  # JPEG/WEBP quality 1-100; None: the server's default (90)
     splits: tuple[tuple[str, float], ...] = (("train", 1.0),)  # (name, fraction), fractions sum to 1
@@ -112,11 +112,12 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> DatasetSpec:
     except ImportError as exc:
         raise DatasetError("reading a YAML spec needs PyYAML: pip install pyyaml") from exc
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as stream:  # a stream: YAML's errors then name the file
+            data = yaml.safe_load(stream)
     except OSError as exc:
         raise DatasetError(f"cannot read the spec {path}: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text: {exc}") from exc
     except yaml.YAMLError as exc:
         raise DatasetError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, Mapping):
@@ -155,8 +156,8 @@ def parse_spec(data: Mapping[str, Any], base: Path) -> DatasetSpec:
         seed=_int("seed", data.get("seed", 0), 0, 2**63 - 1),
         num_inference_steps=_int("num_inference_steps", data.get("num_inference_steps", 4), 1, 1000),
         guidance_scale=_number("guidance_scale", data.get("guidance_scale", 1.0)),
-        width=_side("width", data.get("width", 512)),
-        height=_side("height", data.get("height", 512)),
+        width=_side("width", data["width"]) if data.get("width") is not None else None,
+        height=_side("height", data["height"]) if data.get("height") is not None else None,
         format=cast(OutputFormat, fmt),
         quality=quality,
         splits=_splits(data.get("splits", DEFAULT_SPLITS)),

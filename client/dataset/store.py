@@ -1,6 +1,6 @@
 """The output folder: the imagefolder layout, its metadata lines, resuming, dataset.json.
 
-    DIR/<split>/<prompt_id>-<k>.<ext>           the images (and <stem>_mask.<ext>, inpainting labels)
+    DIR/<split>/<prompt_id>-<k>.<ext>           the images (and <stem>_mask.png, inpainting labels)
     DIR/<split>/metadata.jsonl                   one JSON line per image, every column in every line
     DIR/dataset.json                             spec, model, counts, wall time of the last run
     DIR/contact/<prompt_id>.png                  contact sheets (contact.py)
@@ -53,8 +53,8 @@ def metadata_row(spec: DatasetSpec, plan: Plan, image: PlannedImage, sha256: str
         "seed": image.seed,
         "num_inference_steps": spec.num_inference_steps,
         "guidance_scale": spec.guidance_scale,
-        "width": spec.width,
-        "height": spec.height,
+        "width": image.width,
+        "height": image.height,
         "format": spec.format,
         "template": image.template,
         "prompt_id": image.prompt_id,
@@ -96,6 +96,7 @@ class Store:
         self.removed = 0  # stale files deleted by scan()
         self._fds: dict[str, int] = {}  # split -> O_APPEND descriptor of its metadata.jsonl
         self._init_sha: dict[Path, str] = {}
+        self._labels: dict[tuple[Path, int, int], bytes] = {}  # (mask, width, height) -> label PNG
 
     # ---- resuming ---------------------------------------------------------------------------
 
@@ -175,9 +176,9 @@ class Store:
         write_atomic(folder / image.file_name, data)
         mask_sha = None
         if image.mask is not None and image.mask_file_name is not None:
-            mask = image.mask.read_bytes()
-            write_atomic(folder / image.mask_file_name, mask)
-            mask_sha = hashlib.sha256(mask).hexdigest()
+            label = self._label(image.mask, image.width, image.height)
+            write_atomic(folder / image.mask_file_name, label)
+            mask_sha = hashlib.sha256(label).hexdigest()
         row = self.row(image, hashlib.sha256(data).hexdigest(), mask_sha)
         fd = self._fds.get(image.split)
         if fd is None:
@@ -188,6 +189,15 @@ class Store:
             raise OSError(f"short write to {folder / METADATA}")
         self.done[image.file_name] = row
         return row
+
+    def _label(self, mask: Path, width: int, height: int) -> bytes:
+        """The mask as the server used it for a (width, height) image, PNG, made once per size."""
+        key = (mask, width, height)
+        if key not in self._labels:
+            from .images import mask_label  # Pillow: only for inpainting specs
+
+            self._labels[key] = mask_label(mask, width, height)
+        return self._labels[key]
 
     def close(self) -> None:
         """Closes the metadata files opened for appending."""
