@@ -17,16 +17,24 @@ from typing import Any
 
 import torch
 
+from lcmserve.export.unet_call import INPUT_NAMES, UNetCall
+
 
 class UNetStep(torch.nn.Module):
-    """(latents (B, 4, h, w), timesteps (B,) int64, text (B, 77, D)) -> predicted noise (B, 4, h, w)."""
+    """A UNetCall's tensors, positionally (`UNetCall.positional()`, export/unet_call.py) -> predicted noise
+    (B, 4, h, w): diffusers' UNet2DConditionModel with the text as encoder_hidden_states. It reads no
+    extras (a call with some is refused before it gets here)."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        noise: torch.Tensor = self.unet(latents, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(INPUT_NAMES):
+            raise ValueError(f"the UNet takes {', '.join(INPUT_NAMES)}; got {len(inputs)} tensors")
+        call = dict(zip(INPUT_NAMES, inputs))  # (a dict, not a UNetCall: plain to trace for export and compile)
+        noise: torch.Tensor = self.unet(call["latents"], call["timesteps"], encoder_hidden_states=call["text"],
+                                        return_dict=False)[0]
         return noise
 
 
@@ -161,7 +169,8 @@ def warm_compiled(unet: Callable[..., torch.Tensor], vae: Callable[..., torch.Te
         for batch, h, w in shapes.get("unet", ()):
             latents = torch.randn(batch, latent_channels, h, w, generator=gen).to(device, dtype)
             timesteps = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-            unet(latents, timesteps, torch.randn(batch, text_len, text_dim, generator=gen).to(device, dtype))
+            text = torch.randn(batch, text_len, text_dim, generator=gen).to(device, dtype)
+            unet(*UNetCall(latents, timesteps, text).positional())
     warm_decoder(vae, shapes.get("vae_decoder", ()), device=device, dtype=dtype, latent_channels=latent_channels)
 
 

@@ -36,7 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from lcmserve.export import unet_call
 from lcmserve.export.errors import ModelNotFoundError
+from lcmserve.export.records import LoraRecord, ParityRecord, TinyVaeRecord
 
 if TYPE_CHECKING:
     from torch import device as TorchDevice  # a plain name: CompiledEntry has a field called `torch`
@@ -67,10 +69,11 @@ PARTS: dict[str, dict[str, str]] = {
     # (the mega-cache bundles Triton kernels but not these: without them a CPU start rebuilds each).
     "compile": {"cache": "inductor_cache.bin", "cpp_kernels": "cpp_kernels"},
 }
-# Names of the exported inputs / output of each part (ONNX graph names; the adapters' argument names).
+# Names of the exported inputs / output of each part (ONNX graph names), in the order the graphs take
+# them; the UNet's are UNetCall's fields (export/unet_call.py).
 IO_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     "text_encoder": (("input_ids",), "hidden"),
-    "unet": (("latents", "timesteps", "text"), "noise"),
+    "unet": (unet_call.INPUT_NAMES, unet_call.OUTPUT_NAME),
     "vae_decoder": (("latents",), "pixels"),
     "vae_encoder": (("pixels",), "moments"),
     "tiny_vae_decoder": (("latents",), "pixels"),
@@ -299,7 +302,7 @@ def check_runs_here(artifact_dir: Path, entry: CompiledEntry, device: str | Torc
 class Manifest:
     base: str  # as given: a preset name, a folder, or a hub id
     base_kind: str  # "preset" | "folder" | "artifact" | "hub"
-    loras: tuple[dict[str, Any], ...]  # LoraRecord.to_json() of each, in the order they were applied
+    loras: tuple[LoraRecord, ...]  # in the order they were applied
     dtype: str  # one of DTYPES
     device: str  # "cpu" | "cuda" | "cuda:1" ...
     device_arch: str  # device_arch(device)
@@ -309,17 +312,16 @@ class Manifest:
     scheduler: str = "LCMScheduler"
     versions: Mapping[str, str] = field(default_factory=dict)
     created: str = ""  # UTC, ISO 8601
-    # {"max_abs_diff", "tolerance", "passed", "prompt", "seed", "height", "width", "steps",
-    #  "guidance_scale"}: fused vs unfused adapters, pixels in [0, 1]. None when there was no LoRA.
-    parity: dict[str, Any] | None = None
-    # {"source", "kind" (preset | artifact | folder | hub), "sha256" (of tiny_vae/'s weights file),
-    #  "source_sha256" (of the source's weights file, when it had one), "scaling_factor"}; None: no tiny_vae/.
-    tiny_vae: dict[str, Any] | None = None
+    parity: ParityRecord | None = None  # fused vs unfused adapters; None when there was no LoRA
+    tiny_vae: TinyVaeRecord | None = None  # its sha256 is tiny_vae/'s weights file's; None: no tiny_vae/
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        out["loras"] = [record.to_json() for record in self.loras]
         out["compiled"] = {name: entry.to_json() for name, entry in self.compiled.items()}
+        out["parity"] = self.parity.to_json() if self.parity else None
+        out["tiny_vae"] = self.tiny_vae.to_json() if self.tiny_vae else None
         return out
 
     @classmethod
@@ -330,7 +332,9 @@ class Manifest:
         if missing:
             raise ModelNotFoundError(f"{MANIFEST_NAME} lacks {', '.join(missing)}: not an lcmserve artifact")
         values = {k: v for k, v in data.items() if k in known}
-        values["loras"] = tuple(data.get("loras") or ())
+        values["loras"] = tuple(LoraRecord.from_json(record) for record in data.get("loras") or ())
+        values["parity"] = ParityRecord.from_json(data["parity"]) if data.get("parity") else None
+        values["tiny_vae"] = TinyVaeRecord.from_json(data["tiny_vae"]) if data.get("tiny_vae") else None
         values["compiled"] = {name: ENTRY_TYPES[name].from_json(entry)
                               for name, entry in (data.get("compiled") or {}).items()
                               if name in ENTRY_TYPES and isinstance(entry, Mapping)}
@@ -368,7 +372,7 @@ def read_manifest(folder: str | Path) -> Manifest:
         )
     try:
         return Manifest.from_json(data)
-    except (TypeError, ValueError) as e:  # a key of the wrong type
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a key of the wrong type, a record lacking one
         raise ModelNotFoundError(f"{path} is malformed ({e}): re-export") from e
 
 

@@ -66,6 +66,8 @@ from lcmserve.export.artifact import (
     onnxruntime_version,
 )
 from lcmserve.export.pipeline import SDPipeline, as_module
+from lcmserve.export.quiet import onnx_export_quietly, quiet_libraries
+from lcmserve.export.unet_call import UNetCall
 
 log = logging.getLogger("lcmserve.export.compile")
 
@@ -182,7 +184,7 @@ def _load_tiny_vae(out_dir: Path, dev: torch.device, dtype: torch.dtype,
     return module
 
 
-def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[str, Any], Served]:
+def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any], Served]:
     """torch.export dynamic_shapes per part, and the same in JSON for the manifest."""
     from torch.export import Dim
 
@@ -192,9 +194,11 @@ def _dynamic_specs(s: dict[str, int]) -> tuple[dict[str, dict[str, Any]], dict[s
     unet_w = m * Dim("unet_w_blocks", min=s["k_lo"], max=s["k_hi"])
     vae_h = Dim("vae_h", min=s["vae_lo"], max=s["vae_hi"])
     vae_w = Dim("vae_w", min=s["vae_lo"], max=s["vae_hi"])
-    specs = {
+    unet = {"latents": {0: batch, 2: unet_h, 3: unet_w}, "timesteps": {0: batch}, "text": {0: batch}}
+    specs: dict[str, Any] = {
         "text_encoder": {"input_ids": {0: batch}},
-        "unet": {"latents": {0: batch, 2: unet_h, 3: unet_w}, "timesteps": {0: batch}, "text": {0: batch}},
+        # UNetStep takes the call's tensors as *inputs: one argument, a tuple in UNetCall's order.
+        "unet": (tuple(unet[name] for name in IO_NAMES["unet"][0]),),
         "vae_decoder": {"latents": {0: batch, 2: vae_h, 3: vae_w}},
         "vae_encoder": {"pixels": {0: batch, 2: s["vae_scale"] * Dim("vae_h", min=s["vae_lo"], max=s["vae_hi"]),
                                    3: s["vae_scale"] * Dim("vae_w", min=s["vae_lo"], max=s["vae_hi"])}},
@@ -233,8 +237,8 @@ def _example_inputs(s: dict[str, int], dev: torch.device, dtype: torch.dtype, ba
     timesteps = (999 - 260 * torch.arange(batch)) % 1000  # LCM's 4-step schedule: 999, 739, 479, 219
     return {
         "text_encoder": (torch.randint(0, 256, (batch, n), generator=gen).to(dev),),
-        "unet": (torch.randn(batch, c, h, w, generator=gen).to(dev, dtype), timesteps.to(dev),
-                 torch.randn(batch, n, d, generator=gen).to(dev, dtype)),
+        "unet": UNetCall(torch.randn(batch, c, h, w, generator=gen).to(dev, dtype), timesteps.to(dev),
+                         torch.randn(batch, n, d, generator=gen).to(dev, dtype)).positional(),
         "vae_decoder": (torch.randn(batch, c, h, w, generator=gen).to(dev, dtype),),
         "vae_encoder": (torch.rand(batch, 3, h * s["vae_scale"], w * s["vae_scale"], generator=gen).mul(2).sub(1)
                         .to(dev, dtype),),  # pixels in [-1, 1]
@@ -328,6 +332,7 @@ def _export_onnx(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torch.d
                  s: dict[str, int], tiny: torch.nn.Module | None = None) -> dict[str, Any]:
     import onnxruntime as ort  # type: ignore[import-untyped]  # onnxruntime ships no type information
 
+    quiet_libraries(progress_bars=True)  # torch.onnx's registry lines about torchvision ops
     specs, shapes_json, served = _dynamic_specs(s)
     inputs = _example_inputs(s, dev, dtype)
     references = _references(pipe, inputs, tiny)
@@ -341,9 +346,10 @@ def _export_onnx(pipe: SDPipeline, dest: Path, dev: torch.device, dtype: torch.d
         in_names, out_name = IO_NAMES[part]
         path = dest / PARTS["onnx"][part]
         t0 = time.perf_counter()
-        torch.onnx.export(module, inputs[part], str(path), dynamo=True, dynamic_shapes=specs[part],
-                          input_names=list(in_names), output_names=[out_name], external_data=True,
-                          optimize=True, verbose=False)
+        with onnx_export_quietly():
+            torch.onnx.export(module, inputs[part], str(path), dynamo=True, dynamic_shapes=specs[part],
+                              input_names=list(in_names), output_names=[out_name], external_data=True,
+                              optimize=True, verbose=False)
         t1 = time.perf_counter()
         parity[part] = _onnx_parity(ort, path, part, inputs[part], references[part], dtype)
         seconds[part] = {"export": round(t1 - t0, 1)}

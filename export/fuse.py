@@ -30,9 +30,9 @@ import shutil
 import stat
 import tempfile
 import uuid
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -52,8 +52,9 @@ from lcmserve.export.artifact import (
 )
 from lcmserve.export.errors import ExportError, ParityError, UserInputError
 from lcmserve.export.loading import dtype_name, load_pipeline, parse_dtype, resolve_model
-from lcmserve.export.lora import LoraRecord, LoraSpec, apply_loras, resolve_source
+from lcmserve.export.lora import LoraSpec, apply_loras, resolve_source
 from lcmserve.export.pipeline import SDPipeline
+from lcmserve.export.records import LoraRecord, ParityRecord, TinyVaeRecord
 
 # Max |fused - unfused| over pixels in [0, 1] (reasons in the module doc). Measured on `tiny` with
 # a kohya (UNet + text encoder) and a diffusers LoRA at 1.0 / 0.8, CPU: float32 8e-7, float16 2e-3,
@@ -137,7 +138,7 @@ def _load_and_fuse(
     device: str,
     stages: _Stages,
     check: ParityCheck,
-) -> tuple[SDPipeline, list[LoraRecord], dict[str, Any] | None, str]:
+) -> tuple[SDPipeline, list[LoraRecord], ParityRecord | None, str]:
     """Load, attach, render unfused, fuse, render fused, compare. -> (pipe, records, parity, base kind)."""
     stages.start("load")
     for spec in loras:  # a missing LoRA file fails here, before the model loads
@@ -167,12 +168,9 @@ def _load_and_fuse(
     fused = check.render(pipe)
     max_diff = float(np.abs(fused - reference).max())
     tolerance = PARITY_TOLERANCE[dtype]
-    parity = {
-        "max_abs_diff": max_diff,
-        "tolerance": tolerance,
-        "passed": bool(max_diff <= tolerance),
-        **{k: getattr(check, k) for k in ("prompt", "seed", "height", "width", "steps", "guidance_scale")},
-    }
+    parity = ParityRecord(max_abs_diff=max_diff, tolerance=tolerance, passed=bool(max_diff <= tolerance),
+                          prompt=check.prompt, seed=check.seed, height=check.height, width=check.width,
+                          steps=check.steps, guidance_scale=check.guidance_scale)
     if not max_diff <= tolerance:  # also catches NaN
         raise ParityError(
             f"fused model differs from the unfused LoRAs: max |pixel difference| {max_diff:.3g} > tolerance "
@@ -190,14 +188,14 @@ def _manifest(
     dtype: torch.dtype,
     device: str,
     backend: str,
-    parity: dict[str, Any] | None,
+    parity: ParityRecord | None,
     compiled: dict[str, CompiledEntry] | None = None,
-    tiny_vae: dict[str, Any] | None = None,
+    tiny_vae: TinyVaeRecord | None = None,
 ) -> Manifest:
     return Manifest(
         base=base,
         base_kind=kind,
-        loras=tuple(r.to_json() for r in records),
+        loras=tuple(dataclasses.replace(r, adapter_name="", path="") for r in records),  # as read back
         dtype=dtype_name(dtype),
         device=device,
         device_arch=device_arch(device),
@@ -311,15 +309,14 @@ def export_model(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_tiny_vae(pipe: SDPipeline, source: str, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+def _save_tiny_vae(pipe: SDPipeline, source: str, folder: Path, dtype: torch.dtype) -> TinyVaeRecord:
     """Load the tiny autoencoder `source`, check it fits the model, save it as folder/tiny_vae/."""
     from lcmserve.export.tiny_vae import load_tiny_vae, save_pretrained
 
     model, record = load_tiny_vae(source, dtype=dtype, device="cpu",
                                   latent_channels=int(pipe.unet.config.in_channels),
                                   vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    record["sha256"] = save_pretrained(model, folder / TINY_VAE_DIR)
-    return record
+    return dataclasses.replace(record, sha256=save_pretrained(model, folder / TINY_VAE_DIR))
 
 
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lcmserve.export.errors import LoraError
+from lcmserve.export.records import LoraRecord
 from lcmserve.export.sources import file_sha256, looks_like_hub_id
 
 if TYPE_CHECKING:
@@ -38,34 +39,6 @@ class LoraSpec:
     source: str
     scale: float = 1.0
     allow_partial: bool = False  # attach what matches when some modules match nothing (warn, record)
-
-
-@dataclass(frozen=True)
-class LoraRecord:
-    """A LoRA that was attached: what the manifest records about it."""
-
-    source: str
-    sha256: str  # of the weights file
-    scale: float
-    format: str  # "diffusers" | "kohya"
-    rank: int | None  # largest rank in the file
-    targets: tuple[str, ...]  # components that got adapters: "unet", "text_encoder"
-    adapter_name: str
-    path: str  # the local file read (a hub cache path for a hub id)
-    modules: int  # number of adapted modules
-    unmatched: tuple[str, ...] = ()  # modules of the file that match nothing (only with allow_partial)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "sha256": self.sha256,
-            "scale": self.scale,
-            "format": self.format,
-            "rank": self.rank,
-            "targets": list(self.targets),
-            "modules": self.modules,
-            "unmatched": list(self.unmatched),
-        }
 
 
 def parse_lora_arg(arg: str, *, allow_partial: bool = False) -> LoraSpec:

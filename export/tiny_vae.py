@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from lcmserve.export.artifact import MANIFEST_NAME, TINY_VAE_DIR
 from lcmserve.export.errors import ModelNotFoundError, UserInputError
 from lcmserve.export.pipeline import as_module
 from lcmserve.export.presets import PRESETS, cache_root, init_weights, preset_spec
+from lcmserve.export.records import TinyVaeRecord
 from lcmserve.export.sources import file_sha256, looks_like_hub_id
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def _download(repo_id: str) -> Path:
 
 
 def load_tiny_vae(source: str, *, dtype: torch.dtype, device: str | torch.device,
-                  latent_channels: int = 4, vae_scale_factor: int = 8) -> tuple[torch.nn.Module, dict[str, Any]]:
+                  latent_channels: int = 4, vae_scale_factor: int = 8) -> tuple[torch.nn.Module, TinyVaeRecord]:
     """SRC -> (the AutoencoderTiny in eval mode on `device` in `dtype`, its record: source, kind,
     source_sha256, scaling_factor). Refuses one whose latent channels or upscale differ from the model's."""
     from diffusers import AutoencoderTiny
@@ -137,19 +137,7 @@ def load_tiny_vae(source: str, *, dtype: torch.dtype, device: str | torch.device
             f"tiny autoencoder {source}: {config.latent_channels} latent channels and {scale}x upscale; the model "
             f"has {latent_channels} and {vae_scale_factor}x (a TAESD made for another model family?)")
     weights = folder / WEIGHTS_NAME
-    record: dict[str, Any] = {"source": source, "kind": kind,
-                              "source_sha256": file_sha256(weights) if weights.is_file() else None,
-                              "scaling_factor": float(config.scaling_factor)}
+    record = TinyVaeRecord(source=source, kind=kind, source_sha256=file_sha256(weights) if weights.is_file() else None,
+                           scaling_factor=float(config.scaling_factor))
     return model.eval().to(device), record
 
-
-def decoder_of(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The Runtime's `tiny_vae_decode`: (B, 4, h, w) latents / scaling_factor -> (B, 3, 8h, 8w) in [-1, 1]
-    (AutoencoderTiny.decode: tanh clamp of the latents at +-3, the decoder, then [0, 1] -> [-1, 1])."""
-    decode: Callable[..., Any] = getattr(model, "decode")
-
-    def tiny_vae_decode(latents: torch.Tensor) -> torch.Tensor:
-        pixels: torch.Tensor = decode(latents, return_dict=False)[0]
-        return pixels
-
-    return tiny_vae_decode

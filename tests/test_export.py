@@ -297,9 +297,9 @@ def test_fuse_in_memory(loras):
     pipe, manifest = fuse_in_memory(
         "tiny", [LoraSpec(str(loras["diffusers"]), 0.8)], dtype="float32", device="cpu"
     )
-    assert manifest.parity is not None and manifest.parity["max_abs_diff"] <= TOL
+    assert manifest.parity is not None and manifest.parity.max_abs_diff <= TOL
     assert (
-        manifest.loras[0]["scale"] == 0.8 and manifest.backend == "eager" and manifest.base_kind == "preset"
+        manifest.loras[0].scale == 0.8 and manifest.backend == "eager" and manifest.base_kind == "preset"
     )
     assert not any("lora" in k for k in pipe.unet.state_dict())
 
@@ -470,7 +470,8 @@ def test_compile_backend_leaves_cuda_graphs_to_the_engine():
 
 def test_export_imports_nothing_of_the_server():
     """Imports run one way: server -> export."""
-    modules = ["adapters", "artifact", "cli", "compile", "errors", "fuse", "loading", "lora", "pipeline", "presets"]
+    modules = ["adapters", "artifact", "cli", "compile", "errors", "fuse", "loading", "lora", "pipeline", "presets",
+               "quiet", "records", "unet_call"]
     code = ("import sys\n" + "".join(f"import lcmserve.export.{m}\n" for m in modules)
             + "bad = sorted(m for m in sys.modules if m.startswith('lcmserve.server'))\nassert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
