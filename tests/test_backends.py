@@ -24,10 +24,11 @@ import pytest
 import torch
 
 from lcmserve.export.artifact import ArtifactMismatchError
-from lcmserve.server.model.compiled import TorchCompileRuntime, aoti_load_kwargs, serving_compile_settings
-from lcmserve.server.model.compiled_onnx import OnnxRuntime
-from lcmserve.server.model.loader import available_backends, load_compiled_runtime, pick_backend
-from lcmserve.server.model.runtime import EagerRuntime, spec_from_pipeline
+from lcmserve.export.unet_call import UNetCall
+from lcmserve.server.model.compiled import TorchCompileProvider, aoti_load_kwargs, serving_compile_settings
+from lcmserve.server.model.compiled_onnx import OnnxProvider
+from lcmserve.server.model.loader import available_backends, load_compiled_runtime, load_runtime, pick_backend
+from lcmserve.server.model.runtime import Runtime
 
 # Exporting the three backends compiles for about 9 minutes on 2 shared cores (aoti ~170 s, compile
 # ~300 s, onnx ~55 s): marked slow so `pytest -m "not slow"` can skip them; `make test` runs them.
@@ -58,7 +59,7 @@ def test_aoti_packages_load_single_threaded(caplog: pytest.LogCaptureFixture) ->
 def test_compile_runtime_is_capturable_and_never_reduce_overhead(caplog: pytest.LogCaptureFixture) -> None:
     """The compile runtime serves in the default mode, so the engine captures it in its own graphs;
     an artifact that recorded reduce-overhead is served in the default mode too, with a warning."""
-    assert TorchCompileRuntime.graph_capturable and not OnnxRuntime.graph_capturable
+    assert TorchCompileProvider.graph_capturable and not OnnxProvider.graph_capturable
     with caplog.at_level(logging.WARNING, logger="lcmserve.compiled"):
         assert serving_compile_settings({"mode": "reduce-overhead"}) == {}
     assert "re-export" in caplog.text
@@ -81,12 +82,9 @@ def artifact(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="module")
-def eager(artifact: tuple[str, Path]) -> EagerRuntime:
+def eager(artifact: tuple[str, Path]) -> Runtime:
     """The reference: the artifact's own model/ folder (fused weights), eager, as `--backend eager`."""
-    from lcmserve.export.loading import load_pipeline
-
-    pipe = load_pipeline(str(artifact[1] / "model"), dtype=torch.float32, device="cpu")
-    return EagerRuntime(pipe, spec_from_pipeline(pipe, base="tiny", backend="eager"))
+    return load_runtime(str(artifact[1] / "model"), backend="eager", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +104,7 @@ def _prompts_ids(rt: object, batch: int, seed: int) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
-def _inputs(eager: EagerRuntime, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(eager: Runtime, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, 4, 8, 8, generator=gen)  # tiny's nominal 64x64 image
     timesteps = torch.tensor([LCM_TIMESTEPS[(seed + i) % 4] for i in range(batch)])  # mixed per sample
@@ -115,12 +113,12 @@ def _inputs(eager: EagerRuntime, batch: int, seed: int) -> tuple[torch.Tensor, t
     return latents, timesteps, text
 
 
-def _pixels(eager: EagerRuntime, latents: torch.Tensor) -> torch.Tensor:
+def _pixels(eager: Runtime, latents: torch.Tensor) -> torch.Tensor:
     """Unscaled latents -> images in [0, 1], by the eager VAE."""
     return (eager.vae_decode(latents) / 2 + 0.5).clamp(0, 1)
 
 
-def _denoised(eager: EagerRuntime, latents: torch.Tensor, timesteps: torch.Tensor,
+def _denoised(eager: Runtime, latents: torch.Tensor, timesteps: torch.Tensor,
               noise: torch.Tensor) -> torch.Tensor:
     """The LCM denoised prediction x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), unscaled for the VAE."""
     alpha = eager.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
@@ -131,20 +129,20 @@ def _denoised(eager: EagerRuntime, latents: torch.Tensor, timesteps: torch.Tenso
 @slow
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_callables_match_eager(runtime: object, eager: EagerRuntime, batch: int, seed: int) -> None:
+def test_callables_match_eager(runtime: object, eager: Runtime, batch: int, seed: int) -> None:
     latents, timesteps, text = _inputs(eager, batch, seed)
     ids = _prompts_ids(eager, batch, seed)
     with torch.inference_mode():
         # Text encoder: its embeddings through the eager UNet, denoised, decoded.
         text_c = runtime.encode_text(ids)  # type: ignore[attr-defined]
         assert text_c.shape == text.shape and text_c.dtype == text.dtype
-        noise_e = eager.unet(latents, timesteps, text)
-        noise_from_text_c = eager.unet(latents, timesteps, text_c)
+        noise_e = eager.unet(UNetCall(latents, timesteps, text))
+        noise_from_text_c = eager.unet(UNetCall(latents, timesteps, text_c))
         img_e = _pixels(eager, _denoised(eager, latents, timesteps, noise_e))
         text_px = (_pixels(eager, _denoised(eager, latents, timesteps, noise_from_text_c)) - img_e).abs().max()
 
         # UNet: its noise through the denoised prediction and the eager VAE.
-        noise_c = runtime.unet(latents, timesteps, text)  # type: ignore[attr-defined]
+        noise_c = runtime.unet(UNetCall(latents, timesteps, text))  # type: ignore[attr-defined]
         assert noise_c.shape == noise_e.shape and noise_c.dtype == noise_e.dtype
         unet_px = (_pixels(eager, _denoised(eager, latents, timesteps, noise_c)) - img_e).abs().max()
 
@@ -163,7 +161,7 @@ def test_callables_match_eager(runtime: object, eager: EagerRuntime, batch: int,
 
 
 @slow
-def test_large_batch_and_unserved_shapes(runtime: object, eager: EagerRuntime, caplog: pytest.LogCaptureFixture) -> None:
+def test_large_batch_and_unserved_shapes(runtime: object, eager: Runtime, caplog: pytest.LogCaptureFixture) -> None:
     """Batches past the exported 63 run in chunks; a latent side the export does not hold (odd, for
     tiny's UNet with one upsampler) runs on the eager UNet, with a log line. (The compile backend
     serves any side, by compiling one more graph: minutes here, so not tried.)"""
@@ -178,8 +176,8 @@ def test_large_batch_and_unserved_shapes(runtime: object, eager: EagerRuntime, c
             text = torch.randn(batch, 77, eager.spec.text_hidden_size, generator=gen)
             caplog.clear()
             with caplog.at_level("WARNING", logger="lcmserve.compiled"):
-                got = runtime.unet(latents, timesteps, text)  # type: ignore[attr-defined]
-            want = eager.unet(latents, timesteps, text)
+                got = runtime.unet(UNetCall(latents, timesteps, text))  # type: ignore[attr-defined]
+            want = eager.unet(UNetCall(latents, timesteps, text))
             assert got.shape == want.shape
             assert (got - want).abs().max() < 1e-3
             if side % 2:
@@ -187,14 +185,41 @@ def test_large_batch_and_unserved_shapes(runtime: object, eager: EagerRuntime, c
 
 
 @slow
-def test_spec_says_how_the_engine_may_capture(runtime: object) -> None:
-    extra = runtime.spec.extra  # type: ignore[attr-defined]
+def test_unserved_shape_answers_eagerly_logged_once_and_counted(runtime: object, eager: Runtime,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A latent size the artifact does not serve (compile: a side not warmed at export, so serving it
+    compiled would mean a cold compile in the middle of traffic; aoti, onnx: an odd side) runs on the
+    eager modules: the same noise, one log line however often it comes, and a count per part. A batch
+    between the warmed ones at a served size stays compiled (no fallback)."""
     backend = runtime.spec.backend  # type: ignore[attr-defined]
-    assert extra["cuda_graph_capturable"] is (backend != "onnx"), extra
+    side = 16 if backend == "compile" else 9  # compile warmed tiny's 64x64 (latent 8) only
+    gen = torch.Generator().manual_seed(11)
+    with torch.inference_mode():
+        before = runtime.fallbacks()["unet"]  # type: ignore[attr-defined]
+        served = UNetCall(torch.randn(3, 4, 8, 8, generator=gen), torch.tensor([999, 759, 499]),
+                          torch.randn(3, 77, eager.spec.text_hidden_size, generator=gen))
+        runtime.unet(served)  # type: ignore[attr-defined]
+        assert runtime.fallbacks()["unet"] == before, "a served size ran eagerly"  # type: ignore[attr-defined]
+        call = UNetCall(torch.randn(2, 4, side, side, generator=gen), torch.tensor([999, 259]),
+                        torch.randn(2, 77, eager.spec.text_hidden_size, generator=gen))
+        with caplog.at_level("WARNING", logger="lcmserve.compiled"):
+            got = [runtime.unet(call) for _ in range(3)]  # type: ignore[attr-defined]
+        want = eager.unet(call)
+    assert all((g - want).abs().max() < 1e-3 for g in got)
+    lines = [r.message for r in caplog.records if "not served" in r.message]
+    assert len(lines) == 1 and f"latent size {side}x{side}" in lines[0] and "running it eagerly" in lines[0], lines
+    assert runtime.fallbacks()["unet"] == before + 3  # type: ignore[attr-defined]
+
+
+@slow
+def test_spec_says_how_the_engine_may_capture(runtime: object) -> None:
+    spec = runtime.spec  # type: ignore[attr-defined]
+    backend = spec.backend
+    assert spec.graph_capturable is (backend != "onnx"), spec
     if backend == "aoti":
-        assert extra["aoti_run_single_threaded"] is True
+        assert spec.details.aoti_run_single_threaded is True
     if backend == "compile":
-        assert "mode" not in runtime.settings  # type: ignore[attr-defined]
+        assert "mode" not in spec.details.torch_compile
 
 
 @slow

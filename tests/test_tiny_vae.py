@@ -274,14 +274,14 @@ def test_compiled_backends_serve_the_tiny_decoder_as_eager(backend: str, tmp_pat
     else:
         assert (out / entry["files"]["tiny_vae_decoder"]).is_file()
     assert "tiny_vae_decoder" in entry["parity_max_abs_diff"]
-    assert compiled.spec.extra["tiny_vae_decoder"] == "compiled", "the compiled tiny decoder is not the one served"
+    assert compiled.spec.details.part("tiny_vae_decoder") == "compiled", "the compiled tiny decoder is not the one served"
     latents = torch.randn(3, 4, 8, 12, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         got, want = compiled.tiny_vae_decode(latents), eager.tiny_vae_decode(latents)
     assert got.shape == (3, 3, 64, 96)
     assert float(((got - want).abs() / 2).max()) <= 2 / 255
     other = load_runtime(str(out), backend=backend, device="cpu", tiny_vae="tiny")  # not the exported one
-    assert other.spec.extra["tiny_vae_decoder"] == "eager" and other.tiny_vae_decode is not None
+    assert other.spec.details.part("tiny_vae_decoder") == "eager" and other.tiny_vae_decode is not None
 
 
 def test_the_edge_refuses_a_decoder_the_model_lacks_naming_the_field(tmp_path: pathlib.Path) -> None:

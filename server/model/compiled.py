@@ -1,4 +1,4 @@
-"""The aoti and compile runtimes: the `Runtime` boundary of runtime.py served from `compiled/<backend>/`.
+"""The aoti and compile providers: the compiled forms of the parts, from `compiled/<backend>/`.
 
     aoti     AOTInductor packages (`.pt2`, made by `torch.export` + `aoti_compile_and_package`) of the
              UNet, VAE decoder and encoder, text encoder, and the tiny autoencoder's decoder when the
@@ -8,12 +8,15 @@
              that the export saved (`torch.compiler.save_cache_artifacts`); the text encoder and VAE
              encoder stay eager.
 
-What each artifact serves is its manifest entry's `served` (export/artifact.py): batch 1..63 per call
-(larger batches run in chunks); for aoti, UNet latent sides that are multiples of 2**(UNet
-upsamplers) and VAE sides in the image range, other sides on the eager modules of model/
-(compiled_common.py); compile: any shape, the warm shapes without a cold compile.
+What each serves (parts.py runs every other shape on the eager modules of model/): aoti, the manifest
+entry's `served` (export/artifact.py): batch 1..63 per call (larger batches in chunks), UNet latent
+sides that are multiples of 2**(UNet upsamplers) and VAE sides in the image range. compile, only the
+shapes the export warmed (latent sides, and batches from the smallest warmed to the largest, in chunks
+of the largest), run after the warm-up under torch's "fail_on_recompile" stance: a call that would
+still compile (a guard the warm-up did not cover) is declined and runs eagerly. So a served compile
+artifact never compiles in the middle of traffic (issue 18, item 2); a cold compile takes minutes.
 
-Both runtimes' callables may be captured in the engine's own CUDA graphs (server/engine/cuda_graphs.py):
+Both providers' callables may be captured in the engine's own CUDA graphs (server/engine/cuda_graphs.py):
   - aoti packages are loaded with `run_single_threaded=True`. Without it the AOTInductor runner
     guards its model container with a CUDA event recorded on the current stream; during the
     engine's first capture that stream is the capture stream, so the event becomes a captured
@@ -32,28 +35,20 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lcmserve.export.adapters import (
-    TextEncode,
-    compile_parts,
-    compile_tiny_vae_decoder,
-    copy_cpp_kernels,
-    warm_compiled,
-    warm_decoder,
-)
-from lcmserve.export.artifact import TINY_VAE_DIR, AotiEntry, CompileEntry, Manifest
+from lcmserve.export.adapters import compile_parts, compile_tiny_vae_decoder, copy_cpp_kernels, warm_compiled, warm_decoder
+from lcmserve.export.artifact import TINY_VAE_DIR, AotiEntry, CompileEntry
 from lcmserve.export.pipeline import load_part
 
-from .compiled_common import CompiledRuntimeBase, batch_timesteps, chunked
+from .compiled_common import ArtifactModel, served_by_export
+from .parts import Compiled, Fn, NotServed
 
 log = logging.getLogger("lcmserve.compiled")
-
-AotiPart = Callable[..., torch.Tensor]
 
 
 def aoti_load_kwargs(load: Callable[..., Any]) -> dict[str, Any]:
@@ -68,56 +63,43 @@ def aoti_load_kwargs(load: Callable[..., Any]) -> dict[str, Any]:
     return {}
 
 
-class AOTIRuntime(CompiledRuntimeBase):
+class AotiProvider:
     """AOTInductor packages; every call runs compiled code on the current stream (no host syncs with
     static-range shapes), so the engine may capture them in CUDA graphs."""
 
     backend = "aoti"
+    graph_capturable = True
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, entry: AotiEntry, device: torch.device,
-                 *, warmup: bool = True) -> None:
-        super().__init__(artifact_dir, manifest, entry, device)
+    def __init__(self, model: ArtifactModel, entry: AotiEntry) -> None:
+        self.model = model
+        self.entry = entry
+        device = model.device
         index = device.index if device.type == "cuda" and device.index is not None else -1
         load = torch._inductor.aoti_load_package
         kwargs = aoti_load_kwargs(load)
-        self.spec.extra["aoti_run_single_threaded"] = bool(kwargs.get("run_single_threaded"))
+        self.single_threaded = bool(kwargs.get("run_single_threaded"))
         # OPTIONAL_PARTS (vae_encoder, tiny_vae_decoder) may be absent: those run eagerly.
-        self._parts: dict[str, AotiPart] = {
-            part: load(str(artifact_dir / entry.files[part]), device_index=index, **kwargs)
+        self._packages: dict[str, Fn] = {
+            part: load(str(model.artifact_dir / entry.files[part]), device_index=index, **kwargs)
             for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "tiny_vae_decoder")
             if part in entry.files}
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return chunked(self._parts["text_encoder"], input_ids.to(torch.int64).contiguous())
+    def _compiled(self, part: str) -> Compiled:
+        package = self._packages[part]
 
-    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        timesteps = batch_timesteps(timesteps, latents.shape[0])
-        if not self.unet_serves(latents):
-            noise: torch.Tensor = self.eager_part("unet", tuple(latents.shape))(latents, timesteps, text)
-            return noise
-        return chunked(self._parts["unet"], latents.contiguous(), timesteps, text.contiguous())
+        def run(*inputs: torch.Tensor) -> torch.Tensor:
+            return package(*(x.contiguous() for x in inputs))
 
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if not self.vae_serves(latents):
-            pixels: torch.Tensor = self.eager_part("vae_decoder", tuple(latents.shape))(latents)
-            return pixels
-        return chunked(self._parts["vae_decoder"], latents.contiguous())
+        return served_by_export(run, self.entry.served, part, self.model.dims.vae_scale_factor)
 
-    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        f = self.spec.vae_scale_factor
-        if "vae_encoder" not in self._parts or not self.vae_serves(pixels[:, :, ::f, ::f]):
-            return super().vae_encode(pixels)  # eager, logged
-        return chunked(self._parts["vae_encoder"], pixels.contiguous())
+    def compiled(self) -> dict[str, Compiled]:
+        return {part: self._compiled(part) for part in self._packages if part != "tiny_vae_decoder"}
 
-    def compiled_tiny_vae_decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        part = self._parts.get("tiny_vae_decoder")
-        if part is None:
-            return None
+    def tiny_vae_decoder(self) -> Compiled | None:
+        return self._compiled("tiny_vae_decoder") if "tiny_vae_decoder" in self._packages else None
 
-        def run(latents: torch.Tensor) -> torch.Tensor:
-            return chunked(part, latents.contiguous())
-
-        return run
+    def details(self) -> dict[str, Any]:
+        return {"aoti_run_single_threaded": self.single_threaded}
 
 
 def serving_compile_settings(recorded: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,75 +113,104 @@ def serving_compile_settings(recorded: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-class TorchCompileRuntime(CompiledRuntimeBase):
+def no_recompile(fn: Fn) -> Fn:
+    """`fn` (a torch.compile'd module) under the "fail_on_recompile" stance: a call that dynamo would
+    have to compile raises NotServed instead (parts.py then runs it eagerly)."""
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            try:
+                return fn(*inputs)
+            except RuntimeError as exc:
+                if not str(exc).startswith("Detected recompile"):
+                    raise
+                shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+                raise NotServed(f"a call of shapes {shapes} (it would compile a new graph)") from None
+
+    return run
+
+
+def served_by_warmup(fn: Fn, shapes: Sequence[tuple[int, int, int]], part: str) -> Compiled:
+    """The compiled form of a part warmed at `shapes` ((batch, latent_h, latent_w) each): it serves the
+    warmed latent sides, from the smallest warmed batch up, in chunks of the largest."""
+    sides = sorted({(h, w) for _, h, w in shapes})
+    batches = [b for b, _, _ in shapes]
+    lo, hi = (min(batches), max(batches)) if batches else (1, 1)
+
+    def serves(inputs: Sequence[torch.Tensor]) -> str | None:
+        x = inputs[0]
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        if size not in sides:
+            return f"latent size {size[0]}x{size[1]}"
+        if min(x.shape[0], hi) < lo:
+            return f"batch {x.shape[0]}"
+        return None
+
+    served = f"latent sizes {', '.join(f'{h}x{w}' for h, w in sides)} at batch {lo}..{hi} (warmed at export)"
+    return Compiled(fn=fn, serves=serves, max_rows=hi, served=served)
+
+
+class TorchCompileProvider:
     """torch.compile of the UNet and VAE decode from the artifact's compile cache, in inductor's default
     mode (the C++ wrapper on the CPU): no graphs of its own, so the engine captures these callables in
-    its bucketed CUDA graphs (`cuda_graph_capturable` True). Batches past 63 run in chunks as for
-    aoti: diffusers' upsampler branches on batch >= 64, which would compile one more graph."""
+    its bucketed CUDA graphs. Batches past the largest warmed one run in chunks (diffusers' upsampler
+    branches on batch >= 64, which would compile one more graph)."""
 
     backend = "compile"
+    graph_capturable = True
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, entry: CompileEntry, device: torch.device,
-                 *, warmup: bool = True) -> None:
-        super().__init__(artifact_dir, manifest, entry, device)
+    def __init__(self, model: ArtifactModel, entry: CompileEntry, *, warmup: bool = True) -> None:
+        self.model = model
+        self.entry = entry
         self.settings = serving_compile_settings(entry.torch_compile)
-        self._warmup = warmup
-        self._tiny_shapes = entry.warm_shapes.get("tiny_vae_decoder")  # None: the export did not compile it
-        self._tiny: Callable[[torch.Tensor], torch.Tensor] | None = None
-        cache = artifact_dir / entry.files["cache"]
+        self.warmup = warmup
+        self.warmup_seconds: float | None = None
+        device, dtype, dims = model.device, model.dtype, model.dims
+        cache = model.artifact_dir / entry.files["cache"]
         t0 = time.perf_counter()
         torch.compiler.load_cache_artifacts(cache.read_bytes())
         kernels = 0
         if "cpp_kernels" in entry.files:
             from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-            kernels = copy_cpp_kernels(artifact_dir / entry.files["cpp_kernels"], Path(cache_dir()))
+            kernels = copy_cpp_kernels(model.artifact_dir / entry.files["cpp_kernels"], Path(cache_dir()))
         log.info("loaded compile cache %s (%.1f MB, %d C++ kernels installed) in %.1f s", cache,
                  cache.stat().st_size / 1e6, kernels, time.perf_counter() - t0)
-        self._text = TextEncode(load_part("text_encoder", self.model_dir, self.dtype).to(device)).eval()
-        unet = load_part("unet", self.model_dir, self.dtype).to(device)
-        vae = load_part("vae", self.model_dir, self.dtype).to(device)
+        unet = load_part("unet", model.model_dir, dtype).to(device)
+        vae = load_part("vae", model.model_dir, dtype).to(device)
         self._unet, self._vae = compile_parts(unet, vae, entry.optimizations, self.settings)
         if warmup:
             t0 = time.perf_counter()
-            warm_compiled(self._unet, self._vae, entry.warm_shapes, device=device, dtype=self.dtype,
-                          latent_channels=self.spec.latent_channels, text_len=self.spec.text_max_length,
-                          text_dim=self.spec.text_hidden_size)
-            self.spec.extra["warmup_seconds"] = round(time.perf_counter() - t0, 3)
+            warm_compiled(self._unet, self._vae, entry.warm_shapes, device=device, dtype=dtype,
+                          latent_channels=dims.latent_channels, text_len=dims.text_max_length,
+                          text_dim=dims.text_hidden_size)
+            self.warmup_seconds = round(time.perf_counter() - t0, 3)
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden: torch.Tensor = self._text(input_ids)
-        return hidden
+    def _served(self, fn: Fn, part: str) -> Compiled:
+        # Without the warm-up, the warm shapes compile on first use (from the cache): no stance then.
+        return served_by_warmup(no_recompile(fn) if self.warmup else fn, self.entry.warm_shapes.get(part, ()), part)
 
-    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return chunked(self._unet, latents, batch_timesteps(timesteps, latents.shape[0]), text)
+    def compiled(self) -> dict[str, Compiled]:
+        return {"unet": self._served(self._unet, "unet"), "vae_decoder": self._served(self._vae, "vae_decoder")}
 
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return chunked(self._vae, latents)
-
-    def compiled_tiny_vae_decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def tiny_vae_decoder(self) -> Compiled | None:
         """The tiny decoder compiled as the export compiled it (the artifact's tiny_vae/, same rewrites and
-        settings) and warmed at its recorded warm shapes, which the loaded cache holds: built on the first
-        call (loader.attach_tiny_vae, at load), so a runtime serving another tiny autoencoder never compiles
-        it. None for an artifact whose export did not compile it."""
-        shapes = self._tiny_shapes
+        settings) and warmed at its recorded warm shapes, which the loaded cache holds. None for an
+        artifact whose export did not compile it."""
+        shapes = self.entry.warm_shapes.get("tiny_vae_decoder")
         if shapes is None:
             return None
-        if self._tiny is None:
-            from lcmserve.export.tiny_vae import load_tiny_vae
+        from lcmserve.export.tiny_vae import load_tiny_vae
 
-            module, _ = load_tiny_vae(str(self.artifact_dir / TINY_VAE_DIR), dtype=self.dtype, device=self.device,
-                                      latent_channels=self.spec.latent_channels,
-                                      vae_scale_factor=self.spec.vae_scale_factor)
-            self._tiny = compile_tiny_vae_decoder(module, self.entry.optimizations, self.settings)
-            if self._warmup:
-                t0 = time.perf_counter()
-                warm_decoder(self._tiny, shapes, device=self.device, dtype=self.dtype,
-                             latent_channels=self.spec.latent_channels)
-                self.spec.extra["tiny_vae_warmup_seconds"] = round(time.perf_counter() - t0, 3)
-        tiny = self._tiny
+        model, dims = self.model, self.model.dims
+        module, _ = load_tiny_vae(str(model.artifact_dir / TINY_VAE_DIR), dtype=model.dtype, device=model.device,
+                                  latent_channels=dims.latent_channels, vae_scale_factor=dims.vae_scale_factor)
+        tiny = compile_tiny_vae_decoder(module, self.entry.optimizations, self.settings)
+        if self.warmup:
+            t0 = time.perf_counter()
+            warm_decoder(tiny, shapes, device=model.device, dtype=model.dtype, latent_channels=dims.latent_channels)
+            self.warmup_seconds = round((self.warmup_seconds or 0.0) + time.perf_counter() - t0, 3)
+        return self._served(tiny, "tiny_vae_decoder")
 
-        def run(latents: torch.Tensor) -> torch.Tensor:
-            return chunked(tiny, latents)
-
-        return run
+    def details(self) -> dict[str, Any]:
+        return {"warmup_seconds": self.warmup_seconds, "torch_compile": self.settings}

@@ -1,5 +1,9 @@
-"""MODEL (+ LoRAs, backend, device, dtype) -> a Runtime the engine can drive. The one place a runtime
-is chosen, `--backend auto` included.
+"""MODEL (+ LoRAs, backend, device, dtype, tiny autoencoder) -> the Runtime the engine drives, and its
+ModelSpec, each made once. The one place a backend is chosen, `--backend auto` included.
+
+A runtime is five parts (parts.py), each the backend's compiled form where it serves the shape, else
+the eager module: the eager backend has no compiled forms; a compiled backend's provider
+(compiled.py, compiled_onnx.py) gives those its artifact holds, beside the eager modules of its model/.
 
 MODEL is an export artifact (DIR with manifest.json and model/), a diffusers folder, a built-in
 preset (`tiny`, `sd15-random`) or a hub id. LoRAs given at serve time are fused in memory, as
@@ -18,7 +22,9 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,7 +42,16 @@ from lcmserve.export.artifact import (
     read_manifest,
 )
 
-from .runtime import EagerRuntime, Runtime, spec_from_pipeline
+from lcmserve.export.quiet import quiet_libraries
+from lcmserve.export.records import LoraRecord, TinyVaeRecord
+
+from .compiled_common import ArtifactModel, Provider
+from .eager import EagerModules
+from .parts import PART_NAMES, Compiled, Part
+from .runtime import BackendDetails, ModelDims, ModelSpec, Runtime
+
+if TYPE_CHECKING:
+    from lcmserve.export.pipeline import SDPipeline
 
 log = logging.getLogger("lcmserve.loader")
 
@@ -55,9 +70,26 @@ def load_runtime(model: str, *, loras: Sequence[str] = (), backend: str = "auto"
     """The runtime for `lcmserve serve --model MODEL [--lora ...] --backend ... --device ... --dtype ...
     [--tiny-vae SRC] [--default-decoder vae|tiny-vae]`. An artifact's own tiny_vae/ is served unless
     --tiny-vae names another."""
-    runtime = _load_runtime(model, loras=loras, backend=backend, device=device, dtype=dtype,
-                            allow_partial_lora=allow_partial_lora)
-    return attach_tiny_vae(runtime, tiny_vae or _artifact_tiny_vae(model), default_decoder)
+    default_decoder = default_decoder.replace("-", "_")
+    if default_decoder not in ("vae", "tiny_vae"):
+        raise LoadError(f"--default-decoder {default_decoder!r} is not one of vae, tiny-vae")
+    tiny_source = tiny_vae or _artifact_tiny_vae(model)
+    if tiny_source is None and default_decoder == "tiny_vae":
+        raise LoadError("--default-decoder tiny-vae needs a tiny autoencoder: serve an artifact exported with "
+                        "--tiny-vae, or pass --tiny-vae SRC (e.g. madebyollin/taesd)")
+    start = time.perf_counter()
+    loaded = _load(model, loras=loras, backend=backend, device=device, dtype=dtype,
+                   allow_partial_lora=allow_partial_lora)
+    return _runtime(loaded, tiny_source, default_decoder, start)
+
+
+def runtime_from_pipeline(pipe: SDPipeline, base: str) -> Runtime:
+    """The eager runtime around an already loaded (fused) pipeline, without a second copy of it."""
+    start = time.perf_counter()
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    loaded = Loaded(base=base, backend="eager", device=device, dtype=dtype, dims=pipeline_dims(pipe),
+                    tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, eager=EagerModules(device, dtype, pipe=pipe))
+    return _runtime(loaded, None, "vae", start)
 
 
 def _artifact_tiny_vae(model: str) -> str | None:
@@ -65,44 +97,103 @@ def _artifact_tiny_vae(model: str) -> str | None:
     return model if is_artifact(model) and read_manifest(model).tiny_vae is not None else None
 
 
-def attach_tiny_vae(runtime: Runtime, source: str | None, default_decoder: str = "vae") -> Runtime:
-    """Give `runtime` (any backend) the tiny autoencoder `source` (export/tiny_vae.py), in the model's
-    dtype on its device, and say so in its spec (decoders, default_decoder, record). A compiled runtime
-    serving its artifact's own tiny_vae/ runs the compiled tiny decoder where the artifact has one
-    (compiled_common.py `serve_tiny_vae`); otherwise it runs eagerly."""
-    default_decoder = default_decoder.replace("-", "_")
-    if default_decoder not in ("vae", "tiny_vae"):
-        raise LoadError(f"--default-decoder {default_decoder!r} is not one of vae, tiny-vae")
-    if source is None:
-        if default_decoder == "tiny_vae":
-            raise LoadError("--default-decoder tiny-vae needs a tiny autoencoder: serve an artifact exported with "
-                            "--tiny-vae, or pass --tiny-vae SRC (e.g. madebyollin/taesd)")
-        return runtime
-    from lcmserve.export.tiny_vae import decoder_of, load_tiny_vae
+@dataclass
+class Loaded:
+    """A model loaded for one backend, before its parts are made: the eager modules (on first use), and
+    for a compiled backend its provider."""
 
-    spec = runtime.spec
-    module, record = load_tiny_vae(source, dtype=spec.dtype, device=spec.device,
-                                   latent_channels=spec.latent_channels, vae_scale_factor=spec.vae_scale_factor)
-    if _artifact_tiny_vae(source) is not None:  # an artifact's own: its export record (with the sha256)
-        record = {**record, **(read_manifest(source).tiny_vae or {})}
-    decode = decoder_of(module)
-    from .compiled_common import CompiledRuntimeBase
-
-    if isinstance(runtime, CompiledRuntimeBase):
-        own = _artifact_tiny_vae(source) is not None and Path(source).resolve() == runtime.artifact_dir.resolve()
-        decode = runtime.serve_tiny_vae(decode, own)
-    runtime.tiny_vae_decode = decode
-    runtime.spec = dataclasses.replace(spec, decoders=("vae", "tiny_vae"), default_decoder=default_decoder,
-                                       tiny_vae_scaling_factor=float(record["scaling_factor"]), tiny_vae=record)
-    log.info("tiny autoencoder %s (%s) on %s; default decoder %s", source, record["kind"], spec.device,
-             default_decoder)
-    return runtime
+    base: str
+    backend: str
+    device: torch.device
+    dtype: torch.dtype
+    dims: ModelDims
+    tokenizer: Any
+    scheduler: Any
+    eager: EagerModules
+    loras: tuple[LoraRecord, ...] = ()
+    provider: Provider | None = None
+    artifact: ArtifactModel | None = None
 
 
-def _load_runtime(model: str, *, loras: Sequence[str], backend: str, device: str | None, dtype: str | None,
-                  allow_partial_lora: bool) -> Runtime:
+def pipeline_dims(pipe: SDPipeline) -> ModelDims:
+    """The shapes the engine needs, read off a loaded pipeline."""
+    return ModelDims(latent_channels=int(pipe.unet.config.in_channels),
+                     vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+                     scaling_factor=float(pipe.vae.config.scaling_factor),
+                     text_max_length=int(pipe.tokenizer.model_max_length),
+                     text_hidden_size=int(pipe.text_encoder.config.hidden_size))
+
+
+def _runtime(loaded: Loaded, tiny_source: str | None, default_decoder: str, start: float) -> Runtime:
+    """The parts (compiled where the provider has them, else eager) and the ModelSpec, made once."""
+    provider, artifact = loaded.provider, loaded.artifact
+    compiled = provider.compiled() if provider is not None else {}
+    tiny_record: TinyVaeRecord | None = None
+    if tiny_source is not None:
+        loaded.eager.tiny_vae, tiny_record = _tiny_vae(tiny_source, loaded)
+        if provider is not None and artifact is not None:
+            tiny = _compiled_tiny(provider, artifact, tiny_source)
+            if tiny is not None:
+                compiled["tiny_vae_decoder"] = tiny
+    notes = {"vae_encoder": "no compiled VAE encoder (img2img, inpainting: it runs once per request, at admission)"}
+    parts = {name: Part(name, loaded.backend, loaded.eager.loader(name), compiled.get(name),
+                        notes.get(name) if provider is not None else None)
+             for name in PART_NAMES if name != "tiny_vae_decoder" or tiny_record is not None}
+    details = BackendDetails(
+        artifact=str(artifact.artifact_dir) if artifact is not None else None,
+        compiled=artifact.entry if artifact is not None else None,
+        load_seconds=round(time.perf_counter() - start, 3),
+        parts=tuple((name, part.runs) for name, part in parts.items()),
+        **(provider.details() if provider is not None else {}))
+    spec = ModelSpec(
+        base=loaded.base, dtype=loaded.dtype, device=loaded.device, backend=loaded.backend, loras=loaded.loras,
+        **dataclasses.asdict(loaded.dims),
+        decoders=("vae", "tiny_vae") if tiny_record is not None else ("vae",),
+        default_decoder=default_decoder,
+        tiny_vae_scaling_factor=tiny_record.scaling_factor if tiny_record is not None else 1.0,
+        tiny_vae=tiny_record,
+        graph_capturable=provider.graph_capturable if provider is not None else True,
+        details=details)
+    if tiny_record is not None:
+        log.info("tiny autoencoder %s (%s) on %s; default decoder %s", tiny_source, tiny_record.kind, loaded.device,
+                 default_decoder)
+    return Runtime(spec, loaded.tokenizer, loaded.scheduler, parts)
+
+
+def _tiny_vae(source: str, loaded: Loaded) -> tuple[torch.nn.Module, TinyVaeRecord]:
+    """The tiny autoencoder `source` (export/tiny_vae.py) in the model's dtype on its device, and its
+    record (an artifact's own: its export record, with the sha256)."""
+    from lcmserve.export.tiny_vae import load_tiny_vae
+
+    module, record = load_tiny_vae(source, dtype=loaded.dtype, device=loaded.device,
+                                   latent_channels=loaded.dims.latent_channels,
+                                   vae_scale_factor=loaded.dims.vae_scale_factor)
+    exported = read_manifest(source).tiny_vae if _artifact_tiny_vae(source) is not None else None
+    return module, exported or record
+
+
+def _compiled_tiny(provider: Provider, artifact: ArtifactModel, source: str) -> Compiled | None:
+    """A compiled artifact's compiled tiny decoder, when the tiny autoencoder served is its own tiny_vae/
+    (the one exported) and it has one; otherwise None (it runs eagerly), logged."""
+    own = _artifact_tiny_vae(source) is not None and Path(source).resolve() == artifact.artifact_dir.resolve()
+    compiled = provider.tiny_vae_decoder() if own else None
+    backend = provider.backend
+    if compiled is None:
+        why = ("the tiny autoencoder served is not the artifact's own tiny_vae/" if not own
+               else "its compile cache has no tiny decoder (exported before it)" if backend == "compile"
+               else "it has no compiled tiny decoder (exported before it)")
+        log.warning("%s artifact: %s; running the tiny autoencoder's decoder eagerly", backend, why)
+        return None
+    log.info("%s artifact: serving its compiled tiny decoder (%s)", backend,
+             artifact.entry.files.get("tiny_vae_decoder", "in its compile cache"))
+    return compiled
+
+
+def _load(model: str, *, loras: Sequence[str], backend: str, device: str | None, dtype: str | None,
+          allow_partial_lora: bool) -> Loaded:
     from lcmserve.export.loading import load_pipeline, parse_dtype
 
+    quiet_libraries()
     device = device or default_device()
     artifact = Path(model) if is_artifact(model) else None
     manifest = read_manifest(artifact) if artifact is not None else None
@@ -120,7 +211,7 @@ def _load_runtime(model: str, *, loras: Sequence[str], backend: str, device: str
                             f"`lcmserve export --base {model} --backend {backend} --out DIR`, then serve DIR")
         if loras:
             raise LoadError("--lora cannot be added to a compiled artifact: export the LoRAs with it")
-        return load_compiled_runtime(artifact, backend=backend, device=device)
+        return _load_compiled(artifact, backend=backend, device=device)
 
     if loras:
         from lcmserve.export.fuse import fuse_in_memory
@@ -132,8 +223,10 @@ def _load_runtime(model: str, *, loras: Sequence[str], backend: str, device: str
     else:
         pipe = load_pipeline(model, dtype=torch_dtype, device=device)
         records = manifest.loras if manifest else ()
-    base = manifest.base if manifest else model
-    return EagerRuntime(pipe, spec_from_pipeline(pipe, base=base, backend="eager", loras=records))
+    dev, dt = pipe.unet.device, pipe.unet.dtype
+    return Loaded(base=manifest.base if manifest else model, backend="eager", device=dev, dtype=dt,
+                  dims=pipeline_dims(pipe), tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+                  eager=EagerModules(dev, dt, pipe=pipe), loras=tuple(records))
 
 
 def compiled_entry(artifact_dir: Path, manifest: Manifest, backend: str) -> CompiledEntry:
@@ -175,13 +268,20 @@ def pick_backend(artifact_dir: Path, device: str | torch.device) -> str:
 
 
 def load_compiled_runtime(artifact_dir: Path, *, backend: str, device: str, warmup: bool = True) -> Runtime:
-    """Serve `artifact_dir/compiled/<backend>` on `device` ("cpu", "cuda", "cuda:1").
+    """Serve `artifact_dir/compiled/<backend>` on `device` ("cpu", "cuda", "cuda:1"), without a tiny
+    autoencoder (load_runtime adds the artifact's own).
 
     Raises ArtifactMismatchError for an artifact made for another machine, FileNotFoundError when the
     backend was not exported. `warmup` (compile backend) runs the shapes warmed at export once, so the
     first request does not pay dynamo tracing and the cache load.
     """
-    artifact_dir = Path(artifact_dir)
+    start = time.perf_counter()
+    return _runtime(_load_compiled(Path(artifact_dir), backend=backend, device=device, warmup=warmup), None, "vae",
+                    start)
+
+
+def _load_compiled(artifact_dir: Path, *, backend: str, device: str, warmup: bool = True) -> Loaded:
+    quiet_libraries()
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -191,22 +291,25 @@ def load_compiled_runtime(artifact_dir: Path, *, backend: str, device: str, warm
     entry = compiled_entry(artifact_dir, manifest, backend)
     check_runs_here(artifact_dir, entry, dev)
     start = time.perf_counter()
-    runtime: Runtime
+    model = ArtifactModel(artifact_dir, manifest, entry, dev)
+    provider: Provider
     match entry:
         case AotiEntry():
-            from .compiled import AOTIRuntime
+            from .compiled import AotiProvider
 
-            runtime = AOTIRuntime(artifact_dir, manifest, entry, dev, warmup=warmup)
+            provider = AotiProvider(model, entry)
         case CompileEntry():
-            from .compiled import TorchCompileRuntime
+            from .compiled import TorchCompileProvider
 
-            runtime = TorchCompileRuntime(artifact_dir, manifest, entry, dev, warmup=warmup)
+            provider = TorchCompileProvider(model, entry, warmup=warmup)
         case OnnxEntry():
-            from .compiled_onnx import OnnxRuntime
+            from .compiled_onnx import OnnxProvider
 
-            runtime = OnnxRuntime(artifact_dir, manifest, entry, dev, warmup=warmup)
+            provider = OnnxProvider(model, entry)
         case _:
-            raise ValueError(f"{artifact_dir}: no runtime for a {type(entry).__name__}")
-    runtime.spec.extra["load_seconds"] = round(time.perf_counter() - start, 3)
+            raise ValueError(f"{artifact_dir}: no provider for a {type(entry).__name__}")
     log.info("loaded %s artifact %s on %s in %.1f s", backend, artifact_dir, dev, time.perf_counter() - start)
-    return runtime
+    return Loaded(base=manifest.base, backend=backend, device=dev, dtype=model.dtype, dims=model.dims,
+                  tokenizer=model.tokenizer, scheduler=model.scheduler,
+                  eager=EagerModules(dev, model.dtype, folder=model.model_dir), loras=manifest.loras,
+                  provider=provider, artifact=model)

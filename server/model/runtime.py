@@ -1,7 +1,8 @@
-"""The model behind a small, pure boundary: four callables the engine runs.
+"""The model behind a small, pure boundary: one Runtime, five parts, one typed UNet call.
 
     encode_text(input_ids)              (B, 77) int64            -> (B, 77, D) text embeddings
-    unet(latents, timesteps, text)      (B, 4, h, w), (B,) int64, (B, 77, D) -> (B, 4, h, w) predicted noise
+    unet(call: UNetCall)                latents (B, 4, h, w), timesteps (B,) int64, text (B, 77, D), and
+                                        per-row extras (export/unet_call.py) -> (B, 4, h, w) predicted noise
     vae_decode(latents)                 (B, 4, h, w) unscaled    -> (B, 3, 8h, 8w) pixels in [-1, 1]
     vae_encode(pixels)                  (B, 3, 8h, 8w) in [-1, 1] -> (B, 8, h, w) moments: the mean and
                                         log-variance of the latent distribution (diffusers'
@@ -10,116 +11,131 @@
     tiny_vae_decode(latents), optional  (B, 4, h, w) / tiny scaling -> (B, 3, 8h, 8w) pixels in [-1, 1]
                                         (TAESD's decoder; None when the model has no tiny autoencoder)
 
-Tensors live on `spec.device` in `spec.dtype` (timesteps and ids are int64 on the device). The engine
-does not know which backend runs them: eager PyTorch here, compiled ones in compiled.py (AOTInductor,
-torch.compile) and compiled_onnx.py (ONNX Runtime); loader.py picks one. All calls run under
+Each callable is a `Part` (parts.py): the backend's compiled form where it serves the shape, else the
+eager module, in chunks. The backend (eager, compile, aoti, onnx) only provides compiled forms
+(compiled.py, compiled_onnx.py); loader.py builds the Runtime and its `ModelSpec`, once. Tensors live
+on `spec.device` in `spec.dtype` (timesteps and ids are int64 on the device). All calls run under
 `torch.inference_mode()` on the engine's thread; none of them may keep references to their inputs
 (the engine reuses buffers).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lcmserve.export.pipeline import as_module
+from lcmserve.export.artifact import CompiledEntry
+from lcmserve.export.records import LoraRecord, TinyVaeRecord
+from lcmserve.export.unet_call import UNetCall
+
+from .parts import Part
 
 if TYPE_CHECKING:
     # The defining module: `from diffusers import LCMScheduler` gives mypy diffusers' dummy class.
     from diffusers.schedulers.scheduling_lcm import LCMScheduler
     from transformers import CLIPTokenizer
 
-    from lcmserve.export.pipeline import SDPipeline
+__all__ = ["BackendDetails", "ModelDims", "ModelSpec", "Runtime", "UNetCall"]
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """What the engine and the edge need to know about the served model, whatever the backend."""
+class ModelDims:
+    """The shapes the engine needs, read off the model's configs."""
 
-    base: str  # hub id, folder or preset name
-    dtype: torch.dtype
-    device: torch.device
-    backend: str  # "eager" | "compile" | "aoti" | "onnx"
-    loras: tuple[dict[str, Any], ...] = ()  # manifest records: source, sha256, scale, format
     latent_channels: int = 4
     vae_scale_factor: int = 8  # pixels per latent along each side
     scaling_factor: float = 0.18215  # SD v1.5's latent scaling (vae.config.scaling_factor)
     text_max_length: int = 77  # CLIP context
     text_hidden_size: int = 768
-    extra: dict[str, Any] = field(default_factory=dict)  # backend details for model info / logs
+
+
+@dataclass(frozen=True)
+class BackendDetails:
+    """How the backend serves the model, for GetModelInfo's backend details and the logs."""
+
+    artifact: str | None = None  # the artifact folder a compiled backend serves
+    compiled: CompiledEntry | None = None  # its manifest entry
+    load_seconds: float | None = None
+    warmup_seconds: float | None = None  # compile: running the shapes warmed at export, at load
+    aoti_run_single_threaded: bool | None = None  # aoti: packages loaded with run_single_threaded
+    torch_compile: Mapping[str, Any] | None = None  # compile: the torch.compile settings served with
+    parts: tuple[tuple[str, str], ...] = ()  # part -> "compiled" | "eager" (at the shapes the backend serves)
+
+    def part(self, name: str) -> str | None:
+        """"compiled" or "eager" for a part the model has, None for one it lacks."""
+        return dict(self.parts).get(name)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the engine and the edge need to know about the served model, whatever the backend; built
+    once, by loader.py."""
+
+    base: str  # hub id, folder or preset name
+    dtype: torch.dtype
+    device: torch.device
+    backend: str  # "eager" | "compile" | "aoti" | "onnx"
+    loras: tuple[LoraRecord, ...] = ()  # fused into the model, in order
+    latent_channels: int = 4
+    vae_scale_factor: int = 8  # pixels per latent along each side
+    scaling_factor: float = 0.18215  # SD v1.5's latent scaling (vae.config.scaling_factor)
+    text_max_length: int = 77  # CLIP context
+    text_hidden_size: int = 768
     decoders: tuple[str, ...] = ("vae",)  # ("vae", "tiny_vae") with a tiny autoencoder
     default_decoder: str = "vae"  # what a request's DECODER_UNSPECIFIED means (serve --default-decoder)
     tiny_vae_scaling_factor: float = 1.0  # the tiny autoencoder's config.scaling_factor (TAESD: 1.0)
-    tiny_vae: dict[str, Any] | None = None  # its manifest record (source, sha256), None without one
+    tiny_vae: TinyVaeRecord | None = None  # the tiny autoencoder's record, None without one
+    # Capabilities. May the engine capture the callables in its CUDA graphs (not ONNX Runtime's, which
+    # wait for the device inside each call)? Which per-row UNetCall extras does the UNet read (room for
+    # per-request adapters: slot indices, scales; none yet)?
+    graph_capturable: bool = True
+    unet_extras: tuple[str, ...] = ()
+    details: BackendDetails = BackendDetails()
 
 
-class Runtime(Protocol):
-    """The four model callables plus what is needed to prepare their inputs."""
+class Runtime:
+    """The model callables of the module doc, over its parts, plus what prepares their inputs."""
 
-    spec: ModelSpec
-    tokenizer: CLIPTokenizer
-    scheduler: LCMScheduler  # only read for its config (alphas, timesteps); the engine steps itself
-
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor: ...
-
-    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor: ...
-
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor: ...
-
-    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
-
-    # The tiny autoencoder's decoder, or None (loader.attach_tiny_vae sets it on any runtime).
-    tiny_vae_decode: Callable[[torch.Tensor], torch.Tensor] | None
-
-
-class EagerRuntime:
-    """Plain PyTorch modules of a (fused) StableDiffusionPipeline."""
-
-    def __init__(self, pipe: SDPipeline, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tokenizer: CLIPTokenizer, scheduler: LCMScheduler,
+                 parts: Mapping[str, Part]) -> None:
         self.spec = spec
-        self.tokenizer: CLIPTokenizer = pipe.tokenizer
-        self.scheduler: LCMScheduler = pipe.scheduler
-        self.text_encoder = as_module(pipe.text_encoder).eval()
-        self.unet_module = as_module(pipe.unet).eval()
-        self.vae = as_module(pipe.vae).eval()
-        self._vae_decode: Callable[..., Any] = getattr(self.vae, "decode")  # AutoencoderKL.decode
-        self._vae_encode: Callable[..., Any] = getattr(self.vae, "encode")  # AutoencoderKL.encode
-        self.tiny_vae_decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler  # only read for its config (alphas, timesteps); the engine steps itself
+        self.parts = dict(parts)
+        tiny = self.parts.get("tiny_vae_decoder")
+        # The tiny autoencoder's decoder, or None (the engine's decoders check for it).
+        self.tiny_vae_decode: Callable[[torch.Tensor], torch.Tensor] | None = tiny
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         # As StableDiffusionPipeline.encode_prompt: last hidden state, no attention mask for CLIP.
-        hidden: torch.Tensor = self.text_encoder(input_ids)[0]
-        return hidden.to(self.spec.dtype)
+        return self.parts["text_encoder"](input_ids.to(torch.int64)).to(self.spec.dtype)
 
-    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        noise: torch.Tensor = self.unet_module(latents, timesteps, encoder_hidden_states=text, return_dict=False)[0]
-        return noise
+    def unet(self, call: UNetCall) -> torch.Tensor:
+        unread = [name for name in call.extra_names if name not in self.spec.unet_extras]
+        if unread:
+            raise ValueError(f"this model's UNet reads no {', '.join(unread)} (its extras: "
+                             f"{', '.join(self.spec.unet_extras) or 'none'})")
+        return self.parts["unet"](*call.positional())
+
+    def example_unet_call(self, rows: int, latent_h: int, latent_w: int) -> UNetCall:
+        """A valid UNet call of `rows` rows at one latent size (every input the UNet reads, on the device
+        in its dtype): what CUDA-graph captures and warm-ups run."""
+        spec = self.spec
+        return UNetCall(
+            torch.randn(rows, spec.latent_channels, latent_h, latent_w, device=spec.device, dtype=spec.dtype),
+            torch.full((rows,), 999, dtype=torch.long, device=spec.device),
+            torch.zeros(rows, spec.text_max_length, spec.text_hidden_size, device=spec.device, dtype=spec.dtype))
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        pixels: torch.Tensor = self._vae_decode(latents, return_dict=False)[0]
-        return pixels
+        return self.parts["vae_decoder"](latents)
 
     def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        # AutoencoderKL.encode -> (DiagonalGaussianDistribution,); its parameters are the moments.
-        moments: torch.Tensor = self._vae_encode(pixels, return_dict=False)[0].parameters
-        return moments
+        return self.parts["vae_encoder"](pixels)
 
-
-def spec_from_pipeline(pipe: SDPipeline, *, base: str, backend: str,
-                       loras: tuple[dict[str, Any], ...] = ()) -> ModelSpec:
-    """Read the shapes the engine needs off a loaded pipeline."""
-    return ModelSpec(
-        base=base,
-        dtype=pipe.unet.dtype,
-        device=pipe.unet.device,
-        backend=backend,
-        loras=loras,
-        latent_channels=int(pipe.unet.config.in_channels),
-        vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
-        scaling_factor=float(pipe.vae.config.scaling_factor),
-        text_max_length=int(pipe.tokenizer.model_max_length),
-        text_hidden_size=int(pipe.text_encoder.config.hidden_size),
-    )
+    def fallbacks(self) -> dict[str, int]:
+        """Per part, the calls run eagerly because the compiled part does not serve their shape (for
+        /metrics: lcmserve_eager_fallback_calls_total)."""
+        return {name: part.fallbacks for name, part in self.parts.items() if part.compiled is not None}
