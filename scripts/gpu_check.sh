@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# One device session's whole GPU check, in one `device` call of at most 10 minutes:
+# One device session's whole GPU check, in one `device` call, 480 s at most (GPU_CHECK_TOTAL_S): with a
+# 1-2 minute machine start that leaves about 5 of a 15-minute slot for one targeted rerun (docs/benchmarks.md).
 #   1. install the carried wheels into /tmp/pylib, and the working tree itself as `lcmserve`
 #      (links laid out as the installed package: lcmserve/ = client/*, lcmserve/server, lcmserve/export)
-#   2. scripts/gpu_probe.py   in-process: graphs correct and fast, host work, repros of #15 1-3 (<= 150 s)
-#   3. scripts/gpu_check.py   build, export, serve eager + CUDA graphs, bench, baselines (the rest)
+#   2. scripts/gpu_probe.py   in-process: graphs correct and fast, host work, syncs per engine iteration,
+#                             eager speed levers, repros of #15 1-3 (<= 170 s: PROBE_BUDGET_S)
+#   3. scripts/gpu_check.py   build, export, serve eager + CUDA graphs, bench, fp16 parity, baselines (the rest)
 #   4. both tables last, so the device tool's output tail holds them
 # Prepare here first (this machine has the registry): `make gpu-check-prepare` (-> .device/, git-ignored),
 # then call the device tool with carry [".device"] and command `bash scripts/gpu_check.sh`.
 # Arguments go to gpu_check.py (e.g. --aoti, --anchor 90, --stage-timeout export_eager=200).
-# Environment: GPU_CHECK_TOTAL_S (default 560: whole script), PROBE_BUDGET_S (default 150; 0 skips the probe).
+# Environment: GPU_CHECK_TOTAL_S (default 480: whole script), PROBE_BUDGET_S (default 170; 0 skips the probe).
 # Only small files go to $OUT: gpu.txt, probe.jsonl, probe.md, results.jsonl, table.md, log.txt.
 set -uo pipefail
 START=$(date +%s)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 PY=${PYTHON:-python3}
-TOTAL=${GPU_CHECK_TOTAL_S:-560}
-PROBE_BUDGET=${PROBE_BUDGET_S:-150}
+TOTAL=${GPU_CHECK_TOTAL_S:-480}
+PROBE_BUDGET=${PROBE_BUDGET_S:-170}
 WORK=/tmp/lcmserve-gpu-work
 export OUT="${OUT:-/tmp/lcmserve-gpu-out}" HF_HUB_OFFLINE=1 LCMSERVE_CACHE=/tmp/lcmserve-cache PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"

@@ -1,27 +1,36 @@
-"""In-process GPU probe for issue #15: are the CUDA graphs correct and fast, what does the host work
-of an LCM step cost, and do the predicted failures (items 1-3) happen? No gRPC, no server.
+"""In-process GPU probe (issues #15 and #18): are the CUDA graphs correct and fast, what does the
+host work of an LCM step cost, how often does the engine loop wait for the GPU, which eager speed
+levers pay, and do the predicted failures (#15 items 1-3) happen? No gRPC, no server.
 
-    python scripts/gpu_probe.py                   # on the GPU: sd15-random fp16, at most --budget 150 s
+    python scripts/gpu_probe.py                   # on the GPU: sd15-random fp16, at most --budget 170 s
     python scripts/gpu_probe.py                   # on a CPU: the tiny preset, a dry run (see below)
 
-Parts, in order, each under its own deadline (`--stage-timeout PART=S`) inside --budget:
+Parts, in order, each under its own deadline (its share in PLAN, `--stage-timeout PART=S` to
+change one) inside --budget. The repros keep a fixed share: the parts before them may use only
+what is left after those shares, so a slow build cannot starve them.
   build           the preset, loaded as the server loads it (load_pipeline); builds the preset cache
                   that gpu_check.py then reuses
-  unet_graphs     per bucket (1/8/32/64 at 512x512): eager vs BucketedGraphs replay, max |diff| on
-                  inputs other than the captured ones (graphs must be correct, not only fast), a
-                  padded batch (bucket - 1 rows) against eager at that size, ms per call, capture s
-  vae_graphs      the same for the VAE decode
+  unet_graphs     per bucket (--buckets 1/8/32/64 at 512x512): eager vs BucketedGraphs replay, max
+                  |diff| on inputs other than the captured ones (graphs must be correct, not only
+                  fast), a padded batch (bucket - 1 rows) against eager at that size, ms per call, capture s
+  vae_graphs      the same for the VAE decode, at the buckets its batches use (--vae-buckets 1/2/4/8)
   lcm_step        one step at batch 32 (UNet + lcm_step + renoise) with the host work the engine did
                   (a sync per UNet call, per-sample CPU generators, pageable copies, per-step
                   constant stacks) and without it (device-side constants, pre-drawn noise)
-  failed_capture  item 3: a capture that fails (a host sync inside) must leave the stream and the
+  sync_count      #18 item 1: real engine iterations (the in-process Engine) under
+                  torch.cuda.set_sync_debug_mode("warn"): syncs per iteration and where (probe_syncs.py)
+  levers          #18 item 7: channels_last (UNet, VAE), fused QKV, both, a VAE decode of 16 against
+                  two of 8: ms per call at the engine's buckets (probe_levers.py)
+  failed_capture  #15 item 3: a capture that fails (a host sync inside) must leave the stream and the
                   allocator as they were and run eagerly; and raw torch.cuda.graph's behaviour
-  aoti_graph      item 1: torch.export + AOTInductor, captured at batch 1, then batch 2
-  compile_thread  item 2: torch.compile(mode="reduce-overhead") warmed in one thread, called from another
+  aoti_graph      #15 item 1: torch.export + AOTInductor, captured at batch 1, then batch 2
+                  (run_single_threaded=True first: the variant expected to pass)
+  compile_thread  #15 item 2: torch.compile(mode="reduce-overhead") warmed in one thread, called from another
   memory          torch.cuda.max_memory_reserved / allocated
 One JSON line per result to --out (default $OUT/probe.jsonl), a table at the end (and beside it,
-probe.md). On a CPU: the tiny preset at 64x64, eager timings and the LCM step; parts that need CUDA
-(graphs, the repros, memory) are skipped and listed as such.
+probe.md). On a CPU: the tiny preset at 64x64 with one torch thread, eager timings, the LCM step
+and the levers; parts that need CUDA (graphs, sync_count, the repros, memory) are skipped with
+"no CUDA".
 """
 
 from __future__ import annotations
@@ -49,8 +58,11 @@ from stagekit import (
     versions,
 )
 
-DEFAULT_S = {"build": 75, "unet_graphs": 30, "vae_graphs": 35, "lcm_step": 15, "failed_capture": 10,
-             "aoti_graph": 60, "compile_thread": 45}
+# Each part's deadline (s) on an H100/H200, in run order: 170 s in all (--budget, PROBE_BUDGET_S).
+PLAN = {"build": 50, "unet_graphs": 15, "vae_graphs": 10, "lcm_step": 5, "sync_count": 15, "levers": 20,
+        "failed_capture": 5, "aoti_graph": 25, "compile_thread": 25}
+FIXED = ("failed_capture", "aoti_graph", "compile_thread")  # the repros: their share is kept for them
+CPU_FACTOR = 2  # a CPU dry run: tiny shapes, but one thread of a core other jobs share
 
 
 class Probe:
@@ -65,6 +77,8 @@ class Probe:
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.dtype = torch.float16 if self.cuda else torch.float32
         self.preset = "tiny" if args.tiny or not self.cuda else "sd15-random"
+        if not self.cuda:  # a shared small CPU: one OpenMP thread, not a team stalled at every barrier
+            torch.set_num_threads(1)
         self.side = 512 if self.preset == "sd15-random" else 64
         self.iters = args.iters or (5 if self.cuda else 2)
         self.status: dict[str, str] = {}
@@ -79,10 +93,13 @@ class Probe:
              needs: tuple[str, ...] = ("build",), always: bool = False) -> None:
         """Run one part under its deadline (SIGALRM); record ok / failed / timeout / skipped.
         `always`: a part of a few ms that runs (5 s deadline) even when the budget is spent."""
-        limit = 5.0 if always else self.budget.limit(name, DEFAULT_S.get(name, 10))
-        reason = ("needs CUDA" if cuda and not self.cuda else
+        later = list(PLAN)[list(PLAN).index(name) + 1:] if name in PLAN else []
+        kept = sum(self.budget.overrides.get(n, PLAN[n]) for n in later if n in FIXED) if self.cuda else 0.0
+        share = PLAN.get(name, 10) * (1 if self.cuda else CPU_FACTOR)
+        limit = 5.0 if always else self.budget.limit(name, share, kept)
+        reason = ("no CUDA" if cuda and not self.cuda else
                   f"needs {', '.join(needs)}" if any(self.status.get(n) != "ok" for n in needs) else
-                  "no time left in --budget" if not always and self.budget.left() < 2 else None)
+                  "no time left in --budget" if not always and self.budget.left() - kept < 2 else None)
         if reason:
             self.status[name] = "skipped"
             self.rec.emit(part=name, status="skipped", reason=reason)
@@ -105,6 +122,11 @@ class Probe:
         self.status[name] = status
         self.rec.emit(part=name, status=status, seconds=round(time.monotonic() - start, 1), limit_s=round(limit),
                       **fields)
+
+    def free(self) -> None:
+        """Give cached device memory back between measurements (a no-op on a CPU)."""
+        if self.cuda:
+            self.torch.cuda.empty_cache()
 
     def sync(self) -> None:
         if self.cuda:
@@ -165,10 +187,10 @@ class Probe:
     def vae_inputs(self, batch: int, seed: int) -> tuple[Any, ...]:
         return self.unet_inputs(batch, seed)[:1]
 
-    def graphs_part(self, part: str, fn: Callable[..., Any], make: Callable[[int, int], tuple[Any, ...]]) -> dict[str, Any]:
+    def graphs_part(self, part: str, fn: Callable[..., Any], make: Callable[[int, int], tuple[Any, ...]],
+                    buckets: list[int]) -> dict[str, Any]:
         """Eager vs graph replay per bucket; rows per bucket, a summary of the worst diff."""
         torch = self.torch
-        buckets = [int(b) for b in self.args.buckets.split(",")]
         worst = 0.0
         with torch.inference_mode():
             for bucket in buckets:
@@ -254,12 +276,19 @@ class Probe:
                 "max_memory_allocated_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
     def run_all(self) -> None:
+        import probe_levers
         import probe_repros
+        import probe_syncs
 
+        unet_buckets, vae_buckets = ([int(b) for b in text.split(",")] for text in (self.args.buckets,
+                                                                                    self.args.vae_buckets))
         self.part("build", self.build, needs=())
-        self.part("unet_graphs", lambda: self.graphs_part("unet_graphs", self.unet_call, self.unet_inputs))
-        self.part("vae_graphs", lambda: self.graphs_part("vae_graphs", self.vae_call, self.vae_inputs))
+        self.part("unet_graphs", lambda: self.graphs_part("unet_graphs", self.unet_call, self.unet_inputs,
+                                                          unet_buckets))
+        self.part("vae_graphs", lambda: self.graphs_part("vae_graphs", self.vae_call, self.vae_inputs, vae_buckets))
         self.part("lcm_step", self.lcm_step)
+        self.part("sync_count", lambda: probe_syncs.sync_count(self), cuda=True)
+        self.part("levers", lambda: probe_levers.levers(self))
         self.part("failed_capture", lambda: probe_repros.failed_capture(self), cuda=True, needs=())
         self.part("aoti_graph", lambda: probe_repros.aoti_graph(self), cuda=True, needs=())
         self.part("compile_thread", lambda: probe_repros.compile_thread(self), cuda=True, needs=())
@@ -267,29 +296,37 @@ class Probe:
 
 
 def render(records: list[dict[str, Any]]) -> str:
+    """A row per record: a part's outcome (status, seconds / deadline) or one of its measurements."""
     rows: list[list[object]] = []
-    skip = {"part", "status", "t_s", "seconds", "limit_s", "eager_ms", "graph_ms", "max_abs_diff", "bucket"}
+    skip = {"part", "status", "t_s", "seconds", "limit_s", "eager_ms", "graph_ms", "base_ms", "lever_ms",
+            "max_abs_diff", "bucket", "variant", "reason"}
     for r in records:
         if "part" not in r:
             continue
-        what = f"bucket {r['bucket']}" if "bucket" in r else r.get("variant", "")
+        what = " ".join(str(x) for x in (r.get("variant"), f"bucket {r['bucket']}" if "bucket" in r else None) if x)
         status = r["status"] if r["status"] != "row" else ""
+        if "reason" in r:
+            status += f": {r['reason']}"
         if "seconds" in r:
             status += f" ({r['seconds']}/{r['limit_s']} s)"
-        notes = {k: v for k, v in r.items() if k not in skip and k != "variant"}
-        rows.append([r["part"], status, what, fmt(r.get("eager_ms"), 2), fmt(r.get("graph_ms"), 2),
-                     fmt(r.get("max_abs_diff"), 4), ", ".join(f"{k}={v}" for k, v in notes.items())[:400]])
-    return markdown_table(["part", "status", "what", "eager ms", "graph ms", "max abs diff", "notes"], rows)
+        notes = {k: v for k, v in r.items() if k not in skip}
+        rows.append([r["part"], status, what, fmt(r.get("eager_ms", r.get("base_ms")), 2),
+                     fmt(r.get("graph_ms", r.get("lever_ms")), 2), fmt(r.get("max_abs_diff"), 4),
+                     ", ".join(f"{k}={v}" for k, v in notes.items())[:400]])
+    return markdown_table(["part", "status", "what", "eager / base ms", "graph / lever ms", "max abs diff", "notes"],
+                          rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=pathlib.Path, help="JSON lines file (default $OUT/probe.jsonl)")
     p.add_argument("--work", default="/tmp/lcmserve-probe", help="scratch folder (AOTInductor package)")
-    p.add_argument("--budget", type=float, default=150.0, metavar="S", help="seconds for all parts (default 150)")
+    p.add_argument("--budget", type=float, default=170.0, metavar="S", help="seconds for all parts (default 170)")
     p.add_argument("--stage-timeout", action="append", default=[], metavar="PART=S",
                    help="override one part's deadline (repeatable), e.g. vae_graphs=10")
-    p.add_argument("--buckets", default="1,8,32,64", help="batch sizes for the graph parts (default 1,8,32,64)")
+    p.add_argument("--buckets", default="1,8,32,64", help="UNet batch sizes (default 1,8,32,64)")
+    p.add_argument("--vae-buckets", default="1,2,4,8",
+                   help="VAE decode batch sizes (default 1,2,4,8: the engine decodes at most 8 at once)")
     p.add_argument("--iters", type=int, default=0, help="timed calls per measurement (default 5; 2 on a CPU)")
     p.add_argument("--tiny", action="store_true", help="the tiny preset even on a GPU (a quick smoke run)")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto")

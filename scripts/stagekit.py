@@ -109,9 +109,10 @@ class Budget:
     def left(self) -> float:
         return self.end - time.monotonic() - self.reserve_s
 
-    def limit(self, stage: str, default_s: float) -> float:
-        """Seconds this stage may take: its override or default, capped by what is left."""
-        return min(self.overrides.get(stage, default_s), self.left())
+    def limit(self, stage: str, default_s: float, kept_for_later_s: float = 0.0) -> float:
+        """Seconds this stage may take: its override or default, capped by what is left once
+        `kept_for_later_s` (the fixed shares of stages still to come) is set aside."""
+        return min(self.overrides.get(stage, default_s), self.left() - kept_for_later_s)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -147,8 +148,12 @@ def alarm(seconds: float) -> Iterator[None]:
 
 
 def on_termination() -> None:
-    """SIGTERM and SIGINT raise Interrupted, so `finally` blocks run and the table is printed."""
+    """SIGTERM and SIGINT raise Interrupted, so `finally` blocks run and the table is printed. Only
+    the first one: later ones are ignored, so that they cannot cut the table or the kills short
+    (`timeout -k` still ends the process with SIGKILL)."""
     def stop(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise Interrupted(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)

@@ -8,12 +8,18 @@ handling run for real; only the CUDA recording is left out. The CUDA-only test r
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
+import time
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,6 +159,15 @@ def test_failed_cuda_capture_restores_the_stream_and_runs_eagerly() -> None:
 # ---- the scripts' dry runs ---------------------------------------------------------------------
 
 
+def script_module(name: str):  # type: ignore[no-untyped-def]
+    """A module of scripts/ (no package: its modules import each other by name)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
 def run_script(*args: str, out: pathlib.Path, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**__import__("os").environ, "OUT": str(out)})
@@ -182,8 +197,10 @@ def test_gpu_probe_part_timeout_still_prints_the_table(tmp_path: pathlib.Path) -
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {rec["part"]: rec for rec in records(tmp_path / "probe.jsonl")}
     assert rows["build"]["status"] == "timeout"
-    assert rows["unet_graphs"]["status"] == "skipped" and rows["aoti_graph"]["reason"] == "needs CUDA"
+    assert rows["unet_graphs"]["status"] == "skipped" and rows["aoti_graph"]["reason"] == "no CUDA"
+    assert rows["sync_count"]["reason"] == "no CUDA" and rows["levers"]["reason"] == "needs build"
     assert "| build | timeout" in r.stdout and (tmp_path / "probe.md").exists()
+    assert "| sync_count | skipped: no CUDA |" in r.stdout
 
 
 @pytest.mark.slow
@@ -193,14 +210,23 @@ def test_gpu_probe_dry_runs_on_the_cpu(tmp_path: pathlib.Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = records(tmp_path / "probe.jsonl")
     parts = {rec["part"]: rec for rec in recs if rec["status"] != "row"}
-    assert all(parts[p]["status"] == "ok" for p in ("build", "unet_graphs", "vae_graphs", "lcm_step"))
+    assert all(parts[p]["status"] == "ok" for p in ("build", "unet_graphs", "vae_graphs", "lcm_step", "levers"))
     assert {p for p, rec in parts.items() if rec["status"] == "skipped"} == {
-        "failed_capture", "aoti_graph", "compile_thread", "memory"}
+        "failed_capture", "aoti_graph", "compile_thread", "memory", "sync_count"}
+    assert all(parts[p]["reason"] == "no CUDA" for p in ("sync_count", "failed_capture", "memory"))
     unet = [rec for rec in recs if rec["part"] == "unet_graphs" and rec["status"] == "row"]
     assert [rec["bucket"] for rec in unet] == [1, 8, 32, 64] and all(rec["finite"] for rec in unet)
+    vae = [rec for rec in recs if rec["part"] == "vae_graphs" and rec["status"] == "row"]
+    assert [rec["bucket"] for rec in vae] == [1, 2, 4, 8]  # the engine decodes at most 8 at once
     step = next(rec for rec in recs if rec["part"] == "lcm_step" and rec["status"] == "row")
     assert step["max_abs_diff"] == 0.0  # host-side and device-side constants give the same step
-    assert "skipped: failed_capture, aoti_graph, compile_thread, memory" in r.stdout
+    levers = [(rec["variant"], rec["bucket"]) for rec in recs if rec["part"] == "levers" and rec["status"] == "row"]
+    assert levers == [(name, b) for name in ("unet_channels_last", "unet_fused_qkv", "unet_both") for b in (1, 8, 32, 64)
+                      ] + [("vae_channels_last", b) for b in (1, 2, 4, 8)] + [("vae_batch16", 16)]
+    assert all(rec["max_abs_diff"] < 1e-3 and rec["base_ms"] > 0 and rec["lever_ms"] > 0
+               for rec in recs if rec["part"] == "levers" and rec["status"] == "row")  # same images, float32
+    assert "skipped: sync_count, failed_capture, aoti_graph, compile_thread, memory" in r.stdout
+    assert "| sync_count | skipped: no CUDA |" in r.stdout and "| levers | ok" in r.stdout
 
 
 @pytest.mark.slow
@@ -209,7 +235,10 @@ def test_gpu_check_tiny_dry_run(tmp_path: pathlib.Path) -> None:
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     recs = records(tmp_path / "results.jsonl")
     stages = {rec["stage"]: rec.get("status") for rec in recs if rec.get("status") != "level"}
-    assert all(status == "ok" for name, status in stages.items() if name != "env"), stages
+    assert all(status == "ok" for name, status in stages.items() if name not in ("env", "parity")), stages
+    parity = next(rec for rec in recs if rec["stage"] == "parity")  # fp16 against diffusers: a GPU stage
+    assert parity["status"] == "skipped" and parity["reason"] == "no CUDA"
+    assert "| parity | skipped: no CUDA |" in (tmp_path / "table.md").read_text()
     levels = [rec for rec in recs if rec.get("status") == "level"]
     assert {rec["stage"] for rec in levels} == {"bench_eager_low", "bench_eager_high", "bench_eager_img2img",
                                                  "baseline_plain", "baseline_cached"}
@@ -232,3 +261,136 @@ def test_versions_too_old_for_the_stubs_are_named() -> None:
     assert stagekit.parse_timeouts(["loras=0.5", "export_eager=30"]) == {"loras": 0.5, "export_eager": 30.0}
     with pytest.raises(ValueError, match="NAME=SECONDS"):
         stagekit.parse_timeouts(["loras"])
+
+
+# ---- issue 18: the parity stage, the sync count, the budget ------------------------------------
+
+
+def test_parity_comparison_counts_pixel_levels() -> None:
+    parity = script_module("parity_check")
+    floats = np.random.default_rng(0).uniform(0.1, 0.9, (8, 8, 3)).astype(np.float32)  # CPU float32 pixels
+    reference = parity.to_uint8(floats)
+    assert reference.dtype == np.uint8 and np.array_equal(reference, (floats * 255).round().astype(np.uint8))
+    assert parity.to_uint8(np.array([-0.1, 0.5, 1.2])).tolist() == [0, 128, 255]  # clipped, rounded
+    served = reference.copy()
+    served[0, 0, 0] += 3
+    served[1, 1, 1] -= 1
+    assert parity.pixel_diff(reference, reference) == {"max_255": 0, "mean_255": 0.0}
+    assert parity.pixel_diff(served, reference) == {"max_255": 3, "mean_255": round(4 / 192, 4)}
+    with pytest.raises(ValueError, match="shapes"):
+        parity.pixel_diff(reference, reference[:4])
+    rows = parity.compare({7: served}, {7: reference}, {7: reference})
+    assert rows[0]["seed"] == 7 and rows[0]["alone_vs_diffusers"]["max_255"] == 3
+    assert rows[0]["wave_vs_diffusers"]["max_255"] == 0 and rows[0]["alone_vs_wave"]["max_255"] == 3
+    assert parity.worst(rows)["alone_vs_wave"] == {"max_255": 3, "mean_255": round(4 / 192, 4)}
+    assert parity.describe(rows[0]).startswith("alone/diffusers max 3 mean 0.0208, wave/diffusers max 0")
+
+
+def test_parity_script_against_a_served_model(tiny_server: str, tiny_artifact: pathlib.Path,
+                                              tmp_path: pathlib.Path) -> None:
+    """The parity stage's script end to end on a CPU (float32, the tiny model): alone, in a wave, diffusers."""
+    path = tmp_path / "parity.json"
+    r = run_script("scripts/parity_check.py", "--target", tiny_server, "--model", str(tiny_artifact),
+                   "--device", "cpu", "--dtype", "float32", "--side", "64", "--steps", "2", "--seeds", "2",
+                   "--wave", "6", "--json", str(path), out=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(path.read_text())
+    assert [row["seed"] for row in result["seeds"]] == [1, 2] and result["wave"] == 6
+    for row in result["seeds"]:
+        assert row["std"] > 5  # not a flat image
+        for key in ("alone_vs_diffusers", "wave_vs_diffusers", "alone_vs_wave"):
+            assert row[key]["max_255"] <= 1, row  # float32 on a CPU: diffusers' pixels within 1/255
+    assert "seed 1: alone/diffusers max" in r.stdout
+
+
+def test_sync_counter_counts_by_thread_and_line_and_passes_other_warnings_on() -> None:
+    syncs = script_module("probe_syncs")
+    shown = warnings.showwarning
+    with warnings.catch_warnings(record=True) as others:
+        warnings.simplefilter("always")
+        with syncs.SyncCounter(cuda=False) as counter:  # torch's warnings, raised here by hand
+            loop = threading.Thread(target=lambda: warnings.warn(syncs.SYNC_WARNING), name=syncs.LOOP_THREAD)
+            loop.start()
+            loop.join()
+            for _ in range(2):
+                warnings.warn(syncs.SYNC_WARNING)
+            warnings.warn("an unrelated warning")
+    assert counter.count(syncs.LOOP_THREAD) == 1 and counter.count() == 3
+    assert "test_gpu_tools.py:" in counter.where(syncs.LOOP_THREAD)
+    assert counter.where(syncs.LOOP_THREAD, others=True).startswith("MainThread tests/test_gpu_tools.py:")
+    assert counter.where(syncs.LOOP_THREAD, others=True).endswith(" x2")
+    assert [str(w.message) for w in others] == ["an unrelated warning"]
+    assert warnings.showwarning is shown
+
+
+def test_engine_driver_runs_real_iterations_and_reads_the_counter_per_iteration() -> None:
+    """The sync_count part's engine side on a CPU: the real Engine, in-process, the workload twice."""
+    from lcmserve.export.loading import load_pipeline
+
+    syncs = script_module("probe_syncs")
+    runtime = syncs.eager_runtime(load_pipeline("tiny", dtype=torch.float32, device="cpu"), "tiny")
+    params = syncs.workload(runtime.tokenizer, 64)
+    assert len(params) == 10 and sum(2 if p.guidance_scale > 1 else 1 for p in params) == 12
+    driver = syncs.EngineDriver(runtime)
+    try:
+        warm = driver.run(params, timeout_s=120)
+        assert (warm["failures"], warm["images"], warm["iterations"]) == ([], 10, 4)  # one batch, 4 steps
+        readings = iter(range(100))
+        counted = driver.run(params, timeout_s=120, counter=lambda: next(readings))
+    finally:
+        driver.close()
+    assert counted["iterations"] == 4 and counted["per_iteration"] == [1, 1, 1, 1] and counted["images"] == 10
+
+
+def test_budget_keeps_the_fixed_shares_of_later_stages() -> None:
+    stagekit = script_module("stagekit")
+    budget = stagekit.Budget(100, {"b": 7}, reserve_s=0)
+    assert 99 < budget.limit("a", 500) <= 100 and budget.limit("b", 500) == 7
+    assert 59 < budget.limit("a", 500, kept_for_later_s=40) <= 60 and budget.limit("a", 30, 40) == 30
+    probe = script_module("gpu_probe")
+    assert list(probe.PLAN)[-len(probe.FIXED):] == list(probe.FIXED)  # the repros last, with their shares
+    assert list(probe.PLAN)[-2:] == ["aoti_graph", "compile_thread"]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text` (from /proc)."""
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan whose reaper has not come yet)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_gpu_check_interrupted_while_serving_kills_the_server_and_writes_the_table(tmp_path: pathlib.Path) -> None:
+    work = tmp_path / "w"
+    check = subprocess.Popen([sys.executable, "scripts/gpu_check.py", "--tiny", "--work", str(work), "--out",
+                              str(tmp_path)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while '"stage": "serve_eager", "status": "ok"' not in (
+                (tmp_path / "results.jsonl").read_text() if (tmp_path / "results.jsonl").exists() else ""):
+            assert check.poll() is None and time.monotonic() < deadline, "the eager server never came up"
+            time.sleep(0.5)
+        servers = processes_mentioning(f"{work}/artifact-eager")
+        assert servers, "no server process found"
+        check.send_signal(signal.SIGTERM)
+        assert check.wait(20) == 0  # no grace period to wait out: the servers are killed
+    finally:
+        if check.poll() is None:
+            check.kill()
+    table = (tmp_path / "table.md").read_text()
+    assert "| interrupted | stopped |" in table and "| serve_eager | ok |" in table
+    time.sleep(0.5)
+    assert not [pid for pid in servers if running(pid)]
