@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lcmserve.export.artifact import BACKENDS, DTYPES  # no torch import: the client CLI builds this parser
+from lcmserve.export.artifact import BACKENDS, DTYPES, Manifest  # no torch import: the client CLI builds this parser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,18 +83,25 @@ def run(args: argparse.Namespace) -> int:
     except ExportError as e:
         return _fail(e)
 
-    parity = manifest.parity
-    check = (
-        f"parity max|diff| {parity['max_abs_diff']:.2g} <= {parity['tolerance']:g}"
-        if parity
-        else "no LoRA, no parity check"
-    )
     print(
         f"exported {args.base} + {len(manifest.loras)} LoRA(s) -> {args.out} "
-        f"({manifest.dtype}, {manifest.device}, {manifest.backend}); {check}"
-        + (f"; tiny autoencoder {manifest.tiny_vae['source']}" if manifest.tiny_vae else "")
+        f"({manifest.dtype}, {manifest.device}, {manifest.backend}); {'; '.join(_checks(manifest))}"
+        + (f"; tiny autoencoder {manifest.tiny_vae.source}" if manifest.tiny_vae else "")
     )
     return 0
+
+
+def _checks(manifest: Manifest) -> list[str]:
+    """The parity checks the manifest holds, in words: the fused LoRAs against the unfused
+    adapters, and each compiled backend's parts against eager."""
+    parity = manifest.parity
+    checks = [f"fused parity max|diff| {parity.max_abs_diff:.2g} <= {parity.tolerance:g}" if parity
+              else "no LoRA: no fuse parity check"]
+    for backend, entry in manifest.compiled.items():
+        parts = ", ".join(f"{part} {diff:.2g}" if isinstance(diff, float) else f"{part} {diff}"
+                          for part, diff in entry.parity_max_abs_diff.items())
+        checks.append(f"{backend} parity max|diff| against eager: {parts or 'none'}")
+    return checks
 
 
 def _fail(e: Exception) -> int:
