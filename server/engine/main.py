@@ -160,7 +160,8 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
             warm_up(engine, warm_up_events)
         info = EngineInfo(spec=runtime.spec, tokenizer=runtime.tokenizer, graphs=graphs,
                           load_s=time.perf_counter() - start, threads=torch.get_num_threads(),
-                          io_cpus=split[0] if split else (), compute_cpus=split[1] if split else ())
+                          io_cpus=split[0] if split else (), compute_cpus=split[1] if split else (),
+                          jpeg_encoder=engine.jpeg_encoder)
         counting = True
         outbox.send(Ready(info))
         engine.after_iteration = outbox.flush  # from now on the edge's reader takes event lists
