@@ -114,10 +114,11 @@ def run(args: argparse.Namespace) -> int:
 
     from lcmserve import __version__
 
-    from lcmserve.export.errors import ExportError
-
+    # Light on purpose: the edge process imports no torch (the engine processes do), so a port in
+    # use or a bad flag is reported at once, not after seconds of imports.
     from .edge.app import StartupError, serve
-    from .model.loader import LoadError, load_runtime
+    from .edge.pool import EngineSlot
+    from .launch import engine_entry, load_runtime
 
     try:
         faults = FaultInjection.from_env()
@@ -138,21 +139,19 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch_size < 2:
         print("lcmserve serve: --max-batch-size must be at least 2 (a guided image takes two rows)", file=sys.stderr)
         return 2
-    from .edge.pool import EngineSlot
-
     try:
         devices = parse_devices(args.devices, args.device)
     except UsageError as exc:
         print(f"lcmserve serve: {exc}", file=sys.stderr)
         return 2
-    slots = [EngineSlot(device, functools.partial(load_runtime, args.model, loras=args.lora, backend=args.backend,
-                                                  device=device, dtype=args.dtype,
-                                                  allow_partial_lora=args.allow_partial_lora, tiny_vae=args.tiny_vae,
-                                                  default_decoder=args.default_decoder))
+    slots = [EngineSlot(device, engine_entry(functools.partial(
+                 load_runtime, args.model, loras=args.lora, backend=args.backend, device=device, dtype=args.dtype,
+                 allow_partial_lora=args.allow_partial_lora, tiny_vae=args.tiny_vae,
+                 default_decoder=args.default_decoder)))
              for device in devices]  # each engine process loads the model on its own device
     try:
         return asyncio.run(serve(slots, config, engine_config, limits, __version__))
-    except (StartupError, LoadError, ExportError, FileNotFoundError, ValueError, OSError) as exc:
+    except (StartupError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"lcmserve serve: {exc}", file=sys.stderr)
         return 2
 

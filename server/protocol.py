@@ -3,7 +3,7 @@
     edge -> engine   Submit(rid, params, deadline, arrival)   a validated request to run
                      Cancel(rid)                              the client went away: drop its samples
                      Stop()                                   fail what is left UNAVAILABLE, then exit
-    engine -> edge   Ready(info) | LoadFailed(error)          once, after loading and warm-up
+    engine -> edge   Ready(info) | LoadFailed(message)        once, after loading and warm-up
                      Events(events, metrics)                  per engine iteration (and per encoded picture):
                                                               each request's events in order, metric updates
                      LoopDied(reason)                         the engine loop itself died; the process exits
@@ -15,12 +15,14 @@ Failure at any point (Summary and Failure are terminal). Both sides dispatch on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 if TYPE_CHECKING:
+    from lcmserve.export.records import LoraRecord
+
     from .model.runtime import ModelSpec
 
 
@@ -199,17 +201,47 @@ class Stop:
     pass
 
 
+class EngineStopped(Exception):
+    """The engine is stopping or gone: a request handed to it now is refused (UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the edge knows of the served model (GetModelInfo, validation): the runtime's ModelSpec
+    without its torch types, so that the edge unpickles it without importing torch or the model."""
+
+    base: str  # hub id, folder or preset name
+    dtype: str  # "float32", "float16", "bfloat16"
+    device: str  # "cpu", "cuda:0"
+    backend: str  # "eager" | "compile" | "aoti" | "onnx"
+    loras: tuple[LoraRecord, ...]  # fused into the model, in order
+    decoders: tuple[str, ...]  # ("vae",), or ("vae", "tiny_vae") with a tiny autoencoder
+    default_decoder: str  # what a request's DECODER_UNSPECIFIED means
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> ModelFacts:
+        return cls(base=spec.base, dtype=str(spec.dtype).removeprefix("torch."), device=str(spec.device),
+                   backend=spec.backend, loras=tuple(spec.loras), decoders=tuple(spec.decoders),
+                   default_decoder=spec.default_decoder)
+
+
 @dataclass(frozen=True)
 class EngineInfo:
-    """What the engine process tells the edge once it is ready."""
+    """What the engine process tells the edge once it is ready. Made from the runtime's `spec`,
+    which it keeps as its ModelFacts (`model`)."""
 
-    spec: ModelSpec  # model info (GetModelInfo) and shapes
+    spec: InitVar[ModelSpec]
     tokenizer: Any  # a transformers CLIPTokenizer: the edge tokenizes while validating
     graphs: int  # CUDA graphs captured before serving
     load_s: float
     threads: int  # torch CPU threads of the engine process
     io_cpus: tuple[int, ...] = ()  # where the edge should run (CPU pinning), () for anywhere
     compute_cpus: tuple[int, ...] = ()  # where the engine process runs
+    jpeg_encoder: str = "host"  # "gpu" | "host": where this engine encodes JPEG (GetModelInfo)
+    model: ModelFacts = field(init=False)
+
+    def __post_init__(self, spec: ModelSpec) -> None:
+        object.__setattr__(self, "model", ModelFacts.of(spec))
 
 
 @dataclass(frozen=True)
@@ -217,9 +249,20 @@ class Ready:
     info: EngineInfo
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LoadFailed:
-    error: BaseException  # re-raised by the edge (a LoadError with its message, usually)
+    """The model did not load (or warm up). Only its text crosses the pipe: unpickling the exception
+    itself would import the module that defines its class (the loader's, and with it torch) into
+    the edge. Our own errors' messages say it all; another's keeps its class name."""
+
+    message: str  # whole, on one line for the serve CLI
+
+    def __init__(self, error: BaseException | str) -> None:
+        if isinstance(error, BaseException):
+            text = " ".join(str(error).split()) or type(error).__name__
+            ours = type(error).__module__.startswith("lcmserve")
+            error = text if ours else f"{type(error).__name__}: {text}"
+        object.__setattr__(self, "message", error)
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,30 @@
-"""The shape of the code (docs/architecture.md): imports run one way, no import cycles, small files.
+"""The shape of the code (docs/architecture.md): imports run one way, no import cycles, small files,
+and the edge (server/edge/) apart from the engine and the model: it imports no torch.
 
 Read from the source with `ast`, lazy (function-level) imports included: a cycle hidden in a
-function is still a cycle a reader has to untangle.
+function is still a cycle a reader has to untangle. `importlib.import_module("name")` and
+`__import__("name")` with a constant name count as imports too.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = {"lcmserve": REPO / "client", "lcmserve.server": REPO / "server", "lcmserve.export": REPO / "export"}
 GENERATED = REPO / "client" / "v1"
 MAX_LINES = 500
+EDGE = "lcmserve.server.edge"
+# What the edge may import of the server package besides itself: the pipe's messages, the
+# configuration, CPU placement. Not the engine, not the model (they import torch).
+EDGE_MAY_IMPORT = {"lcmserve.server", "lcmserve.server.protocol", "lcmserve.server.config",
+                   "lcmserve.server.placement"}
+# Imports against the one-way rule that are documented and loaded by name only when asked for:
+# `lcmserve bench --baseline` runs diffusers in the bench process (the server extra).
+OPTIONAL_IMPORTS = {"lcmserve.bench.baseline": {"lcmserve.export.loading", "lcmserve.server.placement"}}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -44,6 +56,13 @@ def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
             else:
                 module = node.module or ""
             candidates = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        elif (dynamic := _imported_by_name(node)) is not None:
+            level = len(dynamic) - len(dynamic.lstrip("."))
+            if level:  # import_module(".x", package=__package__): relative to this module's package
+                base = package.split(".")
+                base = base[: len(base) - (level - 1)]
+                dynamic = ".".join([*base, dynamic[level:]] if dynamic[level:] else base)
+            candidates = [dynamic]
         else:
             continue
         for candidate in candidates:
@@ -52,6 +71,19 @@ def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
             if candidate and candidate != name:
                 targets.add(candidate)
     return targets
+
+
+def _imported_by_name(node: ast.AST) -> str | None:
+    """The module named by `importlib.import_module("name")`, `import_module("name")` or
+    `__import__("name")` with a constant name; None for any other node."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    first = node.args[0]
+    if name in ("import_module", "__import__") and isinstance(first, ast.Constant) and isinstance(first.value, str):
+        return first.value
+    return None
 
 
 def _graph() -> dict[str, set[str]]:
@@ -70,7 +102,8 @@ def test_imports_run_one_way() -> None:
     wrong = [f"{source} imports {target}" for source, targets in _graph().items() for target in targets
              if (_package_of(source), _package_of(target)) in {("lcmserve.export", "lcmserve.server"),
                                                                  ("lcmserve", "lcmserve.server"),
-                                                                 ("lcmserve", "lcmserve.export")}]
+                                                                 ("lcmserve", "lcmserve.export")}
+             and target not in OPTIONAL_IMPORTS.get(source, set())]
     assert not wrong, "imports must run server -> export, and the client imports neither:\n" + "\n".join(wrong)
 
 
@@ -105,3 +138,42 @@ def test_no_hand_written_file_is_too_long() -> None:
             if lines > MAX_LINES:
                 long.append(f"{path.relative_to(REPO)}: {lines} lines")
     assert not long, f"over {MAX_LINES} lines (split by concern):\n" + "\n".join(long)
+
+
+# ---- the edge (server/edge/) ----------------------------------------------------------------------
+
+
+def _in_edge(module: str) -> bool:
+    return module == EDGE or module.startswith(EDGE + ".")
+
+
+def test_the_edge_imports_only_the_protocol_config_and_placement_of_the_server() -> None:
+    wrong = [f"{source} imports {target}" for source, targets in _graph().items() if _in_edge(source)
+             for target in targets if _package_of(target) == "lcmserve.server" and not _in_edge(target)
+             and target not in EDGE_MAY_IMPORT]
+    assert not wrong, ("the edge imports of the server package only " + ", ".join(sorted(EDGE_MAY_IMPORT))
+                       + " (the engine and the model come in by injection: server/launch.py):\n" + "\n".join(wrong))
+
+
+def test_the_layout_rules_see_modules_loaded_by_name() -> None:
+    tree = ast.parse('import importlib\nimportlib.import_module("lcmserve.export.loading")\n'
+                     '__import__("lcmserve.server.engine.main")\nimport_module(".work", __package__)\n'
+                     'importlib.import_module(name)\n')
+    found = [name for node in ast.walk(tree) if (name := _imported_by_name(node)) is not None]
+    assert sorted(found) == [".work", "lcmserve.export.loading", "lcmserve.server.engine.main"]
+
+
+def test_importing_the_edge_loads_no_torch() -> None:
+    """Every module of server/edge/ imported in a fresh interpreter: neither torch nor diffusers
+    (nor the engine or the model) comes with it, so the edge starts in a second and a port in use
+    is reported at once. The serve CLI and the composition root (server/launch.py) likewise."""
+    edge = sorted(name for name in _modules() if _in_edge(name))
+    assert len(edge) > 5, edge
+    code = ("import sys\n"
+            f"for name in {[*edge, 'lcmserve.server.launch', 'lcmserve.server.cli']!r}:\n"
+            "    __import__(name)\n"
+            "heavy = ('torch', 'diffusers', 'lcmserve.server.engine', 'lcmserve.server.model')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -34,11 +34,11 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]  # ships no type information
 
 from ..config import EngineConfig, Limits, ServerConfig
-from .pool import EnginePool, EngineSlot
-from .metrics import Metrics, MetricsBindError
 from ..placement import describe
-from ..model.runtime import Runtime
-from .service import SERVICE_NAME, GenerationService, ServingState, TokenAuth
+from .core import EdgeCore
+from .metrics import Metrics, MetricsBindError
+from .pool import EnginePool, EngineSlot
+from .service import SERVICE_NAME, GenerationService, TokenAuth
 
 log = logging.getLogger("lcmserve.server")
 
@@ -53,8 +53,8 @@ class App:
     def __init__(self, config: ServerConfig, engine_config: EngineConfig, limits: Limits, version: str) -> None:
         self.config = config
         self.engine_config = engine_config
-        self.state = ServingState(limits=limits, version=version,
-                                  metrics=Metrics() if config.metrics_port is not None else None)
+        self.core = EdgeCore(limits=limits, version=version,
+                             metrics=Metrics() if config.metrics_port is not None else None)
         self._starting: EnginePool | None = None  # set as soon as the engine processes start
         self.metrics_port: int | None = None
         self.health = health_aio.HealthServicer()
@@ -65,7 +65,7 @@ class App:
     def server_options(self) -> list[tuple[str, Any]]:
         """gRPC server arguments: message limits from the largest valid request/response, no shared
         ports, a keepalive policy, and connection ageing for rebalancing behind a load balancer."""
-        c, limits = self.config, self.state.limits
+        c, limits = self.config, self.core.limits
         ping_ms = int(c.keepalive_min_ping_s * 1e3)
         options: list[tuple[str, Any]] = [
             ("grpc.so_reuseport", 0),  # a second server on this port must fail, not split its connections
@@ -86,10 +86,10 @@ class App:
     async def start(self) -> int:
         """Open the port (health NOT_SERVING until `load` finishes). Returns the bound port."""
         c = self.config
-        interceptors = [TokenAuth(c.auth_tokens, self.state.metrics)] if c.auth_tokens else []
+        interceptors = [TokenAuth(c.auth_tokens, self.core.metrics)] if c.auth_tokens else []
         self.server = grpc.aio.server(options=self.server_options(), interceptors=interceptors,
                                       maximum_concurrent_rpcs=c.max_concurrent_rpcs)
-        self.server.add_generic_rpc_handlers((GenerationService(self.state).handler(),))
+        self.server.add_generic_rpc_handlers((GenerationService(self.core).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if c.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
@@ -111,7 +111,7 @@ class App:
             raise StartupError(f"cannot listen on {address} (in use, or not an address of this machine); "
                                "choose another with --port (0 picks a free one) or --host")
         await self.server.start()
-        metrics = self.state.metrics
+        metrics = self.core.metrics
         if metrics is not None and c.metrics_port is not None:
             host = c.metrics_host or c.host
             _check_port_free(host, c.metrics_port, "--metrics-port")
@@ -122,52 +122,51 @@ class App:
             log.info("metrics on http://%s:%d/metrics", _url_host(host), self.metrics_port)
         return self.port
 
-    async def load(self, make_runtime: Callable[[], Runtime] | Sequence[EngineSlot]) -> None:
+    async def load(self, slots: Sequence[EngineSlot]) -> None:
         """Start the engine processes (one per device, pool.py) and wait (off the event loop: health
         keeps answering) until every one has loaded the model, captured its CUDA graphs and warmed
         up; then SERVING."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        slots = [EngineSlot(None, make_runtime)] if callable(make_runtime) else list(make_runtime)  # one per device
-        engine = EnginePool(slots, self.engine_config, self.state.metrics, threads=self.config.threads)
+        engine = EnginePool(slots, self.engine_config, self.core.metrics, threads=self.config.threads)
 
         def died(exc: BaseException) -> None:  # (reader thread) a dead engine must not look healthy
-            self.state.serving = False
+            self.core.serving = False
             asyncio.run_coroutine_threadsafe(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), loop)
             loop.call_soon_threadsafe(self.engine_died.set)
 
         engine.on_death = died
         self._starting = engine
         info = await asyncio.to_thread(engine.start)
-        self.state.engine = engine
-        if self.state.metrics is not None:
-            self.state.metrics.engine_pid = engine.pid
-        spec = info.spec
+        self.core.engine = engine
+        if self.core.metrics is not None:
+            self.core.metrics.engine_processes.watch(engine.processes)
+        model = info.model
         if info.graphs:
             log.info("captured %d CUDA graphs for 512x512", info.graphs)
-        log.info("model ready in %.1f s (%s, %s, %s, %s torch threads)", time.perf_counter() - start, spec.backend,
-                 ",".join(engine.devices), spec.dtype, info.threads)
+        log.info("model ready in %.1f s (%s, %s, %s, %s torch threads)", time.perf_counter() - start, model.backend,
+                 ",".join(engine.devices), model.dtype, info.threads)
         if info.compute_cpus:
             log.info("engine process on CPUs %s; gRPC on CPUs %s", " | ".join(describe(i.compute_cpus) for i in
                      engine.infos), describe(info.io_cpus) or "any (no CPU left for it alone)")
         if engine.dead is not None:  # died between Ready and now
             return
-        self.state.serving = True
+        self.core.serving = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self) -> int:
         """Stop taking work, let in-flight requests finish (bounded), then stop. Returns how many
         requests were still in flight when the drain timeout ended (failed UNAVAILABLE)."""
-        state = self.state
-        if state.draining:
+        core = self.core
+        if core.draining:
             return 0
-        state.draining = True
-        state.serving = False
+        core.draining = True
+        core.serving = False
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + self.config.drain_timeout_s
-        while (state.inflight or (state.engine and state.engine.busy)) and time.monotonic() < deadline:
+        while (core.inflight or (core.engine and core.engine.busy)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        dropped = max(state.inflight, state.engine.outstanding if state.engine else 0)
+        dropped = max(core.inflight, core.engine.outstanding if core.engine else 0)
         if dropped:
             log.error("drain timed out after %g s: %d requests still in flight fail UNAVAILABLE",
                       self.config.drain_timeout_s, dropped)
@@ -187,26 +186,26 @@ class App:
             await self.health.set(service, status)
 
 
-async def serve(make_runtime: Callable[[], Runtime] | Sequence[EngineSlot], config: ServerConfig, engine_config: EngineConfig,
-                limits: Limits, version: str) -> int:
+async def serve(slots: Sequence[EngineSlot], config: ServerConfig, engine_config: EngineConfig, limits: Limits,
+                version: str) -> int:
     """Run until SIGTERM/SIGINT (then drain) or the engine's death; returns the exit code (module doc).
     Raises StartupError when the server cannot start; the gRPC server is stopped on every way out."""
     app = App(config, engine_config, limits, version)
     try:
-        return await _run(app, make_runtime, config)
+        return await _run(app, slots, config)
     finally:
         if app.server is not None:  # (a start-up failure: stop it here, not in __del__ after the loop closed)
             await app.server.stop(None)
             app.server = None
 
 
-async def _run(app: App, make_runtime: Callable[[], Runtime] | Sequence[EngineSlot], config: ServerConfig) -> int:
+async def _run(app: App, slots: Sequence[EngineSlot], config: ServerConfig) -> int:
     port = await app.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loading = asyncio.create_task(app.load(make_runtime))
+    loading = asyncio.create_task(app.load(slots))
     stopped = asyncio.create_task(stop.wait())
     died = asyncio.create_task(app.engine_died.wait())
     await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -227,7 +226,7 @@ async def _run(app: App, make_runtime: Callable[[], Runtime] | Sequence[EngineSl
         loading.cancel()
     if died.done() and not stopped.done():
         stopped.cancel()
-        engine = app.state.engine
+        engine = app.core.engine
         reason = engine.dead if engine is not None else "unknown"
         log.critical("exiting in %g s with code %d: %s", config.death_linger_s, EXIT_ENGINE_DIED, reason)
         print(f"lcmserve serve: the engine died ({reason}); exiting with code {EXIT_ENGINE_DIED}",
@@ -239,8 +238,8 @@ async def _run(app: App, make_runtime: Callable[[], Runtime] | Sequence[EngineSl
     log.info("draining")
     print("draining", file=sys.stderr, flush=True)
     dropped = await app.drain()
-    if app.state.engine is not None and app.state.engine.dead is not None:  # it died while draining
-        log.critical("the engine died while draining: %s", app.state.engine.dead)
+    if app.core.engine is not None and app.core.engine.dead is not None:  # it died while draining
+        log.critical("the engine died while draining: %s", app.core.engine.dead)
         return EXIT_ENGINE_DIED
     return EXIT_DROPPED if dropped else EXIT_OK
 

@@ -1,9 +1,10 @@
-"""Engine events and model facts -> protobuf messages and gRPC statuses: the edge's only converter."""
+"""Engine events, the served model and refusals -> protobuf messages and gRPC statuses: the gRPC
+edge's only converter (core.py hands it transport-neutral values)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from typing import NamedTuple
 
 import grpc
 from google.protobuf import duration_pb2
@@ -12,14 +13,9 @@ from grpc_status import rpc_status
 from lcmserve.names import DECODER_VALUES, OUTPUT_FORMAT_VALUES
 from lcmserve.v1 import generation_pb2 as pb
 
-from ..config import EngineConfig
 from ..protocol import HostTensor, ImageEvent, Picture, StepEvent, Summary
-from ..model.runtime import ModelSpec
-from ..config import Limits
-from .images import image_limits
-from .validation import InvalidRequest
-
-QUEUE_FULL_RETRY_S = 0.1  # the RetryInfo a RESOURCE_EXHAUSTED answer carries
+from .core import Response, ServedModel
+from .status import Refusal
 
 
 def picture(p: Picture) -> pb.Picture:
@@ -44,56 +40,74 @@ def image(event: ImageEvent) -> pb.GenerateResponse:
         latents=tensor(event.latents) if event.latents is not None else None))
 
 
-def summary(event: Summary, total_ms: float) -> pb.GenerateResponse:
-    timings = dataclasses.replace(event.timings, total_ms=total_ms)
+def summary(event: Summary) -> pb.GenerateResponse:
     return pb.GenerateResponse(summary=pb.Summary(
         seed=event.seed, num_images=event.num_images, prompt_truncated=event.prompt_truncated,
-        prompt_tokens=event.prompt_tokens, timings=pb.Timings(**dataclasses.asdict(timings)),
+        prompt_tokens=event.prompt_tokens, timings=pb.Timings(**dataclasses.asdict(event.timings)),
         num_steps=event.num_steps))
 
 
-def model_info(spec: ModelSpec, limits: Limits, engine: EngineConfig, version: str,
-               devices: Sequence[str] = ()) -> pb.GetModelInfoResponse:
-    """`devices`: every engine's device in --devices order (default: spec's alone); `device` is the first."""
+def response(event: Response) -> pb.GenerateResponse:
+    """One streamed event of a Generate call (core.py's)."""
+    match event:
+        case StepEvent():
+            return step(event)
+        case ImageEvent():
+            return image(event)
+        case Summary():
+            return summary(event)
+
+
+def model_info(served: ServedModel) -> pb.GetModelInfoResponse:
+    """`devices`: every engine's device in --devices order; `device` is the first."""
+    model, limits, engine = served.info.model, served.limits, served.engine
     return pb.GetModelInfoResponse(
-        base=spec.base,
-        loras=[pb.LoraInfo(source=str(lo.get("source", "")), sha256=str(lo.get("sha256", "")),
-                           scale=float(lo.get("scale", 1.0))) for lo in spec.loras],
-        dtype=str(spec.dtype).removeprefix("torch."),
-        device=str(spec.device),
-        devices=list(devices) or [str(spec.device)],
-        backend=spec.backend,
+        base=model.base,
+        loras=[pb.LoraInfo(source=lo.source, sha256=lo.sha256, scale=lo.scale) for lo in model.loras],
+        dtype=model.dtype,
+        device=model.device,
+        devices=list(served.devices) or [model.device],
+        backend=model.backend,
         limits=pb.Limits(
             max_steps=limits.max_steps, min_side=limits.min_side, max_side=limits.max_side,
             side_multiple=limits.side_multiple, max_images=limits.max_images,
             max_prompt_chars=limits.max_prompt_chars, min_guidance_scale=limits.min_guidance_scale,
             max_guidance_scale=limits.max_guidance_scale, max_batch_size=engine.max_batch_size,
             max_queued_requests=engine.max_queued_requests,
-            max_image_bytes=image_limits(limits).max_bytes, max_image_pixels=image_limits(limits).max_pixels),
-        server_version=version,
-        decoders=[DECODER_VALUES[d] for d in spec.decoders],  # type: ignore[misc]  # ints of the Decoder enum
-        default_decoder=DECODER_VALUES[spec.default_decoder],  # type: ignore[arg-type]
-        jpeg_encoder=str(spec.extra.get("jpeg_encoder", "host")),
+            max_image_bytes=limits.max_image_bytes, max_image_pixels=limits.max_image_pixels),
+        server_version=served.version,
+        decoders=[DECODER_VALUES[d] for d in model.decoders],  # type: ignore[misc]  # ints of the Decoder enum
+        default_decoder=DECODER_VALUES[model.default_decoder],  # type: ignore[arg-type]
+        jpeg_encoder=served.info.jpeg_encoder,
     )
 
 
 # ---- statuses -----------------------------------------------------------------------------------------
 
 
-def bad_request(exc: InvalidRequest) -> grpc.Status:
-    """INVALID_ARGUMENT with a google.rpc.BadRequest naming each field, its value and the limit."""
-    detail = error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=field, description=f"{field} {description}")
-        for field, description in exc.violations])
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=f"invalid request: {exc}")
-    status.details.add().Pack(detail)
-    return rpc_status.to_status(status)
+class GrpcStatus(NamedTuple):
+    """What `context.abort(code, details, trailing_metadata)` sends."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
 
 
-def queue_full(message: str) -> grpc.Status:
-    """RESOURCE_EXHAUSTED with a google.rpc.RetryInfo: the client may retry after a short wait."""
-    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=int(QUEUE_FULL_RETRY_S * 1e9)))
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED,
-                               message=f"server overloaded: {message}; retry after {QUEUE_FULL_RETRY_S:g} s")
-    status.details.add().Pack(retry)
-    return rpc_status.to_status(status)
+def status(refusal: Refusal) -> GrpcStatus:
+    """A refusal as gRPC sends it: the code of its status's name and its message, with google.rpc
+    details when it has any: a BadRequest naming each field, its value and the limit; a RetryInfo
+    saying when to retry. A refusal without either is a plain status (no details trailer)."""
+    code = grpc.StatusCode[refusal.status.name]
+    if not refusal.violations and refusal.retry_after_s is None:
+        return GrpcStatus(code, refusal.message)
+    rich = status_pb2.Status(code=code_pb2.Code.Value(refusal.status.name), message=refusal.message)
+    if refusal.violations:
+        rich.details.add().Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=f"{field} {description}")
+            for field, description in refusal.violations]))
+    if refusal.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(refusal.retry_after_s * 1e9))
+        rich.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    converted = rpc_status.to_status(rich)
+    return GrpcStatus(converted.code, converted.details, tuple(converted.trailing_metadata))

@@ -6,7 +6,7 @@ the loop handles sits between two of those calls; measured with `tiny` at 64x64 
 UNet of a 12-row batch took 48 ms under 16 concurrent streams against 31 ms alone. vLLM and SGLang
 split their API server from their scheduler for the same reason.
 
-    edge process (this module)                        engine process (engine_main.py)
+    edge process (this module)                        engine process (server/engine/main.py)
       EngineProcess.submit -> Ticket  --Submit-->       Engine.submit
       Ticket.cancel                   --Cancel-->       request.cancelled = True
       EngineProcess.stop              --Stop-->         Engine.stop (what is left fails UNAVAILABLE)
@@ -15,6 +15,10 @@ split their API server from their scheduler for the same reason.
 The bridge is only transport: the engine orders each request's events itself. If the engine
 process dies, or its loop does (LoopDied), every request in flight fails UNAVAILABLE and
 `on_death` turns health NOT_SERVING.
+
+What the engine process runs is given, not imported: an EngineEntry made by the composition root
+(server/launch.py) with the model to load bound in. The edge imports neither the engine nor the
+model (torch stays out of this process: tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -33,13 +37,12 @@ from typing import Literal
 import grpc
 
 from ..config import EngineConfig
-from ..engine.main import engine_main
-from .metrics import Metrics
 from ..placement import CpuSplit, cpu_split, pin_process
 from ..protocol import (
     TERMINAL,
     Cancel,
     EngineInfo,
+    EngineStopped,
     Event,
     Events,
     Failure,
@@ -51,10 +54,20 @@ from ..protocol import (
     Submit,
     ToEngine,
 )
-from ..model.runtime import Runtime
-from ..engine.work import EngineStopped
+from .metrics import Metrics
 
 log = logging.getLogger("lcmserve.engine_process")
+
+# The engine process's target, run there after spawn (so it must pickle: a module-level function,
+# or a functools.partial of one): (pipe end, config, torch threads or None, log level, warm up?,
+# CUDA graph capture side, CPU split or None). It loads the model, sends Ready or LoadFailed, then
+# serves the pipe until Stop or EOF (server/engine/main.py engine_main).
+EngineEntry = Callable[[multiprocessing.connection.Connection, EngineConfig, int | None, int, bool, int,
+                        CpuSplit | None], None]
+
+
+class EngineLoadError(Exception):
+    """The engine process could not load the model; the message says why (protocol.LoadFailed)."""
 
 
 class Ticket:
@@ -93,7 +106,7 @@ class Ticket:
 class EngineProcess:
     """Spawns the engine process and carries messages to and from it."""
 
-    def __init__(self, make_runtime: Callable[[], Runtime], config: EngineConfig, metrics: Metrics | None = None, *,
+    def __init__(self, entry: EngineEntry, config: EngineConfig, metrics: Metrics | None = None, *,
                  threads: int | None = None, warm_up: bool = True, capture_side: int = 512,
                  split: CpuSplit | None | Literal["auto"] = "auto", name: str = "lcmserve-engine") -> None:
         """`split`: where the edge and this engine run on a CPU device, (edge cpus, engine cpus);
@@ -104,7 +117,7 @@ class EngineProcess:
         self.info: EngineInfo | None = None  # set by start()
         self.on_death: Callable[[BaseException], None] | None = None
         self.dead: BaseException | None = None
-        self._make_runtime = make_runtime
+        self._entry = entry
         self._threads = threads
         self._warm_up = warm_up
         self._capture_side = capture_side
@@ -122,16 +135,26 @@ class EngineProcess:
 
     def start(self) -> EngineInfo:
         """Spawn the engine process and block until it has loaded and warmed up the model (or failed
-        to: its exception is raised here, e.g. LoadError with its message)."""
+        to: EngineLoadError with its message)."""
+        self.spawn()
+        return self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the engine process (it loads the model from now on); returns at once."""
         ctx = multiprocessing.get_context("spawn")  # never fork a process with gRPC threads (or CUDA)
         parent, child = ctx.Pipe(duplex=True)
         self._conn = parent
-        self._process = ctx.Process(target=engine_main, name=self._name,
-                                    args=(child, self._make_runtime, self.config, self._threads,
+        self._process = ctx.Process(target=self._entry, name=self._name,
+                                    args=(child, self.config, self._threads,
                                           logging.getLogger().getEffectiveLevel(), self._warm_up,
                                           self._capture_side, self._split))
         self._process.start()
         child.close()  # ours: so that the child's exit reads as EOF here
+
+    def wait_ready(self) -> EngineInfo:
+        """Block until the spawned engine process is ready (see start)."""
+        assert self._conn is not None and self._process is not None, "spawn() first"
+        parent = self._conn
         try:
             message = parent.recv()
         except (EOFError, OSError):
@@ -141,9 +164,9 @@ class EngineProcess:
         match message:
             case Ready(info=info):
                 self.info = info
-            case LoadFailed(error=error):
+            case LoadFailed(message=why):
                 self._process.join(10)
-                raise error
+                raise EngineLoadError(why)
             case _:
                 raise RuntimeError(f"unexpected first message from the engine process: {message!r}")
         if info.io_cpus:  # the edge on the CPU the engine left free

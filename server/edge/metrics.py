@@ -3,28 +3,33 @@
 Each server gets its own registry (no module globals), so several servers can live in one process.
 
 Counting contract: every Generate RPC is counted exactly once in `lcmserve_inference_request_total`,
-under the status the client saw, at one place, the edge (service.py; UNAUTHENTICATED in auth.py).
+under the status the client saw (status.Status, by name), at one place, the edge core (core.py; a
+call its transport refused itself, such as UNAUTHENTICATED by service.py's TokenAuth, through it too).
 The engine process measures times and batch sizes and sends them as MetricUpdates; it does not
 count requests, and the warm-up is never counted. On CUDA it also reports each graphed callable's
 captures, evictions and eager fallbacks (`lcmserve_cuda_graph_events`, cuda_graphs.py).
-Process metrics: `process_*` for the gRPC edge, `lcmserve_engine_process_*` for the engine process
-(prometheus_client's ProcessCollector reading /proc on Linux; absent elsewhere).
+Process metrics: `process_*` for the edge, `lcmserve_engine_process_*` for the engine processes
+(prometheus_client's ProcessCollector reading /proc on Linux; absent elsewhere). With one engine its
+series have no labels; with several (`--devices`), each engine's are labelled {engine="0",
+device="cuda:0"} (the engine's index in --devices order, and its device).
 """
 
 from __future__ import annotations
 
-import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, ProcessCollector, start_http_server
+from prometheus_client.registry import Collector
 
 from ..protocol import Admitted, GraphStats, MetricUpdate, Queued, UNetCall, VaeDecode
+from .status import Status
 
 _MS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # The statuses a Generate call can end with; all are exported from the start (at 0), so that a
 # dashboard's rate() sees a series before its first increment.
-STATUSES = (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
-            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)
+STATUSES = (Status.OK, Status.INVALID_ARGUMENT, Status.UNAUTHENTICATED, Status.RESOURCE_EXHAUSTED,
+            Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CANCELLED, Status.INTERNAL)
 
 
 class MetricsBindError(OSError):
@@ -35,9 +40,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.engine_pid: int | None = None  # set once the engine process runs
-        ProcessCollector(registry=r)  # this (gRPC) process: CPU seconds, RSS, open fds
-        ProcessCollector(namespace="lcmserve_engine", pid=self._engine_pid, registry=r)
+        ProcessCollector(registry=r)  # this (edge) process: CPU seconds, RSS, open fds
+        self.engine_processes = EngineProcesses()  # told the engines once they run (app.py)
+        r.register(self.engine_processes)
         self.requests = Counter("lcmserve_inference_request", "Generate requests finished, by final gRPC status",
                                 ["status"], registry=r)
         for status in STATUSES:
@@ -63,10 +68,6 @@ class Metrics:
                                   "evictions, eager_calls (no graph for that batch or resolution), replays",
                                   ["callable", "counter"], registry=r)
 
-    def _engine_pid(self) -> int | str:
-        # A path under /proc that does not exist makes the collector report nothing (not this process).
-        return self.engine_pid if self.engine_pid is not None else "no-engine-yet"
-
     def record(self, update: MetricUpdate) -> None:
         """One measurement of the engine's (relayed from the engine process)."""
         match update:
@@ -83,7 +84,7 @@ class Metrics:
                 for counter, value in counters:
                     self.graph_events.labels(callable=name, counter=counter).set(value)
 
-    def request_done(self, status: grpc.StatusCode) -> None:
+    def request_done(self, status: Status) -> None:
         self.requests.labels(status=status.name).inc()
 
     def serve(self, port: int, host: str) -> int:
@@ -95,3 +96,35 @@ class Metrics:
             raise MetricsBindError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another "
                                    "port with --metrics-port (0 picks a free one, -1 turns metrics off)") from None
         return int(server.server_port)
+
+
+class EngineProcesses(Collector):
+    """`lcmserve_engine_process_*`: each engine process's CPU seconds, memory and file descriptors
+    (read from /proc when scraped); unlabelled with one engine, labelled {engine, device} with several."""
+
+    def __init__(self) -> None:
+        self._engines: tuple[tuple[str, ProcessCollector], ...] = ()
+
+    def watch(self, engines: Sequence[tuple[str, int | None]]) -> None:
+        """The engines to report from now on: (device, process id), in --devices order."""
+        self._engines = tuple((device, ProcessCollector(namespace="lcmserve_engine", pid=_pid(pid), registry=None))
+                              for device, pid in engines)
+
+    def collect(self) -> Iterable[Metric]:
+        engines = self._engines
+        if len(engines) == 1:
+            yield from engines[0][1].collect()
+            return
+        merged: dict[str, Metric] = {}
+        for index, (device, collector) in enumerate(engines):
+            for family in collector.collect():
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "engine": str(index), "device": device},
+                                    sample.value)
+        yield from merged.values()
+
+
+def _pid(pid: int | None) -> Callable[[], int | str]:
+    # A path under /proc that does not exist makes the collector report nothing (not this process).
+    return lambda: pid if pid is not None else "no-engine"

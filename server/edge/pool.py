@@ -29,12 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..config import EngineConfig
-from .engine_process import EngineProcess, Ticket
-from .metrics import Metrics
 from ..placement import engine_splits
-from ..protocol import EngineInfo, GenerationParams
-from ..model.runtime import Runtime
-from ..engine.work import EngineStopped
+from ..protocol import EngineInfo, EngineStopped, GenerationParams
+from .engine_process import EngineEntry, EngineProcess, Ticket
+from .metrics import Metrics
 
 log = logging.getLogger("lcmserve.pool")
 
@@ -42,10 +40,10 @@ log = logging.getLogger("lcmserve.pool")
 @dataclass(frozen=True)
 class EngineSlot:
     """One engine to start: its device as the user named it ("cuda:1", "cpu"; None: the loader's
-    default) and the picklable factory that loads the runtime there (run in the engine process)."""
+    default) and what its process runs, the model to load there bound in (server/launch.py)."""
 
     device: str | None
-    make_runtime: Callable[[], Runtime]
+    entry: EngineEntry
 
 
 class EnginePool:
@@ -68,7 +66,7 @@ class EnginePool:
         if splits is None and n > 1 and threads is None:
             threads = max(1, (os.cpu_count() or 2) // n)  # unpinned: share the cores, not oversubscribe
         self.engines = [
-            EngineProcess(slot.make_runtime, config, metrics, threads=threads,
+            EngineProcess(slot.entry, config, metrics, threads=threads,
                           split=splits[i] if splits is not None else None,
                           name="lcmserve-engine" if n == 1 else f"lcmserve-engine-{i}")
             for i, slot in enumerate(slots)]
@@ -80,12 +78,19 @@ class EnginePool:
 
     def start(self) -> EngineInfo:
         """Start every engine process at once and block until all are ready (they load in parallel).
-        Raises the first failure, after stopping the engines that did start."""
+        Raises the first failure, after stopping the engines that did start. The processes are
+        spawned one after the other, in --devices order (so their process ids are in that order)."""
         if len(self.engines) == 1:
             self.infos = [self.engines[0].start()]
         else:
+            try:
+                for engine in self.engines:
+                    engine.spawn()
+            except BaseException:
+                self.stop(10.0)
+                raise
             with ThreadPoolExecutor(len(self.engines), thread_name_prefix="lcmserve-engine-start") as starter:
-                futures = [starter.submit(engine.start) for engine in self.engines]
+                futures = [starter.submit(engine.wait_ready) for engine in self.engines]
                 errors = [f.exception() for f in futures]
             failed = next((e for e in errors if e is not None), None)
             if failed is not None:
@@ -94,7 +99,7 @@ class EnginePool:
             self.infos = [f.result() for f in futures]
         self.info = self.infos[0]
         for index, info in enumerate(self.infos):
-            log.info("engine %d ready on %s in %.1f s (%d torch threads%s)", index, info.spec.device, info.load_s,
+            log.info("engine %d ready on %s in %.1f s (%d torch threads%s)", index, info.model.device, info.load_s,
                      info.threads, f", CPUs {','.join(map(str, info.compute_cpus))}" if info.compute_cpus else "")
         return self.info
 
@@ -114,7 +119,7 @@ class EnginePool:
     def devices(self) -> list[str]:
         """The device of each engine, in --devices order (as its runtime reports it once ready)."""
         if self.infos:
-            return [str(info.spec.device) for info in self.infos]
+            return [info.model.device for info in self.infos]
         return [slot.device or "default" for slot in self._slots]
 
     @property
@@ -127,9 +132,9 @@ class EnginePool:
         return sum(engine.outstanding for engine in self.engines)
 
     @property
-    def pid(self) -> int | None:
-        """The first engine process's id (the metrics' engine process collector follows one)."""
-        return self.engines[0].pid
+    def processes(self) -> list[tuple[str, int | None]]:
+        """(device, process id) of each engine, in --devices order (for their process metrics)."""
+        return list(zip(self.devices, (engine.pid for engine in self.engines)))
 
     # ---- requests ------------------------------------------------------------------------------
 
