@@ -91,8 +91,7 @@ def load_pipeline(
         try:
             pipe = pipeline_from_pretrained(location, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
-            lines = [line for line in str(e).strip().splitlines() if line.strip()]
-            reason = lines[0][:200] if lines else type(e).__name__
+            reason = " ".join(str(e).split()) or type(e).__name__  # whole, on one line
             raise ModelNotFoundError(
                 f"could not load {model!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
                 f"to work offline pass a local diffusers folder, an export artifact, a preset "

@@ -71,6 +71,33 @@ def test_a_taken_metrics_port_is_refused_with_one_line() -> None:
     assert f"127.0.0.1:{port}" in line and "--metrics-port" in line
 
 
+def test_a_taken_port_is_refused_before_torch_is_imported() -> None:
+    """The edge imports no torch: a port in use is reported at once, not after seconds of imports (issue 20)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = ("import sys\nfrom lcmserve.cli import main\n"
+                f"status = main(['serve', '--model', 'tiny', '--port', '{port}', '--metrics-port', '-1'])\n"
+                "print('loaded:', sorted(m for m in ('torch', 'diffusers') if m in sys.modules))\n"
+                "sys.exit(status)\n")
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    line = _one_clear_line(done)
+    assert f"127.0.0.1:{port}" in line and "--port" in line and "in use" in line
+    assert "loaded: []" in done.stdout, done.stdout
+
+
+def test_a_hub_model_that_does_not_load_is_reported_whole() -> None:
+    """The hub's reason is not cut short (it was, mid-word, at 200 characters: issue 20)."""
+    from lcmserve.export.errors import ExportError
+    from lcmserve.export.loading import load_pipeline
+
+    with pytest.raises(ExportError) as info:
+        load_pipeline("some-org/not-cached-model")  # HF_HUB_OFFLINE=1 (conftest): nothing to load
+    reason = " ".join(str(info.value.__cause__).split())
+    assert reason in str(info.value)
+
+
 @pytest.mark.parametrize("args", [["--model", "/nonexistent/model"], ["--model", "some-org/not-cached-model"],
                                   ["--model", "tiny", "--lora", "/nonexistent/lora.safetensors"]],
                          ids=["missing-folder", "offline-hub-id", "missing-lora"])
