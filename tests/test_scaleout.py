@@ -31,11 +31,16 @@ ONE_PER_BATCH = ("--max-batch-size", "2")  # with GUIDED: one image per UNet cal
 GUIDED = dict(SMALL, guidance_scale=2.0)
 
 
-def _ok_count(server: ServerProcess) -> int:
-    """Generate calls this server finished OK, from its own Prometheus counter."""
+def _metrics(server: ServerProcess) -> str:
+    """The server's /metrics page."""
     match = re.search(r"metrics on (http://\S+)", server.log_path.read_text())
     assert match, server.log()
-    text = urllib.request.urlopen(match.group(1), timeout=10).read().decode()
+    return str(urllib.request.urlopen(match.group(1), timeout=10).read().decode())
+
+
+def _ok_count(server: ServerProcess) -> int:
+    """Generate calls this server finished OK, from its own Prometheus counter."""
+    text = _metrics(server)
     found = re.search(r'^lcmserve_inference_request_total\{status="OK"\} (\S+)$', text, re.MULTILINE)
     assert found, text[-2000:]
     return int(float(found.group(1)))
@@ -122,11 +127,18 @@ def test_one_client_balances_over_three_servers_through_a_kill_and_a_drain(tiny_
 
 @linux_only
 def test_two_cpu_engines_behind_one_server(tiny_artifact: pathlib.Path, tiny_server: str) -> None:
-    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1", "--devices", "cpu,cpu",
+    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "0", "--devices", "cpu,cpu",
                            "--log-level", "DEBUG")
     try:
         engines = _engine_pids(server)
         assert len(engines) == 2
+        # Every engine's process metrics, labelled by its index and device (issue 20).
+        metrics = _metrics(server)
+        for index in ("0", "1"):
+            labelled = [line for line in metrics.splitlines()
+                        if line.startswith("lcmserve_engine_process_resident_memory_bytes{")
+                        and f'engine="{index}"' in line and 'device="cpu"' in line]
+            assert len(labelled) == 1 and float(labelled[0].split()[-1]) > 0, metrics
         if len(os.sched_getaffinity(0)) >= 2:  # each engine on cores of its own
             first, second = (_allowed_cpus(pid) for pid in engines)
             assert len(first) == len(second) == 1 and first != second, (first, second)
