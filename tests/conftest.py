@@ -6,8 +6,10 @@ tests call them with the real client.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +24,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240.0  # importing torch + diffusers and building the preset on a busy 2-core CI box
 
 # Presets and exports go to a private cache for the whole session (server subprocesses inherit it);
-# nothing may touch the network.
+# nothing may touch the network. Server logs go to a private folder too; both are removed when the
+# session ends (a failing test shows the log it needs in its message).
 _CACHE = pathlib.Path(tempfile.mkdtemp(prefix="lcmserve-test-cache-"))
+_LOGS = pathlib.Path(tempfile.mkdtemp(prefix="lcmserve-test-logs-"))
+_LOG_NUMBERS = itertools.count()
 os.environ["LCMSERVE_CACHE"] = str(_CACHE)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,7 +38,7 @@ class ServerProcess:
     """`lcmserve serve ... --port 0` in a subprocess; `target` once it printed `listening on`."""
 
     def __init__(self, *args: str, timeout: float = START_TIMEOUT_S) -> None:
-        self.log_path = pathlib.Path(tempfile.mkstemp(prefix="lcmserve-server-", suffix=".log")[1])
+        self.log_path = _LOGS / f"server-{next(_LOG_NUMBERS)}.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lcmserve.cli", "serve", "--port", "0", *args],
@@ -57,7 +62,8 @@ class ServerProcess:
                 raise RuntimeError(f"server did not start (exit {self.proc.returncode}):\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # (after stop() too)
+            self._log.flush()
         return self.log_path.read_text()[-6000:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
@@ -74,6 +80,12 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Leave nothing in the temp folder: the session's preset cache and server logs."""
+    for folder in (_CACHE, _LOGS):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
