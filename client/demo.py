@@ -3,8 +3,8 @@
     python -m lcmserve.demo [--out DIR] [--prompt TEXT] [--size PX]
 
 Starts `lcmserve serve --model tiny --port 0` as a real server process (that needs the [server]
-extra), calls it with the client SDK over gRPC, writes DIR/image.png and DIR/previews/step-<k>.png,
-then stops the server (SIGTERM, which drains). The tiny model has random weights: expect colourful
+extra), calls it with the client SDK over gRPC, writes DIR/image.png and DIR/previews/image0-step<k>.png
+(named as `lcmserve generate --previews` names them), then stops the server (SIGTERM, which drains). The tiny model has random weights: expect colourful
 noise, made the real way. The demo itself is a client: it imports only the SDK.
 """
 
@@ -81,7 +81,7 @@ def _write_events(client: Client, prompt: str, options: GenerateOptions, out: pa
     start = time.perf_counter()
     for event in client.stream(prompt, options):
         if isinstance(event, StepEvent) and event.preview is not None:
-            path = event.preview.save(out / "previews" / f"step-{event.step}.png")
+            path = event.preview.save(out / "previews" / f"image{event.image_index}-step{event.step}.png")
             print(f"step {event.step + 1}/{event.num_steps} (timestep {event.timestep}): {path}", flush=True)
         elif isinstance(event, Image):
             path = event.save(out / "image.png")
