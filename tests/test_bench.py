@@ -202,12 +202,17 @@ def test_baseline_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     code = main(["--baseline", "tiny", "--baseline-batch", "1,2", "--baseline-iters", "2", *SHAPE_ARGS,
                  "--json", str(json_path)])  # fmt: skip
     assert code == 0
-    assert "diffusers b=1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "diffusers b=1" in out
+    # as the server's engine runs on a CPU: one thread per CPU but the first (those CPUs, if pinned)
+    engine_threads = max(1, len(os.sched_getaffinity(0)) - 1)
+    assert f"(float32, {engine_threads} torch thread(s)" in out
     data = json.loads(json_path.read_text())
     assert data["levels"] == []
     assert [b["batch_size"] for b in data["baseline"]] == [1, 2]
     for b in data["baseline"]:
         assert b["device"] == "cpu" and b["calls"] == 2 and b["images"] == 2 * b["batch_size"]
+        assert b["threads"] == engine_threads
         assert b["images_per_s"] > 0
         assert b["latency_ms"]["p50"] <= b["latency_ms"]["p99"] and b["first_step_ms"]["p50"] > 0
         assert b["step_gap_ms"]["p50"] > 0
