@@ -15,6 +15,7 @@ import torch
 
 from .lcm import Step
 from ..protocol import TERMINAL, Event, Failure, GenerationParams, Timings
+from ..protocol import EngineStopped as EngineStopped  # (re-exported: one class, the edge raises it too)
 
 log = logging.getLogger("lcmserve.engine")
 
@@ -22,10 +23,6 @@ EventSink = Callable[[int, Event], None]  # (rid, event), called in each request
 
 
 class QueueFull(Exception):
-    pass
-
-
-class EngineStopped(Exception):
     pass
 
 
