@@ -74,7 +74,8 @@ class DatasetSpec:
     images_per_request: int = 1  # consecutive seeds of one expanded prompt sent as one request
 
     def as_json(self) -> dict[str, Any]:
-        """The spec as plain JSON values (recorded in dataset.json), defaults written out."""
+        """The spec as plain JSON values (recorded in dataset.json), defaults written out (a width or
+        height left to each init image's size is null)."""
         return {
             "prompts": [
                 {
@@ -89,8 +90,8 @@ class DatasetSpec:
             "seed": self.seed,
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
-            "width": self.width,
-            "height": self.height,
+            "width": self.width if self.width is not None or self.init_images is not None else 512,
+            "height": self.height if self.height is not None or self.init_images is not None else 512,
             "format": self.format,
             "quality": self.quality,
             "splits": dict(self.splits),
