@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -293,6 +294,16 @@ def test_errors_reach_the_client_as_lcmserve_errors(hard_server: ServerProcess) 
     assert "<class" not in str(error) and "DecodeError" not in str(error)
 
 
+@linux_only
+def test_the_edge_process_never_loads_torch(hard_server: ServerProcess) -> None:
+    """Serving, the edge process has no torch in it (what crosses the pipe is torch-free: protocol.py)."""
+    with Client(hard_server.target, timeout=60) as client:
+        assert len(client.generate("edge", seed=2, **SMALL).images) == 1  # type: ignore[arg-type]
+        client.model_info()
+    maps = pathlib.Path(f"/proc/{hard_server.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "/torch/" not in maps
+
+
 # ---- the server's gRPC settings (no server needed) ---------------------------------------------------
 
 
@@ -322,3 +333,32 @@ def test_token_check_accepts_only_listed_bearer_tokens() -> None:
         assert not auth.allowed(metadata), metadata
     with pytest.raises(ValueError):
         TokenAuth([])
+
+
+def test_token_check_reads_the_header_value_of_any_transport() -> None:
+    from lcmserve.server.edge.auth import TokenCheck, unauthenticated
+
+    check = TokenCheck(["alpha"])
+    assert check.allows("Bearer alpha") and check.allows(b"BEARER alpha")
+    assert not check.allows(None) and not check.allows("Bearer beta") and not check.allows("alpha")
+    assert unauthenticated("header").status.name == "UNAUTHENTICATED" and "header" in unauthenticated("header").message
+
+
+def test_refusals_render_as_grpc_statuses_with_their_details() -> None:
+    from google.rpc import error_details_pb2, status_pb2
+
+    from lcmserve.server.edge.convert import status
+    from lcmserve.server.edge.core import failure_refusal
+    from lcmserve.server.edge.status import Refusal, Status
+
+    plain = status(Refusal(Status.UNAVAILABLE, "the model is still loading"))
+    assert plain == (grpc.StatusCode.UNAVAILABLE, "the model is still loading", ())
+    bad = status(Refusal(Status.INVALID_ARGUMENT, "invalid request: width: is 7", violations=(("width", "is 7"),)))
+    rich = status_pb2.Status.FromString(dict(bad.trailing_metadata)["grpc-status-details-bin"])  # type: ignore[arg-type]
+    violation = error_details_pb2.BadRequest()
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and rich.details[0].Unpack(violation)
+    assert (violation.field_violations[0].field, violation.field_violations[0].description) == ("width", "width is 7")
+    full = status(failure_refusal(Status.RESOURCE_EXHAUSTED, "queue full"))
+    retry = error_details_pb2.RetryInfo()
+    assert status_pb2.Status.FromString(dict(full.trailing_metadata)["grpc-status-details-bin"]).details[0].Unpack(retry)  # type: ignore[arg-type]
+    assert full.code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry.retry_delay.ToNanoseconds() == 100_000_000
