@@ -68,7 +68,7 @@ class VaeEncode(torch.nn.Module):
 class TinyVaeDecode(torch.nn.Module):
     """Latents (B, 4, h, w) / the tiny autoencoder's scaling factor (TAESD: 1.0) -> pixels (B, 3, 8h, 8w)
     in [-1, 1]: AutoencoderTiny.decode (tanh clamp of the latents at +-3, the decoder, [0, 1] -> [-1, 1]),
-    what the eager runtime's tiny_vae_decode returns (export/tiny_vae.py `decoder_of`)."""
+    the tiny decoder of every backend (compiled, or this module run eagerly: server/model/eager.py)."""
 
     def __init__(self, tiny_vae: torch.nn.Module) -> None:
         super().__init__()

@@ -15,7 +15,7 @@ import torch
 
 from lcmserve.export.artifact import IO_NAMES
 from lcmserve.export.unet_call import INPUT_NAMES, UNetCall
-from lcmserve.server.engine.cuda_graphs import BucketedGraphs, graphs_off
+from lcmserve.server.engine.cuda_graphs import BucketedGraphs, graph_states, graphs_off
 from lcmserve.server.model.compiled import no_recompile
 from lcmserve.server.model.parts import Compiled, Part
 
@@ -131,7 +131,7 @@ def test_a_part_runs_unserved_shapes_eagerly_logs_once_and_counts(caplog: pytest
 
 def test_a_compiled_call_that_would_recompile_runs_eagerly() -> None:
     """The compile backend's guard: after the warm-up, a shape dynamo has no graph for is declined
-    (fail_on_recompile), run eagerly and remembered, not compiled in the middle of traffic."""
+    (fail_on_recompile) and run eagerly, not compiled in the middle of traffic."""
     torch._dynamo.reset()
     module = torch.nn.Linear(4, 3)
     compiled = torch.compile(module, backend="eager", fullgraph=True, dynamic=False)
@@ -196,6 +196,8 @@ def test_graph_state_says_why_graphs_are_off() -> None:
     assert graphs_off(torch.device("cuda", 0), cuda_graphs=False, capturable=True) == "turned off (--no-cuda-graphs)"
     assert "cannot be captured" in str(graphs_off(torch.device("cuda", 0), cuda_graphs=True, capturable=False))
     assert graphs_off(torch.device("cuda", 0), cuda_graphs=True, capturable=True) is None
+    states = graph_states({"unet": graphs, "vae": fake_unet}, graphs_off(torch.device("cpu"), True, True))
+    assert [str(state) for state in states] == [str(state), "disabled: no CUDA device (cpu)"]
 
 
 def test_the_runtime_refuses_extras_its_unet_does_not_read() -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,6 +72,13 @@ def graphs_off(device: torch.device, cuda_graphs: bool, capturable: bool) -> str
     if not capturable:
         return "the backend cannot be captured (its calls wait for the device)"
     return None
+
+
+def graph_states(callables: Mapping[str, object], off: str | None) -> tuple[GraphState, ...]:
+    """The graph state of each named callable of an engine: a BucketedGraphs says its own; any other
+    runs without graphs, for the reason `off` (graphs_off)."""
+    return tuple(fn.state() if isinstance(fn, BucketedGraphs) else GraphState(name, False, off or "not captured")
+                 for name, fn in callables.items())
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -125,7 +125,9 @@ def no_recompile(fn: Fn) -> Fn:
                 if not str(exc).startswith("Detected recompile"):
                     raise
                 shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
-                raise NotServed(f"a call of shapes {shapes} (it would compile a new graph)") from None
+                guards = [line.strip(" -") for line in str(exc).splitlines() if line.strip().startswith("- ")]
+                why = f": {guards[0]}" if guards else ""
+                raise NotServed(f"a call of shapes {shapes} (it would compile a new graph{why})") from None
 
     return run
 

@@ -41,7 +41,6 @@ from lcmserve.export.artifact import (
     is_artifact,
     read_manifest,
 )
-
 from lcmserve.export.quiet import quiet_libraries
 from lcmserve.export.records import LoraRecord, TinyVaeRecord
 

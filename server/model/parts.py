@@ -71,7 +71,6 @@ class Part:
         self._eager: Fn | None = None
         self._note = note
         self._logged: set[tuple[int, ...] | str] = set()
-        self._declined: set[tuple[tuple[int, ...], ...]] = set()  # shapes the compiled form refused (NotServed)
 
     @property
     def runs(self) -> str:
@@ -85,16 +84,14 @@ class Part:
                 self._logged.add("note")
                 log.warning("%s artifact: %s; running it eagerly", self.backend, self._note)
             return self.eager(*inputs)
-        shapes = tuple(tuple(x.shape) for x in inputs)
-        why = compiled.serves(inputs) if shapes not in self._declined else "a shape it declined before"
+        why = compiled.serves(inputs)
         if why is None:
             try:
                 return chunked(compiled.fn, inputs, compiled.max_rows)
-            except NotServed as exc:
-                self._declined.add(shapes)
+            except NotServed as exc:  # (not remembered: what dynamo guards on is more than the shapes)
                 why = f"{exc}"
         self.fallbacks += 1
-        key = shapes[0][1:]
+        key = tuple(inputs[0].shape[1:])
         if key not in self._logged:
             self._logged.add(key)
             log.warning("%s: %s is not served by the %s artifact (served: %s); running it eagerly", self.name,
