@@ -265,6 +265,7 @@ def model_info_from_proto(message: pb.GetModelInfoResponse) -> ModelInfo:
         decoders=[names.DECODER_NAMES.get(d, str(d)) for d in message.decoders],
         default_decoder=names.DECODER_NAMES.get(message.default_decoder, ""),
         jpeg_encoder=message.jpeg_encoder,
+        backend_details=dict(message.backend_details),
     )
 
 
@@ -353,4 +354,5 @@ def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
         decoders=[DECODERS[d] for d in info.decoders if d in DECODERS],
         default_decoder=DECODERS.get(cast(Decoder, info.default_decoder), pb.DECODER_UNSPECIFIED),
         jpeg_encoder=info.jpeg_encoder,
+        backend_details=info.backend_details,
     )

@@ -357,7 +357,7 @@ def _format_model_info(info: ModelInfo, target: str) -> str:
         ("loras", "; ".join(loras) or "none"),
         ("dtype", info.dtype),
         ("device", ", ".join(info.devices) if len(info.devices) > 1 else info.device),
-        ("backend", info.backend),
+        ("backend", "; ".join([info.backend, *(f"{k} {v}" for k, v in sorted(info.backend_details.items()))])),
         ("decoders", f"{', '.join(info.decoders) or 'vae'} (default {info.default_decoder or 'vae'}); "
                      f"JPEG on the {info.jpeg_encoder or 'host'}"),
         ("steps", f"1 to {limits.max_steps}"),

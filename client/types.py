@@ -302,3 +302,6 @@ class ModelInfo:
     decoders: list[str] = field(default_factory=list)
     default_decoder: str = ""
     jpeg_encoder: str = ""
+    # The backend's state by part, for operators: "graphs.unet" -> "enabled" or "disabled: <why>",
+    # "fallbacks.unet" -> calls a compiled part ran eagerly. Empty from an older server.
+    backend_details: dict[str, str] = field(default_factory=dict)

@@ -177,7 +177,16 @@ class GraphStats:
     counters: tuple[tuple[str, int], ...]  # cuda_graphs.BucketedGraphs.stats(): captures, evictions, eager_calls, ...
 
 
-MetricUpdate = Queued | Admitted | UNetCall | VaeDecode | GraphStats
+@dataclass(frozen=True)
+class BackendState:
+    """The engine's backend state when it changed: each graphed callable's CUDA-graph state ("enabled" or
+    "disabled: <why>") and each compiled part's count of calls run eagerly (GetModelInfo, /metrics)."""
+
+    graphs: tuple[tuple[str, str], ...]  # (callable, state)
+    fallbacks: tuple[tuple[str, int], ...] = ()  # (part, calls run eagerly)
+
+
+MetricUpdate = Queued | Admitted | UNetCall | VaeDecode | GraphStats | BackendState
 
 
 # ---- the pipe ---------------------------------------------------------------------------------------
@@ -238,6 +247,7 @@ class EngineInfo:
     io_cpus: tuple[int, ...] = ()  # where the edge should run (CPU pinning), () for anywhere
     compute_cpus: tuple[int, ...] = ()  # where the engine process runs
     jpeg_encoder: str = "host"  # "gpu" | "host": where this engine encodes JPEG (GetModelInfo)
+    backend: BackendState = BackendState(())  # at Ready; later changes come as metric updates
     model: ModelFacts = field(init=False)
 
     def __post_init__(self, spec: ModelSpec) -> None:

@@ -681,6 +681,26 @@ class GetModelInfoResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class BackendDetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BASE_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
@@ -692,6 +712,7 @@ class GetModelInfoResponse(_message.Message):
     DECODERS_FIELD_NUMBER: _builtins.int
     DEFAULT_DECODER_FIELD_NUMBER: _builtins.int
     JPEG_ENCODER_FIELD_NUMBER: _builtins.int
+    BACKEND_DETAILS_FIELD_NUMBER: _builtins.int
     base: _builtins.str
     """Base model: hub id, folder or preset name."""
     dtype: _builtins.str
@@ -729,6 +750,17 @@ class GetModelInfoResponse(_message.Message):
         tiny autoencoder.
         """
 
+    @_builtins.property
+    def backend_details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The backend's state by part, for operators (read, never parse for control):
+        "graphs.<callable>" -> "enabled" or "disabled: <reason>" (CUDA graphs of
+        "unet", "vae", "tiny_vae"; on a CPU "disabled: ..."), and
+        "fallbacks.<part>" -> the number of calls a compiled part ran eagerly
+        because its compiled form did not serve their shape (compiled backends).
+        Of the first engine (--devices); /metrics: lcmserve_cuda_graph_enabled and
+        lcmserve_eager_fallback_calls.
+        """
+
     def __init__(
         self,
         *,
@@ -743,10 +775,11 @@ class GetModelInfoResponse(_message.Message):
         decoders: _abc.Iterable[Global___Decoder.ValueType] | None = ...,
         default_decoder: Global___Decoder.ValueType = ...,
         jpeg_encoder: _builtins.str = ...,
+        backend_details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "base", b"base", "decoders", b"decoders", "default_decoder", b"default_decoder", "device", b"device", "devices", b"devices", "dtype", b"dtype", "jpeg_encoder", b"jpeg_encoder", "limits", b"limits", "loras", b"loras", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_details", b"backend_details", "base", b"base", "decoders", b"decoders", "default_decoder", b"default_decoder", "device", b"device", "devices", b"devices", "dtype", b"dtype", "jpeg_encoder", b"jpeg_encoder", "limits", b"limits", "loras", b"loras", "server_version", b"server_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -79,6 +79,8 @@ def model_info(served: ServedModel) -> pb.GetModelInfoResponse:
         decoders=[DECODER_VALUES[d] for d in model.decoders],  # type: ignore[misc]  # ints of the Decoder enum
         default_decoder=DECODER_VALUES[model.default_decoder],  # type: ignore[arg-type]
         jpeg_encoder=served.info.jpeg_encoder,
+        backend_details={**{f"graphs.{name}": state for name, state in served.backend.graphs},
+                         **{f"fallbacks.{part}": str(calls) for part, calls in served.backend.fallbacks}},
     )
 
 

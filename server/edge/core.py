@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from lcmserve.v1 import generation_pb2 as pb
 
 from ..config import EngineConfig, Limits
-from ..protocol import EngineInfo, EngineStopped, Failure, ImageEvent, StepEvent, Summary
+from ..protocol import BackendState, EngineInfo, EngineStopped, Failure, ImageEvent, StepEvent, Summary
 from .images import prepare_images
 from .metrics import Metrics
 from .pool import EnginePool
@@ -54,6 +54,7 @@ class ServedModel:
     limits: Limits
     engine: EngineConfig
     version: str
+    backend: BackendState  # the first engine's latest (CUDA graphs, eager fallbacks)
 
 
 @dataclass
@@ -88,7 +89,8 @@ class EdgeCore:
             raise Refused(Refusal(Status.UNAVAILABLE, f"the server is not serving: {engine.dead}"))
         if engine is None or engine.info is None:
             raise Refused(Refusal(Status.UNAVAILABLE, "the model is still loading"))
-        return ServedModel(engine.info, tuple(engine.devices), self.limits, engine.config, self.version)
+        return ServedModel(engine.info, tuple(engine.devices), self.limits, engine.config, self.version,
+                           engine.engines[0].backend)
 
     # ---- one Generate call ----------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from ..config import EngineConfig
 from ..placement import CpuSplit, cpu_split, pin_process
 from ..protocol import (
     TERMINAL,
+    BackendState,
     Cancel,
     EngineInfo,
     EngineStopped,
@@ -115,6 +116,7 @@ class EngineProcess:
         self.config = config
         self.metrics = metrics
         self.info: EngineInfo | None = None  # set by start()
+        self.backend = BackendState(())  # the latest (GetModelInfo): at Ready, then when it changes
         self.on_death: Callable[[BaseException], None] | None = None
         self.dead: BaseException | None = None
         self._entry = entry
@@ -164,6 +166,9 @@ class EngineProcess:
         match message:
             case Ready(info=info):
                 self.info = info
+                self.backend = info.backend
+                if self.metrics is not None:
+                    self.metrics.record(info.backend)
             case LoadFailed(message=why):
                 self._process.join(10)
                 raise EngineLoadError(why)
@@ -264,6 +269,9 @@ class EngineProcess:
                     if self.metrics is not None:
                         for update in updates:
                             self.metrics.record(update)
+                    for update in updates:
+                        if isinstance(update, BackendState):  # the latest, for GetModelInfo
+                            self.backend = update
                     for rid, event in events:
                         with self._lock:
                             ticket = self._tickets.get(rid)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, ProcessCollector, start_http_server
 from prometheus_client.registry import Collector
 
-from ..protocol import Admitted, GraphStats, MetricUpdate, Queued, UNetCall, VaeDecode
+from ..protocol import Admitted, BackendState, GraphStats, MetricUpdate, Queued, UNetCall, VaeDecode
 from .status import Status
 
 _MS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -67,6 +67,11 @@ class Metrics:
         self.graph_events = Gauge("lcmserve_cuda_graph_events", "Per graphed callable (CUDA only): captures, "
                                   "evictions, eager_calls (no graph for that batch or resolution), replays",
                                   ["callable", "counter"], registry=r)
+        self.graph_enabled = Gauge("lcmserve_cuda_graph_enabled", "1 while a callable (unet, vae, tiny_vae) runs "
+                                   "from CUDA graphs, 0 when off (GetModelInfo's backend_details says why)",
+                                   ["callable"], registry=r)
+        self.eager_fallbacks = Gauge("lcmserve_eager_fallback_calls", "Calls a compiled part ran eagerly because "
+                                     "its compiled form did not serve their shape (since start)", ["part"], registry=r)
 
     def record(self, update: MetricUpdate) -> None:
         """One measurement of the engine's (relayed from the engine process)."""
@@ -80,6 +85,11 @@ class Metrics:
                 self.batch_size.observe(rows)
             case VaeDecode(seconds=seconds):
                 self.vae_time.observe(seconds)
+            case BackendState(graphs=graphs, fallbacks=fallbacks):
+                for name, state in graphs:
+                    self.graph_enabled.labels(callable=name).set(1 if state == "enabled" else 0)
+                for part, calls in fallbacks:
+                    self.eager_fallbacks.labels(part=part).set(calls)
             case GraphStats(name=name, counters=counters):
                 for counter, value in counters:
                     self.graph_events.labels(callable=name, counter=counter).set(value)

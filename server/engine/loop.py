@@ -47,7 +47,7 @@ import grpc
 import torch
 
 from ..config import EngineConfig
-from .cuda_graphs import BucketedGraphs
+from .cuda_graphs import BucketedGraphs, graph_states
 from .decoders import Decoders
 from .encode import approx_preview, encode_image_event, encode_step_event, host_tensors, select_jpeg_encoder
 from .admission import draw_host, draws_to_device, start_from_images
@@ -56,6 +56,7 @@ from ..protocol import (
     Admitted,
     Event,
     Failure,
+    BackendState,
     GraphStats,
     MetricUpdate,
     Picture,
@@ -118,6 +119,7 @@ class Engine:
         self.dead: BaseException | None = None  # set if the loop itself died
         self.on_death: Callable[[BaseException], None] | None = None
         self.after_iteration: Callable[[], None] | None = None
+        self._backend_state = self.backend_state()
 
     # ---- the receiver's side -----------------------------------------------------------------
 
@@ -239,6 +241,18 @@ class Engine:
         self._record_unet_times(wait=False)
         for fn in self._graphs:  # CUDA graph captures, evictions and eager fallbacks, for /metrics
             self.record(GraphStats(fn.name, tuple(fn.stats().items())))
+        state = self.backend_state()
+        if state != self._backend_state:  # graphs switched off, a compiled part ran a shape eagerly
+            self._backend_state = state
+            self.record(state)
+
+    def backend_state(self) -> BackendState:
+        """Each callable's CUDA-graph state and each compiled part's eager-fallback count (GetModelInfo)."""
+        off = ("not a CUDA device" if self.device.type != "cuda" else "off (--no-cuda-graphs)"
+               if not self.config.cuda_graphs else "the backend records its own (not capturable)")
+        callables = {"unet": self.unet, **dict(zip(self.decoders.names, self.decoders.callables, strict=True))}
+        return BackendState(tuple((s.name, str(s)) for s in graph_states(callables, off)),
+                            tuple(sorted(self.runtime.fallbacks().items())))
 
     def _record_unet_times(self, wait: bool) -> None:
         """Metrics and request timings of the UNet calls the device has finished (all, when `wait`)."""

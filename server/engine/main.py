@@ -161,7 +161,7 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
         info = EngineInfo(spec=runtime.spec, tokenizer=runtime.tokenizer, graphs=graphs,
                           load_s=time.perf_counter() - start, threads=torch.get_num_threads(),
                           io_cpus=split[0] if split else (), compute_cpus=split[1] if split else (),
-                          jpeg_encoder=engine.jpeg_encoder)
+                          jpeg_encoder=engine.jpeg_encoder, backend=engine.backend_state())
         counting = True
         outbox.send(Ready(info))
         engine.after_iteration = outbox.flush  # from now on the edge's reader takes event lists
