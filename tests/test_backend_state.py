@@ -13,8 +13,8 @@ def test_model_info_says_graphs_are_off_on_a_cpu(tiny_server: str) -> None:
     with Client(tiny_server, timeout=30) as client:
         details = client.model_info().backend_details
     # Every callable the engine runs is listed, each with why it runs without CUDA graphs.
-    assert details["graphs.unet"] == "disabled: not a CUDA device"
-    assert details["graphs.vae"] == "disabled: not a CUDA device"
+    assert details["graphs.unet"] == "disabled: no CUDA device (cpu)"
+    assert details["graphs.vae"] == "disabled: no CUDA device (cpu)"
     # The eager backend has no compiled part, so nothing can fall back.
     assert not any(key.startswith("fallbacks.") for key in details)
 

@@ -47,7 +47,7 @@ import grpc
 import torch
 
 from ..config import EngineConfig
-from .cuda_graphs import BucketedGraphs, graph_states
+from .cuda_graphs import BucketedGraphs, graph_states, graphs_off
 from .decoders import Decoders
 from .encode import approx_preview, encode_image_event, encode_step_event, host_tensors, select_jpeg_encoder
 from .admission import draw_host, draws_to_device, start_from_images
@@ -248,8 +248,7 @@ class Engine:
 
     def backend_state(self) -> BackendState:
         """Each callable's CUDA-graph state and each compiled part's eager-fallback count (GetModelInfo)."""
-        off = ("not a CUDA device" if self.device.type != "cuda" else "off (--no-cuda-graphs)"
-               if not self.config.cuda_graphs else "the backend records its own (not capturable)")
+        off = graphs_off(self.device, self.config.cuda_graphs, self.runtime.spec.graph_capturable)
         callables = {"unet": self.unet, **dict(zip(self.decoders.names, self.decoders.callables, strict=True))}
         return BackendState(tuple((s.name, str(s)) for s in graph_states(callables, off)),
                             tuple(sorted(self.runtime.fallbacks().items())))
