@@ -161,7 +161,7 @@ class Admitted:
 
 
 @dataclass(frozen=True)
-class UNetCall:
+class UNetTiming:
     seconds: float
     rows: int
 
@@ -186,7 +186,7 @@ class BackendState:
     fallbacks: tuple[tuple[str, int], ...] = ()  # (part, calls run eagerly)
 
 
-MetricUpdate = Queued | Admitted | UNetCall | VaeDecode | GraphStats | BackendState
+MetricUpdate = Queued | Admitted | UNetTiming | VaeDecode | GraphStats | BackendState
 
 
 # ---- the pipe ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, ProcessCollector, start_http_server
 from prometheus_client.registry import Collector
 
-from ..protocol import Admitted, BackendState, GraphStats, MetricUpdate, Queued, UNetCall, VaeDecode
+from ..protocol import Admitted, BackendState, GraphStats, MetricUpdate, Queued, UNetTiming, VaeDecode
 from .status import Status
 
 _MS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -80,7 +80,7 @@ class Metrics:
                 self.pending.inc(delta)
             case Admitted(queue_s=seconds):
                 self.queue_time.observe(seconds)
-            case UNetCall(seconds=seconds, rows=rows):
+            case UNetTiming(seconds=seconds, rows=rows):
                 self.unet_time.observe(seconds)
                 self.batch_size.observe(rows)
             case VaeDecode(seconds=seconds):

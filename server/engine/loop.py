@@ -63,7 +63,7 @@ from ..protocol import (
     Queued,
     StepEvent,
     Summary,
-    UNetCall,
+    UNetTiming,
     VaeDecode,
 )
 from ..model.runtime import Runtime
@@ -256,7 +256,7 @@ class Engine:
     def _record_unet_times(self, wait: bool) -> None:
         """Metrics and request timings of the UNet calls the device has finished (all, when `wait`)."""
         for seconds, rows, requests in self.timer.finished(wait):
-            self.record(UNetCall(seconds, rows))
+            self.record(UNetTiming(seconds, rows))
             for request in requests:
                 request.timings.unet_ms += seconds * 1e3
 
