@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 EXTRAS ?= server,onnx-cpu,dev
 PORT   ?= 50051
+METRICS_PORT ?= 8002
 MODEL  ?= tiny
 OUT    ?= out
 
@@ -25,7 +26,7 @@ demo: install
 	$(BIN)/python -m lcmserve.demo --out $(OUT)
 
 serve: install
-	$(BIN)/lcmserve serve --model $(MODEL) --port $(PORT)
+	$(BIN)/lcmserve serve --model $(MODEL) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: install proto-check lint typecheck
 	$(BIN)/python -m pytest -q
