@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from lcmserve.server.engine.cuda_graphs import BucketedGraphs
+from graph_fakes import RerunGraph
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WEIGHT = torch.linspace(-1, 1, 16 * 8).view(8, 16)
@@ -32,21 +33,6 @@ WEIGHT = torch.linspace(-1, 1, 16 * 8).view(8, 16)
 def small_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """(B, ..., 16) features, (B,) scales -> (B, ..., 8): a real torch callable, rows independent."""
     return torch.nn.functional.linear(x, WEIGHT).tanh() * t.view(-1, *([1] * (x.dim() - 1)))
-
-
-class RerunGraph:
-    """A CPU stand-in for a CUDA graph: replay() recomputes fn on the static inputs into the static output."""
-
-    def __init__(self, fn, static: list[torch.Tensor], output: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
-        self.fn, self.static, self.output = fn, static, output
-        self.released = False
-
-    def replay(self) -> None:
-        assert not self.released, "replay of a freed graph"
-        self.output.copy_(self.fn(*self.static))
-
-    def release(self) -> None:
-        self.released = True
 
 
 class CpuCapture:

@@ -16,6 +16,7 @@ import torch
 from lcmserve.export.artifact import IO_NAMES
 from lcmserve.export.unet_call import INPUT_NAMES, UNetCall
 from lcmserve.server.engine.cuda_graphs import BucketedGraphs, graph_states, graphs_off
+from graph_fakes import RerunGraph
 from lcmserve.server.model.compiled import no_recompile
 from lcmserve.server.model.parts import Compiled, Part
 
@@ -38,19 +39,6 @@ def make_call(batch: int, seed: int = 0, *, slots: bool = False, side: int = 2) 
     extras = (("slot", torch.randint(0, 4, (batch,), generator=g)),) if slots else ()
     return UNetCall(torch.randn(batch, side, 16, generator=g), torch.randint(0, 1000, (batch,), generator=g),
                     torch.randn(batch, 3, 5, generator=g), extras)
-
-
-class RerunGraph:
-    def __init__(self, fn, static: list[torch.Tensor], output: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
-        self.fn, self.static, self.output = fn, static, output
-        self.released = False
-
-    def replay(self) -> None:
-        assert not self.released, "replay of a freed graph"
-        self.output.copy_(self.fn(*self.static))
-
-    def release(self) -> None:
-        self.released = True
 
 
 class CpuCapture:
