@@ -161,6 +161,8 @@ class GenerateRequest(_message.Message):
     STRENGTH_FIELD_NUMBER: _builtins.int
     MASK_IMAGE_FIELD_NUMBER: _builtins.int
     DECODER_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Text to generate from. Required, 1 to 2000 characters. CLIP reads at most
     77 tokens: longer prompts are truncated and Summary.prompt_truncated says so.
@@ -224,6 +226,26 @@ class GenerateRequest(_message.Message):
     """Decoder of the final images (previews: preview_mode). Default: the server's
     default decoder. A decoder the model lacks: INVALID_ARGUMENT.
     """
+    candidates: _builtins.int
+    """Best-of-N: generate num_images * candidates images (seeds seed, seed + 1,
+    ...) in the same UNet calls and return the best num_images by the
+    server's CLIP score (GetModelInfoResponse.scorer), best first; ties go to
+    the smaller seed. 1 to Limits.max_candidates; default 1. Above 1 needs a
+    scorer (otherwise INVALID_ARGUMENT). With candidates > 1, StepEvents are
+    sent for every candidate (StepEvent.candidate says which) and
+    StepEvent.image_index is the candidate's index too, since images are
+    chosen only when all are decoded.
+    """
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterWeight]:
+        """Per-request LoRA adapters (loaded with `lcmserve serve --adapter` or
+        AdapterService.LoadAdapter), at most Limits.max_adapters_per_request, each
+        name once. Several add up, as diffusers' set_adapters(names, weights) does;
+        the unconditional rows of a guided image use the same adapters. Adapters
+        stay unfused: requests with different adapters share UNet calls. Default:
+        none (the model as exported, LoRAs fused at export included).
+        """
+
     def __init__(
         self,
         *,
@@ -243,11 +265,15 @@ class GenerateRequest(_message.Message):
         strength: _builtins.float | None = ...,
         mask_image: _builtins.bytes = ...,
         decoder: Global___Decoder.ValueType = ...,
+        adapters: _abc.Iterable[Global___AdapterWeight] | None = ...,
+        candidates: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_candidates", b"_candidates", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "candidates", b"candidates", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "decoder", b"decoder", "guidance_scale", b"guidance_scale", "height", b"height", "include_latents", b"include_latents", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "preview_mode", b"preview_mode", "prompt", b"prompt", "quality", b"quality", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_candidates", b"_candidates", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_strength", b"_strength", "_width", b"_width", "adapters", b"adapters", "candidates", b"candidates", "decoder", b"decoder", "guidance_scale", b"guidance_scale", "height", b"height", "include_latents", b"include_latents", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "preview_mode", b"preview_mode", "prompt", b"prompt", "quality", b"quality", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__candidates: _TypeAlias = _typing.Literal["candidates"]  # noqa: Y015
+    _WhichOneofArgType__candidates: _TypeAlias = _typing.Literal["_candidates", b"_candidates"]  # noqa: Y015
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
     _WhichOneofReturnType__height: _TypeAlias = _typing.Literal["height"]  # noqa: Y015
@@ -264,6 +290,8 @@ class GenerateRequest(_message.Message):
     _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
     _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
     _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__candidates) -> _WhichOneofReturnType__candidates | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
@@ -282,6 +310,36 @@ class GenerateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class AdapterWeight(_message.Message):
+    """One adapter of a request and its strength."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of a loaded adapter (GetModelInfoResponse.adapters)."""
+    scale: _builtins.float
+    """Scale, -8 to 8 (unitless; 1.0 is full strength, 0 turns it off). Default:
+    the adapter's default scale (AdapterInfo.default_scale).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "scale", b"scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "name", b"name", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+
+Global___AdapterWeight: _TypeAlias = AdapterWeight  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
@@ -333,6 +391,7 @@ class StepEvent(_message.Message):
     TIMESTEP_FIELD_NUMBER: _builtins.int
     PREVIEW_FIELD_NUMBER: _builtins.int
     LATENTS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
     image_index: _builtins.int
     """Which image of the request, 0 to num_images - 1."""
     step: _builtins.int
@@ -343,6 +402,11 @@ class StepEvent(_message.Message):
     """
     timestep: _builtins.int
     """Diffusion timestep of this step, 0 to 999 (SD's 1000-step training schedule)."""
+    candidate: _builtins.int
+    """With GenerateRequest.candidates > 1: the candidate this step belongs to,
+    0 to num_images * candidates - 1 (its seed is Summary.seed + candidate).
+    0 otherwise.
+    """
     @_builtins.property
     def preview(self) -> Global___Picture:
         """The denoised prediction (x0) after this step, when preview_mode asks for it."""
@@ -360,10 +424,11 @@ class StepEvent(_message.Message):
         timestep: _builtins.int = ...,
         preview: Global___Picture | None = ...,
         latents: Global___Tensor | None = ...,
+        candidate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latents", b"latents", "preview", b"preview"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_index", b"image_index", "latents", b"latents", "num_steps", b"num_steps", "preview", b"preview", "step", b"step", "timestep", b"timestep"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "image_index", b"image_index", "latents", b"latents", "num_steps", b"num_steps", "preview", b"preview", "step", b"step", "timestep", b"timestep"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -445,10 +510,15 @@ class Image(_message.Message):
     PICTURE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     LATENTS_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Which image of the request, 0 to num_images - 1."""
     seed: _builtins.int
     """Seed of this image (request seed + index): reproduces it alone."""
+    score: _builtins.float
+    """CLIPScore of the image against the prompt (100 * max(cos, 0), as
+    torchmetrics defines it) when the server has a scorer; unset otherwise.
+    """
     @_builtins.property
     def picture(self) -> Global___Picture:
         """The image (format, width and height as requested)."""
@@ -464,14 +534,47 @@ class Image(_message.Message):
         picture: Global___Picture | None = ...,
         seed: _builtins.int = ...,
         latents: Global___Tensor | None = ...,
+        score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latents", b"latents", "picture", b"picture"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "latents", b"latents", "picture", b"picture", "score", b"score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "latents", b"latents", "picture", b"picture", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "index", b"index", "latents", b"latents", "picture", b"picture", "score", b"score", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
+    _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score) -> _WhichOneofReturnType__score | None: ...
+
+Global___Image: _TypeAlias = Image  # noqa: Y015
+
+@_typing.final
+class Candidate(_message.Message):
+    """One candidate of a best-of-N request (GenerateRequest.candidates)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEED_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    RETURNED_FIELD_NUMBER: _builtins.int
+    seed: _builtins.int
+    """Its seed: reproduces it alone with candidates 1."""
+    score: _builtins.float
+    """Its CLIPScore (see Image.score)."""
+    returned: _builtins.bool
+    """True when it was returned as an Image."""
+    def __init__(
+        self,
+        *,
+        seed: _builtins.int = ...,
+        score: _builtins.float = ...,
+        returned: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["returned", b"returned", "score", b"score", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Image: _TypeAlias = Image  # noqa: Y015
+Global___Candidate: _TypeAlias = Candidate  # noqa: Y015
 
 @_typing.final
 class Timings(_message.Message):
@@ -527,6 +630,7 @@ class Summary(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     NUM_STEPS_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Seed of image 0 (as given or as chosen)."""
     num_images: _builtins.int
@@ -544,6 +648,12 @@ class Summary(_message.Message):
     def timings(self) -> Global___Timings:
         """Where the time went."""
 
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]:
+        """Every candidate generated, in seed order, with its score and whether it
+        was returned (only when GenerateRequest.candidates > 1).
+        """
+
     def __init__(
         self,
         *,
@@ -553,10 +663,11 @@ class Summary(_message.Message):
         prompt_tokens: _builtins.int = ...,
         timings: Global___Timings | None = ...,
         num_steps: _builtins.int = ...,
+        candidates: _abc.Iterable[Global___Candidate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_images", b"num_images", "num_steps", b"num_steps", "prompt_tokens", b"prompt_tokens", "prompt_truncated", b"prompt_truncated", "seed", b"seed", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "num_images", b"num_images", "num_steps", b"num_steps", "prompt_tokens", b"prompt_tokens", "prompt_truncated", b"prompt_truncated", "seed", b"seed", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -627,6 +738,10 @@ class Limits(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _builtins.int
     MAX_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
+    MAX_ADAPTERS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_ADAPTERS_FIELD_NUMBER: _builtins.int
+    MAX_ADAPTER_RANK_FIELD_NUMBER: _builtins.int
+    MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     max_steps: _builtins.int
     """Most denoising steps (least is 1)."""
     min_side: _builtins.int
@@ -651,6 +766,14 @@ class Limits(_message.Message):
     """Most bytes of init_image, and of mask_image, each (encoded)."""
     max_image_pixels: _builtins.int
     """Most pixels (width x height) of init_image and of mask_image once decoded."""
+    max_adapters_per_request: _builtins.int
+    """Most adapters one request may name (GenerateRequest.adapters)."""
+    max_adapters: _builtins.int
+    """Adapter slots: most adapters loaded at once."""
+    max_adapter_rank: _builtins.int
+    """Highest LoRA rank an adapter may have."""
+    max_candidates: _builtins.int
+    """Most candidates per image (GenerateRequest.candidates)."""
     def __init__(
         self,
         *,
@@ -666,14 +789,240 @@ class Limits(_message.Message):
         max_queued_requests: _builtins.int = ...,
         max_image_bytes: _builtins.int = ...,
         max_image_pixels: _builtins.int = ...,
+        max_adapters_per_request: _builtins.int = ...,
+        max_adapters: _builtins.int = ...,
+        max_adapter_rank: _builtins.int = ...,
+        max_candidates: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_guidance_scale", b"max_guidance_scale", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_images", b"max_images", "max_prompt_chars", b"max_prompt_chars", "max_queued_requests", b"max_queued_requests", "max_side", b"max_side", "max_steps", b"max_steps", "min_guidance_scale", b"min_guidance_scale", "min_side", b"min_side", "side_multiple", b"side_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_adapter_rank", b"max_adapter_rank", "max_adapters", b"max_adapters", "max_adapters_per_request", b"max_adapters_per_request", "max_batch_size", b"max_batch_size", "max_candidates", b"max_candidates", "max_guidance_scale", b"max_guidance_scale", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_images", b"max_images", "max_prompt_chars", b"max_prompt_chars", "max_queued_requests", b"max_queued_requests", "max_side", b"max_side", "max_steps", b"max_steps", "min_guidance_scale", b"min_guidance_scale", "min_side", b"min_side", "side_multiple", b"side_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Limits: _TypeAlias = Limits  # noqa: Y015
+
+@_typing.final
+class AdapterInfo(_message.Message):
+    """A per-request LoRA adapter the server holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    DEFAULT_SCALE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    MODULES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name requests use (AdapterWeight.name)."""
+    source: _builtins.str
+    """Where it came from: a file, folder or hub id."""
+    sha256: _builtins.str
+    """SHA-256 of its weights file, hex."""
+    rank: _builtins.int
+    """Its LoRA rank (the largest of its modules)."""
+    default_scale: _builtins.float
+    """Scale of a request that names it without one."""
+    format: _builtins.str
+    """Key layout of its file: "kohya" or "diffusers"."""
+    modules: _builtins.int
+    """Number of modules it adapts."""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The parts it adapts: "unet", "text_encoder"."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        targets: _abc.Iterable[_builtins.str] | None = ...,
+        default_scale: _builtins.float = ...,
+        format: _builtins.str = ...,
+        modules: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_scale", b"default_scale", "format", b"format", "modules", b"modules", "name", b"name", "rank", b"rank", "sha256", b"sha256", "source", b"source", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterInfo: _TypeAlias = AdapterInfo  # noqa: Y015
+
+@_typing.final
+class ScorerInfo(_message.Message):
+    """The CLIP model that scores candidates (GenerateRequest.candidates)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    PROJECTION_DIM_FIELD_NUMBER: _builtins.int
+    IMAGE_SIZE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where it came from: hub id, folder, or "tiny" (the presets' random CLIP)."""
+    sha256: _builtins.str
+    """SHA-256 of its weights file, hex."""
+    projection_dim: _builtins.int
+    """Its projection size (the embedding both towers map to)."""
+    image_size: _builtins.int
+    """Input side of its image tower, in pixels."""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        projection_dim: _builtins.int = ...,
+        image_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_size", b"image_size", "projection_dim", b"projection_dim", "sha256", b"sha256", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScorerInfo: _TypeAlias = ScorerInfo  # noqa: Y015
+
+@_typing.final
+class LoadAdapterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name for requests to use: 1 to 64 of [A-Za-z0-9._-], not taken."""
+    source: _builtins.str
+    """A kohya_ss or diffusers/PEFT LoRA: a .safetensors file or a folder
+    holding one (on the server's disk), or a hub id.
+    """
+    scale: _builtins.float
+    """Default scale, -8 to 8. Default 1.0."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source: _builtins.str = ...,
+        scale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "scale", b"scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "name", b"name", "scale", b"scale", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+
+Global___LoadAdapterRequest: _TypeAlias = LoadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class LoadAdapterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def adapter(self) -> Global___AdapterInfo:
+        """The adapter as loaded."""
+
+    def __init__(
+        self,
+        *,
+        adapter: Global___AdapterInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterResponse: _TypeAlias = LoadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of a loaded adapter."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterRequest: _TypeAlias = UnloadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterResponse: _TypeAlias = UnloadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class ListAdaptersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdaptersRequest: _TypeAlias = ListAdaptersRequest  # noqa: Y015
+
+@_typing.final
+class ListAdaptersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    LOADING_ALLOWED_FIELD_NUMBER: _builtins.int
+    free_slots: _builtins.int
+    """Slots left (Limits.max_adapters minus the loaded ones)."""
+    loading_allowed: _builtins.bool
+    """Whether AdapterService.LoadAdapter/UnloadAdapter are served
+    (`--allow-adapter-loading`).
+    """
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterInfo]:
+        """The loaded adapters, by name."""
+
+    def __init__(
+        self,
+        *,
+        adapters: _abc.Iterable[Global___AdapterInfo] | None = ...,
+        free_slots: _builtins.int = ...,
+        loading_allowed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "free_slots", b"free_slots", "loading_allowed", b"loading_allowed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdaptersResponse: _TypeAlias = ListAdaptersResponse  # noqa: Y015
 
 @_typing.final
 class GetModelInfoResponse(_message.Message):
@@ -713,6 +1062,8 @@ class GetModelInfoResponse(_message.Message):
     DEFAULT_DECODER_FIELD_NUMBER: _builtins.int
     JPEG_ENCODER_FIELD_NUMBER: _builtins.int
     BACKEND_DETAILS_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    SCORER_FIELD_NUMBER: _builtins.int
     base: _builtins.str
     """Base model: hub id, folder or preset name."""
     dtype: _builtins.str
@@ -761,6 +1112,14 @@ class GetModelInfoResponse(_message.Message):
         lcmserve_eager_fallback_calls.
         """
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterInfo]:
+        """Per-request adapters loaded now (GenerateRequest.adapters), by name."""
+
+    @_builtins.property
+    def scorer(self) -> Global___ScorerInfo:
+        """The candidate scorer, when the server has one (GenerateRequest.candidates)."""
+
     def __init__(
         self,
         *,
@@ -776,10 +1135,12 @@ class GetModelInfoResponse(_message.Message):
         default_decoder: Global___Decoder.ValueType = ...,
         jpeg_encoder: _builtins.str = ...,
         backend_details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        adapters: _abc.Iterable[Global___AdapterInfo] | None = ...,
+        scorer: Global___ScorerInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "scorer", b"scorer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_details", b"backend_details", "base", b"base", "decoders", b"decoders", "default_decoder", b"default_decoder", "device", b"device", "devices", b"devices", "dtype", b"dtype", "jpeg_encoder", b"jpeg_encoder", "limits", b"limits", "loras", b"loras", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "backend", b"backend", "backend_details", b"backend_details", "base", b"base", "decoders", b"decoders", "default_decoder", b"default_decoder", "device", b"device", "devices", b"devices", "dtype", b"dtype", "jpeg_encoder", b"jpeg_encoder", "limits", b"limits", "loras", b"loras", "scorer", b"scorer", "server_version", b"server_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -149,3 +149,183 @@ class GenerationService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdapterServiceStub:
+    """Loads and unloads per-request LoRA adapters while the server runs. Served
+    only by a server started with `--allow-adapter-loading` (otherwise every
+    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    Loading writes the adapter's low-rank factors into a free slot between
+    engine iterations: no restart, no recompile, no CUDA-graph recapture.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadAdapter = channel.unary_unary(
+                '/lcmserve.v1.AdapterService/LoadAdapter',
+                request_serializer=lcmserve_dot_v1_dot_generation__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=lcmserve_dot_v1_dot_generation__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/lcmserve.v1.AdapterService/UnloadAdapter',
+                request_serializer=lcmserve_dot_v1_dot_generation__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=lcmserve_dot_v1_dot_generation__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/lcmserve.v1.AdapterService/ListAdapters',
+                request_serializer=lcmserve_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=lcmserve_dot_v1_dot_generation__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+
+
+class AdapterServiceServicer:
+    """Loads and unloads per-request LoRA adapters while the server runs. Served
+    only by a server started with `--allow-adapter-loading` (otherwise every
+    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    Loading writes the adapter's low-rank factors into a free slot between
+    engine iterations: no restart, no recompile, no CUDA-graph recapture.
+    """
+
+    def LoadAdapter(self, request, context):
+        """Loads a LoRA file as a named adapter. Errors: INVALID_ARGUMENT (unreadable
+        file, no LoRA keys, no module of this model matches, rank over
+        Limits.max_adapter_rank, bad name or scale), ALREADY_EXISTS (name taken),
+        RESOURCE_EXHAUSTED (no free slot).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Unloads an adapter: requests already admitted finish with it; new ones
+        naming it are refused. NOT_FOUND for an unknown name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """The loaded adapters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdapterServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=lcmserve_dot_v1_dot_generation__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=lcmserve_dot_v1_dot_generation__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=lcmserve_dot_v1_dot_generation__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=lcmserve_dot_v1_dot_generation__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=lcmserve_dot_v1_dot_generation__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=lcmserve_dot_v1_dot_generation__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lcmserve.v1.AdapterService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lcmserve.v1.AdapterService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdapterService:
+    """Loads and unloads per-request LoRA adapters while the server runs. Served
+    only by a server started with `--allow-adapter-loading` (otherwise every
+    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    Loading writes the adapter's low-rank factors into a free slot between
+    engine iterations: no restart, no recompile, no CUDA-graph recapture.
+    """
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcmserve.v1.AdapterService/LoadAdapter',
+            lcmserve_dot_v1_dot_generation__pb2.LoadAdapterRequest.SerializeToString,
+            lcmserve_dot_v1_dot_generation__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcmserve.v1.AdapterService/UnloadAdapter',
+            lcmserve_dot_v1_dot_generation__pb2.UnloadAdapterRequest.SerializeToString,
+            lcmserve_dot_v1_dot_generation__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcmserve.v1.AdapterService/ListAdapters',
+            lcmserve_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
+            lcmserve_dot_v1_dot_generation__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -98,3 +98,91 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdapterServiceStub:
+    """Loads and unloads per-request LoRA adapters while the server runs. Served
+    only by a server started with `--allow-adapter-loading` (otherwise every
+    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    Loading writes the adapter's low-rank factors into a free slot between
+    engine iterations: no restart, no recompile, no CUDA-graph recapture.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdapterServiceAsyncStub: ...
+    LoadAdapter: _grpc.UnaryUnaryMultiCallable[_generation_pb2.LoadAdapterRequest, _generation_pb2.LoadAdapterResponse]
+    """Loads a LoRA file as a named adapter. Errors: INVALID_ARGUMENT (unreadable
+    file, no LoRA keys, no module of this model matches, rank over
+    Limits.max_adapter_rank, bad name or scale), ALREADY_EXISTS (name taken),
+    RESOURCE_EXHAUSTED (no free slot).
+    """
+    UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_generation_pb2.UnloadAdapterRequest, _generation_pb2.UnloadAdapterResponse]
+    """Unloads an adapter: requests already admitted finish with it; new ones
+    naming it are refused. NOT_FOUND for an unknown name.
+    """
+    ListAdapters: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListAdaptersRequest, _generation_pb2.ListAdaptersResponse]
+    """The loaded adapters."""
+
+@_typing.type_check_only
+class AdapterServiceAsyncStub(AdapterServiceStub):
+    """Loads and unloads per-request LoRA adapters while the server runs. Served
+    only by a server started with `--allow-adapter-loading` (otherwise every
+    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    Loading writes the adapter's low-rank factors into a free slot between
+    engine iterations: no restart, no recompile, no CUDA-graph recapture.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    LoadAdapter: _aio.UnaryUnaryMultiCallable[_generation_pb2.LoadAdapterRequest, _generation_pb2.LoadAdapterResponse]  # type: ignore[assignment]
+    """Loads a LoRA file as a named adapter. Errors: INVALID_ARGUMENT (unreadable
+    file, no LoRA keys, no module of this model matches, rank over
+    Limits.max_adapter_rank, bad name or scale), ALREADY_EXISTS (name taken),
+    RESOURCE_EXHAUSTED (no free slot).
+    """
+    UnloadAdapter: _aio.UnaryUnaryMultiCallable[_generation_pb2.UnloadAdapterRequest, _generation_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    """Unloads an adapter: requests already admitted finish with it; new ones
+    naming it are refused. NOT_FOUND for an unknown name.
+    """
+    ListAdapters: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListAdaptersRequest, _generation_pb2.ListAdaptersResponse]  # type: ignore[assignment]
+    """The loaded adapters."""
+
+class AdapterServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Loads and unloads per-request LoRA adapters while the server runs. Served
+    only by a server started with `--allow-adapter-loading` (otherwise every
+    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    Loading writes the adapter's low-rank factors into a free slot between
+    engine iterations: no restart, no recompile, no CUDA-graph recapture.
+    """
+
+    @_abc_1.abstractmethod
+    def LoadAdapter(
+        self,
+        request: _generation_pb2.LoadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.LoadAdapterResponse, _abc.Awaitable[_generation_pb2.LoadAdapterResponse]]:
+        """Loads a LoRA file as a named adapter. Errors: INVALID_ARGUMENT (unreadable
+        file, no LoRA keys, no module of this model matches, rank over
+        Limits.max_adapter_rank, bad name or scale), ALREADY_EXISTS (name taken),
+        RESOURCE_EXHAUSTED (no free slot).
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadAdapter(
+        self,
+        request: _generation_pb2.UnloadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.UnloadAdapterResponse, _abc.Awaitable[_generation_pb2.UnloadAdapterResponse]]:
+        """Unloads an adapter: requests already admitted finish with it; new ones
+        naming it are refused. NOT_FOUND for an unknown name.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAdapters(
+        self,
+        request: _generation_pb2.ListAdaptersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.ListAdaptersResponse, _abc.Awaitable[_generation_pb2.ListAdaptersResponse]]:
+        """The loaded adapters."""
+
+def add_AdapterServiceServicer_to_server(servicer: AdapterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
