@@ -22,6 +22,7 @@ class Limits:
     max_prompt_chars: int = 2000
     min_guidance_scale: float = 1.0
     max_guidance_scale: float = 20.0
+    max_candidates: int = 8  # GenerateRequest.candidates (best-of-N, issue 23)
 
     @property
     def max_image_bytes(self) -> int:
@@ -98,6 +99,17 @@ class FaultInjection:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """Per-request LoRA adapters (issue 21): slots the engine pre-allocates, what requests may name."""
+
+    initial: tuple[tuple[str, str, float], ...] = ()  # serve --adapter NAME=SRC[:SCALE]: (name, source, scale)
+    max_adapters: int = 8  # slots: most adapters loaded at once
+    max_adapter_rank: int = 64  # a LoRA of higher rank is refused
+    max_adapters_per_request: int = 4
+    allow_loading: bool = False  # serve AdapterService.LoadAdapter/UnloadAdapter (--allow-adapter-loading)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 32  # most rows in one UNet call (a guided image takes two)
     max_queued_requests: int = 256  # waiting requests before submit() refuses (RESOURCE_EXHAUSTED)
@@ -110,6 +122,7 @@ class EngineConfig:
     buckets: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)  # padded batch sizes on CUDA
     pin_cpus: bool = True  # on a CPU device: the engine process on its own cores (placement.py)
     faults: FaultInjection = field(default_factory=FaultInjection)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 @dataclass(frozen=True)

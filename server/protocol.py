@@ -52,6 +52,10 @@ class GenerationParams:
     init_image: bytes | None = None  # (height, width, 3) uint8 RGB, resized as VaeImageProcessor does
     mask_image: bytes | None = None  # (height, width) uint8 grey, resized likewise; white = repaint
     strength: float = 1.0  # with init_image: how far it is noised (0 < strength <= 1)
+    # Per-request adapters (issue 21): (name, scale) in request order, names checked against the loaded
+    # adapters, scales filled from each adapter's default; the engine resolves names to slots at submit.
+    adapters: tuple[tuple[str, float], ...] = ()
+    candidates: int = 1  # best-of-N (issue 23): num_images * candidates samples, the best num_images returned
 
     @property
     def guided(self) -> bool:
@@ -189,6 +193,52 @@ class BackendState:
 MetricUpdate = Queued | Admitted | UNetTiming | VaeDecode | GraphStats | BackendState
 
 
+# ---- per-request adapters (issue 21) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """A per-request LoRA adapter an engine holds in a slot (GetModelInfo.adapters, ListAdapters)."""
+
+    name: str
+    source: str  # file, folder or hub id, as given
+    sha256: str  # of its weights file
+    rank: int  # the largest rank of its modules
+    targets: tuple[str, ...]  # parts it adapts: "unet", "text_encoder"
+    default_scale: float  # what a request naming it without a scale gets
+    format: str  # "kohya" | "diffusers"
+    modules: int  # modules it adapts
+    slot: int  # its slot in the engine's adapter buffers
+
+
+@dataclass(frozen=True)
+class LoadAdapter:
+    """edge -> engine: load a LoRA into a free slot between iterations; answered by AdapterReply."""
+
+    ticket: int  # matches the reply
+    name: str
+    source: str
+    scale: float  # its default scale
+
+
+@dataclass(frozen=True)
+class UnloadAdapter:
+    """edge -> engine: refuse new requests naming it; free its slot once no admitted request uses it."""
+
+    ticket: int
+    name: str
+
+
+@dataclass(frozen=True)
+class AdapterReply:
+    """engine -> edge: how a LoadAdapter/UnloadAdapter went: the adapter loaded (None after an unload),
+    or a Failure whose code is the gRPC status to answer with."""
+
+    ticket: int
+    adapter: AdapterRecord | None = None
+    failure: Failure | None = None
+
+
 # ---- the pipe ---------------------------------------------------------------------------------------
 
 
@@ -248,6 +298,7 @@ class EngineInfo:
     compute_cpus: tuple[int, ...] = ()  # where the engine process runs
     jpeg_encoder: str = "host"  # "gpu" | "host": where this engine encodes JPEG (GetModelInfo)
     backend: BackendState = BackendState(())  # at Ready; later changes come as metric updates
+    adapters: tuple[AdapterRecord, ...] = ()  # per-request adapters loaded at start (serve --adapter)
     model: ModelFacts = field(init=False)
 
     def __post_init__(self, spec: ModelSpec) -> None:
@@ -286,5 +337,5 @@ class LoopDied:
     reason: str
 
 
-ToEngine = Submit | Cancel | Stop
-FromEngine = Ready | LoadFailed | Events | LoopDied
+ToEngine = Submit | Cancel | Stop | LoadAdapter | UnloadAdapter
+FromEngine = Ready | LoadFailed | Events | LoopDied | AdapterReply
