@@ -112,8 +112,8 @@ def test_full_queue_is_refused_at_once_and_cancel_frees_the_batch(small_server: 
         waiter.join(120)
         assert waiting_result and len(waiting_result[0].images) == 1
     metrics = _metrics(small_server)
-    assert 'lcmserve_inference_request_total{status="CANCELLED"} 1.0' in metrics
-    assert 'lcmserve_inference_request_total{status="RESOURCE_EXHAUSTED"} 1.0' in metrics
+    assert 'lcmserve_inference_request_total{status="CANCELLED",transport="grpc"} 1.0' in metrics
+    assert 'lcmserve_inference_request_total{status="RESOURCE_EXHAUSTED",transport="grpc"} 1.0' in metrics
 
 
 def test_deadline_stops_the_work(small_server: ServerProcess) -> None:

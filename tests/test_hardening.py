@@ -194,7 +194,7 @@ def _scrape(server: ServerProcess) -> str:
 
 def _counts(server: ServerProcess) -> Counter[str]:
     counts: Counter[str] = Counter()
-    for name, value in re.findall(r'^lcmserve_inference_request_total\{status="(\w+)"\} (\S+)$', _scrape(server),
+    for name, value in re.findall(r'^lcmserve_inference_request_total\{status="(\w+)",transport="grpc"\} (\S+)$', _scrape(server),
                                   re.MULTILINE):
         counts[name] = int(float(value))
     return counts
@@ -207,7 +207,7 @@ def test_metrics_bind_the_grpc_host_and_cover_both_processes(hard_server: Server
                  "lcmserve_engine_process_resident_memory_bytes"):
         assert re.search(rf"^{name} \d", text, re.MULTILINE), name
     for status in STATUSES:  # every final status is a series from the start
-        assert f'lcmserve_inference_request_total{{status="{status}"}}' in text
+        assert f'lcmserve_inference_request_total{{status="{status}",transport="grpc"}}' in text
 
 
 def test_out_of_memory_fails_only_its_batch_with_a_retry_hint(hard_server: ServerProcess) -> None:

@@ -41,7 +41,7 @@ def _metrics(server: ServerProcess) -> str:
 def _ok_count(server: ServerProcess) -> int:
     """Generate calls this server finished OK, from its own Prometheus counter."""
     text = _metrics(server)
-    found = re.search(r'^lcmserve_inference_request_total\{status="OK"\} (\S+)$', text, re.MULTILINE)
+    found = re.search(r'^lcmserve_inference_request_total\{status="OK",transport="grpc"\} (\S+)$', text, re.MULTILINE)
     assert found, text[-2000:]
     return int(float(found.group(1)))
 

@@ -94,13 +94,16 @@ class EdgeCore:
 
     # ---- one Generate call ----------------------------------------------------------------------
 
-    def count(self, status: Status) -> None:
-        """One Generate call ended with `status` (exactly once per call: metrics.py's contract)."""
+    def count(self, status: Status, transport: str = "grpc") -> None:
+        """One Generate call ended with `status` (exactly once per call: metrics.py's contract);
+        `transport`: "grpc" or "http", the front door it came in by (metrics.TRANSPORTS)."""
         if self.metrics is not None:
-            self.metrics.request_done(status)
+            self.metrics.request_done(status, transport)
 
-    async def generate(self, request: pb.GenerateRequest, deadline: float | None) -> AsyncGenerator[Response, None]:
-        """See the module doc. `deadline`: time.monotonic() past which the client no longer waits."""
+    async def generate(self, request: pb.GenerateRequest, deadline: float | None,
+                       transport: str = "grpc") -> AsyncGenerator[Response, None]:
+        """See the module doc. `deadline`: time.monotonic() past which the client no longer waits;
+        `transport`: the label the call is counted under (count's)."""
         status = Status.UNKNOWN
         try:
             async with contextlib.aclosing(self._generate(request, deadline)) as events:
@@ -118,7 +121,7 @@ class EdgeCore:
             log.exception("Generate failed")
             raise
         finally:
-            self.count(status)
+            self.count(status, transport)
 
     async def _generate(self, request: pb.GenerateRequest,
                         deadline: float | None) -> AsyncGenerator[Response, None]:

@@ -3,7 +3,8 @@
 Each server gets its own registry (no module globals), so several servers can live in one process.
 
 Counting contract: every Generate RPC is counted exactly once in `lcmserve_inference_request_total`,
-under the status the client saw (status.Status, by name), at one place, the edge core (core.py; a
+under the status the client saw and its transport (`grpc`, or `http` for the HTTP front door's generate
+routes, server/edge/http/) (status.Status, by name), at one place, the edge core (core.py; a
 call its transport refused itself, such as UNAUTHENTICATED by service.py's TokenAuth, through it too).
 The engine process measures times and batch sizes and sends them as MetricUpdates; it does not
 count requests, and the warm-up is never counted. On CUDA it also reports each graphed callable's
@@ -30,6 +31,7 @@ _MS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 # dashboard's rate() sees a series before its first increment.
 STATUSES = (Status.OK, Status.INVALID_ARGUMENT, Status.UNAUTHENTICATED, Status.RESOURCE_EXHAUSTED,
             Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CANCELLED, Status.INTERNAL)
+TRANSPORTS = ("grpc", "http")  # the `transport` label of the request counter: the front door a call came in by
 
 
 class MetricsBindError(OSError):
@@ -43,10 +45,11 @@ class Metrics:
         ProcessCollector(registry=r)  # this (edge) process: CPU seconds, RSS, open fds
         self.engine_processes = EngineProcesses()  # told the engines once they run (app.py)
         r.register(self.engine_processes)
-        self.requests = Counter("lcmserve_inference_request", "Generate requests finished, by final gRPC status",
-                                ["status"], registry=r)
+        self.requests = Counter("lcmserve_inference_request", "Generate requests finished, by final gRPC status "
+                                "and transport (grpc, or http: serve --http-port)", ["status", "transport"], registry=r)
         for status in STATUSES:
-            self.requests.labels(status=status.name)
+            for transport in TRANSPORTS:
+                self.requests.labels(status=status.name, transport=transport)
         self.unauthenticated = Counter("lcmserve_unauthenticated_request",
                                        "RPCs refused for a missing or wrong token, by method", ["method"], registry=r)
         self.images = Counter("lcmserve_inference_images", "Images generated", registry=r)
@@ -94,8 +97,8 @@ class Metrics:
                 for counter, value in counters:
                     self.graph_events.labels(callable=name, counter=counter).set(value)
 
-    def request_done(self, status: Status) -> None:
-        self.requests.labels(status=status.name).inc()
+    def request_done(self, status: Status, transport: str = "grpc") -> None:
+        self.requests.labels(status=status.name, transport=transport).inc()
 
     def serve(self, port: int, host: str) -> int:
         """Start the /metrics HTTP endpoint on host:port; returns the bound port (0 picks a free one).
