@@ -41,6 +41,9 @@ from .errors import (
 )
 from .options import GenerateFields, GenerateOptions
 from .types import (
+    AdapterInfo,
+    AdapterInput,
+    AdapterList,
     GenerateEvent,
     GenerateResult,
     Image,
@@ -63,6 +66,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "AbortedError",
+    "AdapterInfo",
+    "AdapterInput",
+    "AdapterList",
     "AlreadyExistsError",
     "AsyncClient",
     "CancelledError",

@@ -8,7 +8,9 @@ out of the SDK.
 from __future__ import annotations
 
 import io
+import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -16,6 +18,9 @@ from . import names
 from .errors import ProtocolError
 from .options import GenerateFields, GenerateOptions, merge_options
 from .types import (
+    AdapterInfo,
+    AdapterList,
+    Candidate,
     Decoder,
     GenerateEvent,
     Image,
@@ -27,6 +32,7 @@ from .types import (
     Picture,
     PreviewMode,
     SavesImage,
+    ScorerInfo,
     StepEvent,
     Summary,
     Timings,
@@ -91,7 +97,69 @@ def build_generate_request(
         request.strength = _check_float("strength", o.strength)
     if o.mask_image is not None:
         request.mask_image = image_bytes("mask_image", o.mask_image)
+    if o.candidates is not None:
+        request.candidates = _check_uint("candidates", o.candidates, _UINT32_MAX)
+    for name, scale in adapter_weights(o.adapters):
+        weight = request.adapters.add(name=name)
+        if scale is not None:
+            weight.scale = scale
     return request
+
+
+def adapter_weights(value: object, argument: str = "adapters") -> tuple[tuple[str, float | None], ...]:
+    """GenerateOptions.adapters -> (name, scale or None) pairs in request order: a mapping
+    ``{"cracks": 0.8}``, or a list of ``(name, scale)`` pairs or bare names (the adapter's default
+    scale). Checked here: types, empty names, non-finite scales and a name given twice; the server
+    checks the rest (INVALID_ARGUMENT naming ``adapters[i]``: unknown name, range, how many)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{argument} must be a mapping of name to scale or a list of (name, scale) pairs, "
+                        f"not a {type(value).__name__} (write {{{value!r}: 1.0}})")
+    if isinstance(value, Mapping):
+        items: list[object] = list(value.items())
+    elif isinstance(value, Iterable):
+        items = list(value)
+    else:
+        raise TypeError(f"{argument} must be a mapping of name to scale or a list of (name, scale) pairs; "
+                        f"got {type(value).__name__}")
+    pairs: list[tuple[str, float | None]] = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            name, scale = item, None
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            name, scale = item
+        else:
+            raise TypeError(f"{argument}[{i}] must be a (name, scale) pair or a name; got {item!r}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{argument}[{i}]: the name must be a non-empty str; got {name!r}")
+        if scale is not None:
+            scale = _check_float(f"{argument}[{i}] ({name}) scale", scale)
+            if not math.isfinite(scale):
+                raise ValueError(f"{argument}[{i}] ({name}): the scale {scale} is not a finite number")
+        if any(name == seen for seen, _ in pairs):
+            raise ValueError(f"{argument}[{i}]: {name!r} is named twice; give each adapter once")
+        pairs.append((name, scale))
+    return tuple(pairs)
+
+
+def parse_adapter_spec(text: str) -> tuple[str, float | None]:
+    """A command line's ``NAME[:SCALE]`` (``cracks:0.8``, ``cracks``) -> (name, scale or None).
+    Raises ValueError saying the expected form. (Adapter names hold no ':'.)"""
+    name, sep, scale = text.strip().rpartition(":")
+    if not sep:
+        name, scale = text.strip(), ""
+    if not name:
+        raise ValueError(f"expected NAME[:SCALE] (e.g. cracks:0.8), got {text!r}")
+    if not sep:
+        return name, None
+    try:
+        value = float(scale)
+    except ValueError:
+        raise ValueError(f"expected NAME[:SCALE] with SCALE a number (e.g. cracks:0.8), got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r}: the scale must be a finite number")
+    return name, value
 
 
 def image_bytes(argument: str, value: object) -> bytes:
@@ -188,6 +256,7 @@ def step_event_from_proto(message: pb.StepEvent) -> StepEvent:
         timestep=message.timestep,
         preview=picture_from_proto(message.preview) if message.HasField("preview") else None,
         latents=latents_from_proto(message.latents) if message.HasField("latents") else None,
+        candidate=message.candidate,
     )
 
 
@@ -198,6 +267,7 @@ def image_from_proto(message: pb.Image) -> Image:
         picture=picture_from_proto(message.picture),
         seed=message.seed,
         latents=latents_from_proto(message.latents) if message.HasField("latents") else None,
+        score=message.score if message.HasField("score") else None,
     )
 
 
@@ -222,6 +292,7 @@ def summary_from_proto(message: pb.Summary) -> Summary:
         prompt_tokens=message.prompt_tokens,
         timings=timings_from_proto(message.timings),
         num_steps=message.num_steps,
+        candidates=tuple(Candidate(seed=c.seed, score=c.score, returned=c.returned) for c in message.candidates),
     )
 
 
@@ -259,6 +330,10 @@ def model_info_from_proto(message: pb.GetModelInfoResponse) -> ModelInfo:
             max_queued_requests=limits.max_queued_requests,
             max_image_bytes=limits.max_image_bytes,
             max_image_pixels=limits.max_image_pixels,
+            max_adapters_per_request=limits.max_adapters_per_request,
+            max_adapters=limits.max_adapters,
+            max_adapter_rank=limits.max_adapter_rank,
+            max_candidates=limits.max_candidates,
         ),
         server_version=message.server_version,
         devices=list(message.devices),
@@ -266,7 +341,42 @@ def model_info_from_proto(message: pb.GetModelInfoResponse) -> ModelInfo:
         default_decoder=names.DECODER_NAMES.get(message.default_decoder, ""),
         jpeg_encoder=message.jpeg_encoder,
         backend_details=dict(message.backend_details),
+        adapters=[adapter_info_from_proto(a) for a in message.adapters],
+        scorer=ScorerInfo(source=message.scorer.source, sha256=message.scorer.sha256,
+                          projection_dim=message.scorer.projection_dim, image_size=message.scorer.image_size)
+        if message.HasField("scorer") else None,
     )
+
+
+def adapter_info_from_proto(message: pb.AdapterInfo) -> AdapterInfo:
+    """AdapterInfo message -> AdapterInfo."""
+    return AdapterInfo(
+        name=message.name,
+        source=message.source,
+        sha256=message.sha256,
+        rank=message.rank,
+        targets=list(message.targets),
+        default_scale=message.default_scale,
+        format=message.format,
+        modules=message.modules,
+    )
+
+
+def adapter_list_from_proto(message: pb.ListAdaptersResponse) -> AdapterList:
+    """ListAdaptersResponse -> AdapterList."""
+    return AdapterList(
+        adapters=[adapter_info_from_proto(a) for a in message.adapters],
+        free_slots=message.free_slots,
+        loading_allowed=message.loading_allowed,
+    )
+
+
+def load_adapter_request(name: str, source: str, scale: float | None) -> pb.LoadAdapterRequest:
+    """Client.load_adapter's arguments -> LoadAdapterRequest (types checked here, the rest by the server)."""
+    request = pb.LoadAdapterRequest(name=_check_str("name", name), source=_check_str("source", source))
+    if scale is not None:
+        request.scale = _check_float("scale", scale)
+    return request
 
 
 # ---- dataclasses -> messages (for servers and tests speaking the SDK's types) ----------------
@@ -295,6 +405,7 @@ def event_to_proto(event: GenerateEvent) -> pb.GenerateResponse:
             step=event.step,
             num_steps=event.num_steps,
             timestep=event.timestep,
+            candidate=event.candidate,
         )
         if event.preview is not None:
             step.preview.CopyFrom(picture_to_proto(event.preview))
@@ -302,7 +413,8 @@ def event_to_proto(event: GenerateEvent) -> pb.GenerateResponse:
             step.latents.CopyFrom(latents_to_proto(event.latents))
         return pb.GenerateResponse(step=step)
     if isinstance(event, Image):
-        image = pb.Image(index=event.index, picture=picture_to_proto(event.picture), seed=event.seed)
+        image = pb.Image(index=event.index, picture=picture_to_proto(event.picture), seed=event.seed,
+                         score=event.score)
         if event.latents is not None:
             image.latents.CopyFrom(latents_to_proto(event.latents))
         return pb.GenerateResponse(image=image)
@@ -314,6 +426,7 @@ def event_to_proto(event: GenerateEvent) -> pb.GenerateResponse:
             prompt_truncated=event.prompt_truncated,
             prompt_tokens=event.prompt_tokens,
             num_steps=event.num_steps,
+            candidates=[pb.Candidate(seed=c.seed, score=c.score, returned=c.returned) for c in event.candidates],
             timings=pb.Timings(
                 queue_ms=timings.queue_ms,
                 text_ms=timings.text_ms,
@@ -348,6 +461,10 @@ def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
             max_queued_requests=limits.max_queued_requests,
             max_image_bytes=limits.max_image_bytes,
             max_image_pixels=limits.max_image_pixels,
+            max_adapters_per_request=limits.max_adapters_per_request,
+            max_adapters=limits.max_adapters,
+            max_adapter_rank=limits.max_adapter_rank,
+            max_candidates=limits.max_candidates,
         ),
         server_version=info.server_version,
         devices=list(info.devices),
@@ -355,4 +472,12 @@ def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
         default_decoder=DECODERS.get(cast(Decoder, info.default_decoder), pb.DECODER_UNSPECIFIED),
         jpeg_encoder=info.jpeg_encoder,
         backend_details=info.backend_details,
+        adapters=[
+            pb.AdapterInfo(name=a.name, source=a.source, sha256=a.sha256, rank=a.rank, targets=a.targets,
+                           default_scale=a.default_scale, format=a.format, modules=a.modules)
+            for a in info.adapters
+        ],
+        scorer=pb.ScorerInfo(source=info.scorer.source, sha256=info.scorer.sha256,
+                             projection_dim=info.scorer.projection_dim, image_size=info.scorer.image_size)
+        if info.scorer is not None else None,
     )

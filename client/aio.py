@@ -31,11 +31,18 @@ from ._common import (
     channel_credentials,
     channel_options,
 )
-from ._convert import build_generate_request, event_from_proto, model_info_from_proto
+from ._convert import (
+    adapter_info_from_proto,
+    adapter_list_from_proto,
+    build_generate_request,
+    event_from_proto,
+    load_adapter_request,
+    model_info_from_proto,
+)
 from .errors import DeadlineExceededError, LcmServeError, ProtocolError, UnavailableError, from_rpc_error
 from .options import GenerateFields, GenerateOptions
 from .retry import Attempts, RetryPolicy, balancing_options, pick_seed
-from .types import GenerateEvent, GenerateResult, ModelInfo, Summary
+from .types import AdapterInfo, AdapterList, GenerateEvent, GenerateResult, ModelInfo, Summary
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
 
@@ -257,6 +264,44 @@ class AsyncClient:
                 last = status
             await asyncio.sleep(max(0.0, min(_READY_POLL_S, deadline - loop.time())))
 
+    # ---- per-request adapters (AdapterService) ---------------------------------------------
+
+    async def list_adapters(self, timeout: float | None = None) -> AdapterList:
+        """The adapters loaded now, the free slots, and whether this server loads and unloads them."""
+        stub = self._adapter_stub()
+        try:
+            response = await stub.ListAdapters(
+                pb.ListAdaptersRequest(), timeout=call_timeout(timeout, self.timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return adapter_list_from_proto(response)
+
+    async def load_adapter(
+        self, name: str, source: str, scale: float | None = None, *, timeout: float | None = None
+    ) -> AdapterInfo:
+        """Loads a LoRA file on the server as adapter ``name`` (see Client.load_adapter)."""
+        request = load_adapter_request(name, source, scale)
+        stub = self._adapter_stub()
+        try:
+            response = await stub.LoadAdapter(
+                request, timeout=call_timeout(timeout, self.timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return adapter_info_from_proto(response.adapter)
+
+    async def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        """Unloads adapter ``name`` (see Client.unload_adapter)."""
+        stub = self._adapter_stub()
+        try:
+            await stub.UnloadAdapter(
+                pb.UnloadAdapterRequest(name=name), timeout=call_timeout(timeout, self.timeout),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
     # ---- lifetime --------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -294,3 +339,8 @@ class AsyncClient:
             self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
         return self._generation, self._health
+
+    def _adapter_stub(self) -> Any:
+        """The AdapterService stub of the open channel (opened as _stubs does)."""
+        self._stubs()
+        return generation_pb2_grpc.AdapterServiceStub(self._channel)

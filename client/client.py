@@ -35,11 +35,18 @@ from ._common import (
     channel_credentials,
     channel_options,
 )
-from ._convert import build_generate_request, event_from_proto, model_info_from_proto
+from ._convert import (
+    adapter_info_from_proto,
+    adapter_list_from_proto,
+    build_generate_request,
+    event_from_proto,
+    load_adapter_request,
+    model_info_from_proto,
+)
 from .errors import DeadlineExceededError, LcmServeError, ProtocolError, UnavailableError, from_rpc_error
 from .options import GenerateFields, GenerateOptions
 from .retry import Attempts, RetryPolicy, balancing_options, pick_seed
-from .types import GenerateEvent, GenerateResult, ModelInfo, Summary
+from .types import AdapterInfo, AdapterList, GenerateEvent, GenerateResult, ModelInfo, Summary
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
 
@@ -99,6 +106,7 @@ class Client:
         else:
             self._channel = grpc.secure_channel(target, creds, options=channel_args)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._adapters = generation_pb2_grpc.AdapterServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = False
 
@@ -257,6 +265,50 @@ class Client:
                     return
                 last = status
             time.sleep(max(0.0, min(_READY_POLL_S, deadline - time.monotonic())))
+
+    # ---- per-request adapters (AdapterService) ---------------------------------------------
+
+    def list_adapters(self, timeout: float | None = None) -> AdapterList:
+        """The adapters loaded now, the free slots, and whether this server loads and unloads them
+        (``serve --allow-adapter-loading``)."""
+        self._check_open()
+        try:
+            response = self._adapters.ListAdapters(
+                pb.ListAdaptersRequest(), timeout=call_timeout(timeout, self.timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return adapter_list_from_proto(response)
+
+    def load_adapter(
+        self, name: str, source: str, scale: float | None = None, *, timeout: float | None = None
+    ) -> AdapterInfo:
+        """Loads a LoRA file on the server (``source``: a .safetensors file or folder on the server's disk,
+        or a hub id) as adapter ``name``, with ``scale`` the default of requests that name it without one
+        (None: 1.0). Needs ``serve --allow-adapter-loading`` (else FailedPreconditionError). Errors:
+        InvalidArgumentError (unreadable, no LoRA keys, another base, rank over the limit, bad name),
+        AlreadyExistsError (name taken), ResourceExhaustedError (no free slot)."""
+        request = load_adapter_request(name, source, scale)
+        self._check_open()
+        try:
+            response = self._adapters.LoadAdapter(
+                request, timeout=call_timeout(timeout, self.timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return adapter_info_from_proto(response.adapter)
+
+    def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        """Unloads adapter ``name``: requests already admitted finish with it, new ones naming it are
+        refused (InvalidArgumentError). NotFoundError for a name not loaded."""
+        self._check_open()
+        try:
+            self._adapters.UnloadAdapter(
+                pb.UnloadAdapterRequest(name=name), timeout=call_timeout(timeout, self.timeout),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
 
     # ---- lifetime --------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict
 
-from .types import Decoder, ImageInput, OutputFormat, PreviewMode
+from .types import AdapterInput, Decoder, ImageInput, OutputFormat, PreviewMode
 
 if TYPE_CHECKING:  # annotations only: typing.Unpack is Python >= 3.11, and mypy bundles this module
     from typing_extensions import Self, Unpack
@@ -50,6 +50,13 @@ class GenerateOptions:
     init_image: ImageInput | None = None
     strength: float | None = None  # with init_image: 0 < strength <= 1, the share of the steps run; default 0.8
     mask_image: ImageInput | None = None  # inpainting: white = repaint, black = keep; only with init_image
+    # Per-request LoRA adapters loaded on the server: {"cracks": 0.8} or [("cracks", 0.8), ...]; a scale
+    # of None takes the adapter's default; several add up. Default: none (the model as exported)
+    adapters: AdapterInput | None = None
+    # Best-of-N: generate num_images * candidates images (seeds seed, seed + 1, ...) in the same batch and
+    # return the best num_images by the server's CLIP score, best first; 1 to the server's max_candidates,
+    # above 1 only on a server with a scorer (ModelInfo.scorer). Default 1
+    candidates: int | None = None
 
     def replace(self, **fields: Unpack[GenerateFields]) -> Self:
         """A copy with ``fields`` changed. Raises TypeError naming an option that does not exist."""
@@ -80,6 +87,8 @@ class GenerateFields(TypedDict, total=False):
     init_image: ImageInput | None
     strength: float | None
     mask_image: ImageInput | None
+    adapters: AdapterInput | None
+    candidates: int | None
 
 
 _FIELD_NAMES: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(GenerateOptions))

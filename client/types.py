@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -35,6 +36,11 @@ class SavesImage(Protocol):
 ImageInput = bytes | str | os.PathLike[str] | SavesImage
 """An init_image or mask_image: encoded PNG/JPEG/WEBP bytes (sent as they are), a path to such a
 file (read when the request is built), or a PIL image (sent as PNG)."""
+
+AdapterInput = Mapping[str, float | None] | Sequence[tuple[str, float | None] | str]
+"""Per-request LoRA adapters (GenerateOptions.adapters): ``{"cracks": 0.8, "spalling": 0.5}``, or pairs
+``[("cracks", 0.8), ("spalling", None)]`` in request order; a scale of None (or a bare name in the
+list) takes the adapter's default scale on the server. Several add up, as diffusers' set_adapters."""
 
 # File suffix -> format, for Picture.save(); the first suffix of a format is its default.
 SUFFIX_FORMATS: dict[str, OutputFormat] = {
@@ -163,6 +169,9 @@ class StepEvent:
     timestep: int  # diffusion timestep, 0 to 999
     preview: Picture | None  # the denoised prediction, when a preview mode was asked for
     latents: Latents | None  # the denoised latents, when include_latents was set
+    # With GenerateOptions.candidates > 1: the candidate this step belongs to (0 to num_images *
+    # candidates - 1; its seed is Summary.seed + candidate; image_index is the same number). 0 otherwise.
+    candidate: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,8 +180,11 @@ class Image:
 
     index: int  # which image of the request, 0 to num_images - 1
     picture: Picture
-    seed: int  # request seed + index: reproduces this image alone
+    seed: int  # reproduces this image alone (with candidates 1): request seed + index, or the candidate's
     latents: Latents | None  # final latents, when include_latents was set
+    # CLIPScore of the image against the prompt (100 * max(cos, 0)) when the server has a scorer
+    # (ModelInfo.scorer); None otherwise. With candidates > 1 the images come best first.
+    score: float | None = None
 
     @property
     def data(self) -> bytes:
@@ -231,6 +243,18 @@ class Summary:
     # Denoising steps each image ran: num_inference_steps, or with an init image
     # int(num_inference_steps * strength). 0 from a server older than this field.
     num_steps: int = 0
+    # Best-of-N (GenerateOptions.candidates > 1): every candidate generated, in seed order, with its
+    # score and whether it was returned; empty with candidates 1.
+    candidates: tuple[Candidate, ...] = ()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate of a best-of-N request (GenerateOptions.candidates)."""
+
+    seed: int  # reproduces it alone with candidates 1
+    score: float  # its CLIPScore (Image.score)
+    returned: bool  # it was returned as an Image
 
 
 GenerateEvent = StepEvent | Image | Summary
@@ -266,6 +290,39 @@ class LoraInfo:
 
 
 @dataclass(frozen=True)
+class ScorerInfo:
+    """The CLIP model that scores candidates (GenerateOptions.candidates) and Image.score."""
+
+    source: str  # hub id, folder, or "tiny" (the presets' random CLIP)
+    sha256: str  # of its weights file, hex
+    projection_dim: int  # the embedding both towers map to
+    image_size: int  # input side of its image tower, pixels
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A per-request LoRA adapter the server holds (GenerateOptions.adapters names it)."""
+
+    name: str
+    source: str  # file, folder or hub id, as loaded
+    sha256: str  # of its weights file, hex
+    rank: int  # its LoRA rank (the largest of its modules)
+    targets: list[str]  # parts it adapts: "unet", "text_encoder"
+    default_scale: float  # what a request naming it without a scale gets
+    format: str = ""  # key layout of its file: "kohya" or "diffusers"
+    modules: int = 0  # modules it adapts
+
+
+@dataclass(frozen=True)
+class AdapterList:
+    """ListAdapters: the adapters loaded now, the free slots, and whether loading is allowed."""
+
+    adapters: list[AdapterInfo]  # by name
+    free_slots: int
+    loading_allowed: bool  # the server runs with --allow-adapter-loading
+
+
+@dataclass(frozen=True)
 class Limits:
     """The limits the server validates Generate requests against."""
 
@@ -281,6 +338,10 @@ class Limits:
     max_queued_requests: int  # waiting before RESOURCE_EXHAUSTED
     max_image_bytes: int = 0  # of init_image and of mask_image, each; 0 from a server without img2img
     max_image_pixels: int = 0  # width x height of each, decoded
+    max_adapters_per_request: int = 0  # GenerateOptions.adapters; 0 from a server without adapters
+    max_adapters: int = 0  # adapter slots: most adapters loaded at once
+    max_adapter_rank: int = 0  # highest LoRA rank an adapter may have
+    max_candidates: int = 0  # GenerateOptions.candidates; 0 from a server without best-of-N
 
 
 @dataclass(frozen=True)
@@ -305,3 +366,7 @@ class ModelInfo:
     # The backend's state by part, for operators: "graphs.unet" -> "enabled" or "disabled: <why>",
     # "fallbacks.unet" -> calls a compiled part ran eagerly. Empty from an older server.
     backend_details: dict[str, str] = field(default_factory=dict)
+    # Per-request LoRA adapters loaded now (GenerateOptions.adapters names them), by name.
+    adapters: list[AdapterInfo] = field(default_factory=list)
+    # The CLIP model that scores images (Image.score, GenerateOptions.candidates); None without one.
+    scorer: ScorerInfo | None = None
