@@ -1,6 +1,8 @@
 """The command line of `lcmserve dataset` (also `python -m lcmserve.dataset`).
 
     lcmserve dataset SPEC.yaml --target HOST:PORT --out DIR [--concurrency N] [--limit N]
+    lcmserve dataset SPEC.yaml --target HOST:PORT --out DIR --shard I/N     (or --shard auto/N)
+    lcmserve dataset merge OUT SHARD_DIR...
     lcmserve dataset SPEC.yaml --out DIR --keep PICKED.txt [--keep-out DIR2]
 
 Exit codes: 0 the folder is complete (or the kept copy written), 1 some requests failed or a
@@ -20,6 +22,8 @@ from .._connection import ConnectionFlagError, add_security_arguments, read_secu
 from ..errors import LcmServeError
 from .job import JobConfig, run as run_job
 from .keep import keep
+from .merge import merge
+from .shards import parse_shard
 from .spec import DatasetError
 
 DESCRIPTION = ("make a labelled image dataset from a YAML spec (prompt templates x seeds), "
@@ -28,8 +32,14 @@ DESCRIPTION = ("make a labelled image dataset from a YAML spec (prompt templates
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `lcmserve dataset`."""
-    parser.add_argument("spec", type=Path, metavar="SPEC.yaml", help="the dataset spec (docs/dataset.md)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the dataset folder")
+    parser.add_argument("spec", metavar="SPEC.yaml",
+                        help="the dataset spec (docs/dataset.md); or `merge`: merge OUT SHARD_DIR... writes the "
+                             "shard folders of one spec as one dataset folder")
+    parser.add_argument("folders", nargs="*", metavar="OUT SHARD_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, metavar="DIR", help="the dataset folder (required but with merge)")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="make only shard I of N (0 <= I < N; auto/N: I from $JOB_COMPLETION_INDEX, as a "
+                             "Kubernetes Indexed Job sets it); merge the N folders with `lcmserve dataset merge`")
     parser.add_argument(
         "--target",
         action="append",
@@ -64,18 +74,31 @@ def _config(args: argparse.Namespace) -> JobConfig:
             raise DatasetError(f"--{name} {value}: must be >= 1")
     if args.retries < 0 or not args.timeout > 0:
         raise DatasetError("--retries must be >= 0 and --timeout > 0")
+    shard = parse_shard(args.shard) if args.shard is not None else None
     connection = read_security_arguments(args)  # ConnectionFlagError: run() reports it
     targets = tuple(args.target or [os.environ.get("LCMSERVE_TARGET", DEFAULT_TARGET)])
     return JobConfig(targets=targets, concurrency=args.concurrency, limit=args.limit,
                      timeout_s=args.timeout, retries=args.retries, progress=not args.no_progress,
                      contact_sheets=not args.no_contact_sheets, secure=connection.secure,
                      root_certificates=connection.root_certificates, client_cert=connection.client_cert,
-                     client_key=connection.client_key, token=connection.token)
+                     client_key=connection.client_key, token=connection.token, shard=shard)
 
 
 def run(args: argparse.Namespace) -> int:
     """`lcmserve dataset`; returns the exit code (see the module's docstring)."""
     try:
+        if args.spec == "merge":
+            if len(args.folders) < 2:
+                raise DatasetError("merge: give OUT and the shard folders: lcmserve dataset merge OUT SHARD_DIR...")
+            merged = merge(args.folders[0], args.folders[1:], progress=not args.no_progress,
+                           contact_sheets=not args.no_contact_sheets)
+            print(merged.summary())
+            return 0
+        if args.folders:
+            raise DatasetError(f"unexpected arguments after the spec: {' '.join(args.folders)}")
+        if args.out is None:
+            raise DatasetError("--out DIR is required")
+        args.spec = Path(args.spec)
         if args.keep is not None:
             dest = args.keep_out or args.out.with_name(args.out.name + "-kept")
             counts = keep(args.out, args.keep, dest)

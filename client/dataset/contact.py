@@ -1,5 +1,5 @@
 """Contact sheets: one PNG per expanded prompt, DIR/contact/<prompt_id>.png, its images as tiles
-labelled with their seed, the prompt on top; so a person picks the good seeds at a glance and
+labelled with their seed (and, best-of-N, their score below it), the prompt on top; so a person picks the good seeds at a glance and
 lists them for ``--keep``. DIR/contact/index.tsv maps prompt ids to prompts.
 
 Needs Pillow (not in the plain install); without it the job warns and writes none.
@@ -17,6 +17,8 @@ from typing import Any
 
 from .plan import PlannedImage
 from .store import write_atomic
+
+Done = tuple[PlannedImage, dict[str, Any]]  # a written image and its metadata row
 
 _TILE_MIN = 64  # pixels: tiles are never upscaled past this (the PNG encode of a sheet costs ~0.1 s/MP)
 _TILE_MAX = 256  # pixels: sheets of 512x512 images stay small
@@ -51,27 +53,27 @@ class ContactSheets:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contact-sheets")
         self._futures: list[Future[None]] = []
 
-    def finished(self, prompt_id: str, done: Callable[[], list[PlannedImage]]) -> None:
+    def finished(self, prompt_id: str, done: Callable[[], list[Done]]) -> None:
         """One image of ``prompt_id`` was written or failed; ``done()`` lists its done images."""
         self._pending[prompt_id] -= 1
         if self._pending[prompt_id] == 0:
             self._submit(prompt_id, done())
 
-    def _submit(self, prompt_id: str, images: list[PlannedImage]) -> None:
+    def _submit(self, prompt_id: str, images: list[Done]) -> None:
         if images:
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / f"{prompt_id}.png"
             self._futures.append(self._pool.submit(self._write, path, images))
 
-    def _write(self, path: Path, images: list[PlannedImage]) -> None:
+    def _write(self, path: Path, images: list[Done]) -> None:
         write_atomic(path, _sheet(self.out, images, *self._modules))
 
-    def close(self, done: Iterable[PlannedImage]) -> int:
+    def close(self, done: Iterable[Done]) -> int:
         """Writes the sheets still missing (of prompts without work this run), waits for all, writes
         contact/index.tsv; returns how many sheets this run wrote."""
-        groups: dict[str, list[PlannedImage]] = {}
-        for image in done:
-            groups.setdefault(image.prompt_id, []).append(image)
+        groups: dict[str, list[Done]] = {}
+        for image, row in done:
+            groups.setdefault(image.prompt_id, []).append((image, row))
         for prompt_id, images in groups.items():
             if prompt_id not in self._pending and not (self.folder / f"{prompt_id}.png").exists():
                 self._submit(prompt_id, images)
@@ -81,24 +83,32 @@ class ContactSheets:
         finally:
             self._pool.shutdown(wait=True)
         if groups:
-            index = "".join(f"{pid}\t{imgs[0].prompt}\t{imgs[0].init_image.name if imgs[0].init_image else ''}\n"
+            index = "".join(f"{pid}\t{imgs[0][0].prompt}\t{imgs[0][0].init_image.name if imgs[0][0].init_image else ''}\n"
                             for pid, imgs in groups.items())
             self.folder.mkdir(parents=True, exist_ok=True)
             write_atomic(self.folder / "index.tsv", index.encode("utf-8"))
         return len(self._futures)
 
 
-def _sheet(out: Path, images: list[PlannedImage], image_mod: Any, draw_mod: Any) -> bytes:
-    """PNG bytes of one sheet: a grid of tiles (seed under each), the prompt wrapped on top."""
+def _labels(row: dict[str, Any]) -> list[str]:
+    """The lines under a tile: the seed, and the score when the row has one (best-of-N)."""
+    score = row.get("score")
+    return [str(row["seed"])] + ([f"score {score:.2f}"] if isinstance(score, (int, float)) else [])
+
+
+def _sheet(out: Path, done: list[Done], image_mod: Any, draw_mod: Any) -> bytes:
+    """PNG bytes of one sheet: a grid of tiles (seed, and score, under each), the prompt wrapped on top."""
+    images = [image for image, _ in done]
+    labels = [_labels(row) for _, row in done]
     with image_mod.open(out / images[0].split / images[0].file_name) as first:
         width, height = first.size
     scale = min(max(_TILE_MIN / width, 1.0), _TILE_MAX / max(width, height))
     # A tile is as wide as its longest seed label (19 digits: wider than a 64-pixel image): a seed
     # is read and copied whole, never wrapped.
     probe = draw_mod.Draw(image_mod.new("RGB", (1, 1)))
-    label_w = max(math.ceil(probe.textlength(str(image.seed))) for image in images)
+    label_w = max(math.ceil(probe.textlength(line)) for lines in labels for line in lines)
     tile_w, tile_h = max(_TILE_MIN, round(width * scale), label_w + 4), round(height * scale)
-    label_h = _LINE_H + 2
+    label_h = _LINE_H * max(len(lines) for lines in labels) + 2
     columns = min(_COLUMNS_MAX, math.ceil(math.sqrt(len(images))))
     rows = math.ceil(len(images) / columns)
     sheet_w = columns * tile_w
@@ -113,7 +123,8 @@ def _sheet(out: Path, images: list[PlannedImage], image_mod: Any, draw_mod: Any)
         with image_mod.open(out / planned.split / planned.file_name) as picture:
             tile = picture.convert("RGB").resize((round(width * scale), tile_h))
         sheet.paste(tile, (x + (tile_w - tile.width) // 2, y))
-        draw.text((x + 2, y + tile_h + 1), str(planned.seed), fill="black")
+        for i, line in enumerate(labels[n]):
+            draw.text((x + 2, y + tile_h + 1 + i * _LINE_H), line, fill="black")
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG", compress_level=1)  # fast zlib: sheets are looked at, not archived
     return buffer.getvalue()

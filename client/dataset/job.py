@@ -36,8 +36,10 @@ from ..options import GenerateOptions
 from ..types import Image, ModelInfo
 from .contact import ContactSheets
 from .plan import Plan, PlannedImage, make_plan
+from .shards import shard_plan
 from .spec import DatasetError, DatasetSpec, load_spec
-from .store import Store, write_manifest
+from .checks import check_sdk_supports, check_servers, scorer_of
+from .store import Outcome, Store, write_manifest
 
 _READY_S = 30.0  # how long a server may take to turn SERVING before the job gives up on it
 
@@ -59,6 +61,7 @@ class JobConfig:
     client_key: bytes | None = field(default=None, repr=False)  # mTLS: its PEM private key
     token: str | None = field(default=None, repr=False)  # bearer token; None: $LCMSERVE_TOKEN, if set
     client_options: tuple[tuple[str, Any], ...] = ()  # more AsyncClient keyword arguments, as pairs; they win
+    shard: tuple[int, int] | None = None  # (index, count): make only this shard's images (shards.py)
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,13 @@ class DatasetReport:
     contact_sheets: int  # sheets written by this run
     warnings: tuple[str, ...] = field(default=())
     limit: int | None = None  # --limit: this run was asked for the first N images of the plan only
+    rejected: int = 0  # best-of-N, on_fail: skip: images left out for good (rejected.jsonl)
+    shard: tuple[int, int] | None = None  # (index, count) of a --shard run; planned is the shard's
 
     @property
     def complete(self) -> bool:
-        """Every planned image is in the folder."""
-        return self.done == self.planned
+        """Every planned image is in the folder (or, on_fail: skip, left out for good)."""
+        return self.done + self.rejected == self.planned
 
     @property
     def images_per_s(self) -> float:
@@ -102,8 +107,10 @@ class DatasetReport:
     def summary(self) -> str:
         """A few lines for the end of the CLI's output."""
         splits = ", ".join(f"{name} {n}" for name, n in self.counts.items())
+        shard = f" of shard {self.shard[0]}/{self.shard[1]}" if self.shard is not None else ""
+        rejected = f"; {self.rejected} left out below min_score (rejected.jsonl)" if self.rejected else ""
         lines = [
-            f"{self.out}: {self.done} of {self.planned} images ({splits})",
+            f"{self.out}: {self.done} of {self.planned} images{shard} ({splits}){rejected}",
             f"this run: generated {self.generated} in {self.generate_s:.1f} s ({self.images_per_s:.2f} "
             f"images/s at concurrency {self.concurrency}), skipped {self.skipped} already done, "
             f"{len(self.failures)} requests failed; wall {self.wall_s:.1f} s",
@@ -143,22 +150,16 @@ def _requests(todo: list[PlannedImage], per_request: int) -> Iterator[_Request]:
 
 
 def _options(spec: DatasetSpec) -> GenerateOptions:
-    """The options every request shares; the seed, count, size and init/mask images are per request."""
+    """The options every request shares; the seed, count, size, adapters and init/mask images are
+    per request; ``candidates`` only when it is more than 1 (a server older than it still serves the rest)."""
+    extra: dict[str, Any] = {"candidates": spec.per_image} if spec.per_image > 1 else {}
     return GenerateOptions(
         num_inference_steps=spec.num_inference_steps,
         guidance_scale=spec.guidance_scale,
         output_format=spec.format,
         quality=spec.quality,
+        **extra,
     )
-
-
-def _check_sdk_supports(spec: DatasetSpec) -> None:
-    fields = {f.name for f in dataclasses.fields(GenerateOptions)}
-    needed = ["init_image"] + (["strength"] if spec.strength is not None else []) + \
-        (["mask_image"] if spec.masks is not None else [])
-    if spec.init_images is not None and not set(needed) <= fields:
-        raise DatasetError(f"init_images: this lcmserve SDK has no img2img (GenerateOptions lacks "
-                           f"{', '.join(sorted(set(needed) - fields))})")
 
 
 class _Job:
@@ -172,6 +173,7 @@ class _Job:
         self.base = _options(spec)
         self.failures: list[Failure] = []
         self.generated = 0
+        self.rejected = 0
         self.sheets: ContactSheets | None = None
         self._files: dict[Path, bytes] = {}  # init images and masks, read once
         self._by_prompt: dict[str, list[PlannedImage]] = {}
@@ -182,23 +184,25 @@ class _Job:
         if self.sheets is not None:
             done = self.store.done
             self.sheets.finished(image.prompt_id,
-                                 lambda: [i for i in self._by_prompt[image.prompt_id] if i.file_name in done])
+                                 lambda: [(i, done[i.file_name]) for i in self._by_prompt[image.prompt_id]
+                                          if i.file_name in done])
 
     def _read(self, path: Path) -> bytes:
         if path not in self._files:
             self._files[path] = path.read_bytes()
         return self._files[path]
 
-    def options(self, request: _Request) -> GenerateOptions:
+    def options(self, request: _Request, seed: int | None = None) -> GenerateOptions:
         first = request.images[0]
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"adapters": list(first.adapters)} if self.spec.uses_adapters else {}
         if first.init_image is not None:
             extra["init_image"] = self._read(first.init_image)
             if self.spec.strength is not None:
                 extra["strength"] = self.spec.strength
         if first.mask is not None:
             extra["mask_image"] = self._read(first.mask)
-        return dataclasses.replace(self.base, negative_prompt=first.negative_prompt, seed=first.seed,
+        return dataclasses.replace(self.base, negative_prompt=first.negative_prompt,
+                                   seed=first.seed if seed is None else seed,
                                    num_images=len(request.images), width=first.width, height=first.height,
                                    **extra)
 
@@ -214,9 +218,38 @@ class _Job:
             raise LcmServeError(f"the server sent images with seeds {seeds}, asked for {wanted}", "PROTOCOL")
         return images
 
+    async def best_of(self, client: AsyncClient, request: _Request) -> tuple[Image, Outcome]:
+        """Best-of-N for one image: round r sends its K seeds from seed + r * K; stops at the first
+        round whose best candidate reaches min_score; returns the best of all rounds (the smaller
+        seed on a tie) and what was picked."""
+        (planned,) = request.images
+        k, min_score = self.spec.per_image, self.spec.min_score
+        best: Image | None = None
+        rounds = 0
+        for rounds in range(1, self.spec.max_rounds + 1):
+            first = planned.seed + (rounds - 1) * k
+            result = await client.generate(planned.prompt, self.options(request, first), timeout=self.config.timeout_s)
+            (image,) = result.images
+            if not first <= image.seed < first + k:
+                raise LcmServeError(f"the server sent seed {image.seed}, not one of the candidates {first} to "
+                                    f"{first + k - 1}", "PROTOCOL")
+            score: float | None = getattr(image, "score", None)
+            if best is None or (score is not None and score > (getattr(best, "score", None) or float("-inf"))):
+                best = image
+            if min_score is None or (score is not None and score >= min_score):
+                break
+        assert best is not None
+        best_score: float | None = getattr(best, "score", None)
+        passed = None if min_score is None else best_score is not None and best_score >= min_score
+        return best, Outcome(best.seed, best_score, rounds, passed)
+
     async def run_one(self, client: AsyncClient, request: _Request, bar: Any) -> None:
         """Sends one request and writes its images; a failure is recorded, not raised."""
         try:
+            if self.spec.best_of_n:
+                image, outcome = await self.best_of(client, request)
+                self._picked(request.images[0], image, outcome, bar)
+                return
             images = await self.generate(client, request)
         except LcmServeError as exc:
             self._fail(request, exc.code, exc.details or str(exc), bar)
@@ -229,6 +262,16 @@ class _Job:
             self.generated += 1
             bar.update(1)
             self._finished(planned)
+
+    def _picked(self, planned: PlannedImage, image: Image, outcome: Outcome, bar: Any) -> None:
+        if outcome.passed is False and self.spec.on_fail == "skip":
+            self.store.reject(planned, outcome)
+            self.rejected += 1
+        else:
+            self.store.write(planned, image.data, outcome)
+            self.generated += 1
+        bar.update(1)
+        self._finished(planned)
 
     def _fail(self, request: _Request, code: str, detail: str, bar: Any) -> None:
         self.failures.append(Failure(tuple(i.file_name for i in request.images), code, detail))
@@ -267,8 +310,9 @@ async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str
     if not config.targets:
         raise DatasetError("give at least one target")
     spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)
-    _check_sdk_supports(spec)
-    plan = make_plan(spec)
+    check_sdk_supports(spec)
+    full_plan = make_plan(spec)
+    plan = full_plan if config.shard is None else shard_plan(full_plan, config.shard, spec.images_per_request)
     out = Path(out)
     connection: dict[str, Any] = dict(
         secure=config.secure, root_certificates=config.root_certificates, client_cert=config.client_cert,
@@ -279,12 +323,15 @@ async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str
     try:
         infos = [await _model_info(client, config) for client in clients]
         models = [dataclasses.asdict(info) for info in infos]
+        check_servers(spec, plan, config.targets, infos)
         store = Store(out, spec, plan)
-        store.check_model(models)
+        store.check_model(models, config.shard, scorer_of(infos[0]) if spec.best_of_n else None)
         store.scan()
-        write_manifest(out, _manifest(spec, plan, store, config, models, None))  # the model, from the start
+        context = _Context(spec, full_plan, plan, store, config, models, scorer_of(infos[0]))
+        write_manifest(out, context.manifest(None))  # the model, from the start
         wanted = plan.images[: config.limit] if config.limit is not None else plan.images
-        todo = [image for image in wanted if image.file_name not in store.done]
+        settled = store.settled
+        todo = [image for image in wanted if image.file_name not in settled]
         job = _Job(spec, plan, store, config)
         warnings: list[str] = []
         if config.contact_sheets:
@@ -317,44 +364,66 @@ async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str
             bar.close()
             store.rewrite_metadata()  # plan order; also on Ctrl-C
             generate_s = time.perf_counter() - t0
-            sheets = job.sheets.close(store.done_images()) if job.sheets is not None else 0
+            sheets = job.sheets.close((i, store.done[i.file_name]) for i in store.done_images()) if job.sheets is not None else 0
         counts = store.counts()
         report = DatasetReport(
             out=out, planned=len(plan.images), done=len(store.done), generated=job.generated,
             skipped=len(wanted) - len(todo), removed=store.removed, failures=tuple(job.failures),
             counts=counts, concurrency=sum(slots), generate_s=generate_s,
             wall_s=time.perf_counter() - started, contact_sheets=sheets, warnings=tuple(warnings),
-            limit=config.limit,
+            limit=config.limit, rejected=len(store.rejected), shard=config.shard,
         )
-        write_manifest(out, _manifest(spec, plan, store, config, models, report))
+        write_manifest(out, context.manifest(report))
         return report
     finally:
         for client in clients:
             await client.close()
 
 
-def _manifest(spec: DatasetSpec, plan: Plan, store: Store, config: JobConfig, models: list[dict[str, Any]],
-              report: DatasetReport | None) -> dict[str, Any]:
-    """The content of dataset.json (see docs/dataset.md); ``report`` None while the run is going."""
-    counts = store.counts()
-    last_run = None if report is None else {
-        "generated": report.generated, "skipped": report.skipped,
-        "failed_requests": len(report.failures), "concurrency": report.concurrency,
-        "generate_s": round(report.generate_s, 3), "wall_s": round(report.wall_s, 3),
-        "images_per_s": round(report.images_per_s, 3),
-    }
-    return {
-        "lcmserve_version": __version__,
-        "spec": spec.as_json(),
-        "targets": list(config.targets),
-        "models": models,
-        "counts": counts,
-        "images": sum(counts.values()),
-        "planned": len(plan.images),
-        "complete": sum(counts.values()) == len(plan.images) and report is not None,
-        "columns": list(store.row(plan.images[0], "", "" if spec.masks else None)),
-        "last_run": last_run,
-    }
+@dataclass(frozen=True)
+class _Context:
+    """What dataset.json is made of (see docs/dataset.md)."""
+
+    spec: DatasetSpec
+    full_plan: Plan
+    plan: Plan  # the shard's, or the full plan
+    store: Store
+    config: JobConfig
+    models: list[dict[str, Any]]
+    scorer: dict[str, Any] | None
+
+    def manifest(self, report: DatasetReport | None) -> dict[str, Any]:
+        """The content of dataset.json; ``report`` None while the run is going. Wall time adds up
+        over the runs that made the folder (``total_wall_s``, ``runs``)."""
+        counts = self.store.counts()
+        previous = self.store.previous
+        runs, total = int(previous.get("runs") or 0), float(previous.get("total_wall_s") or 0.0)
+        last_run = None if report is None else {
+            "generated": report.generated, "skipped": report.skipped, "rejected": report.rejected,
+            "failed_requests": len(report.failures), "concurrency": report.concurrency,
+            "generate_s": round(report.generate_s, 3), "wall_s": round(report.wall_s, 3),
+            "images_per_s": round(report.images_per_s, 3),
+        }
+        done = sum(counts.values()) + len(self.store.rejected)
+        shard = self.config.shard
+        return {
+            "lcmserve_version": __version__,
+            "spec": self.spec.as_json(),
+            "targets": list(self.config.targets),
+            "models": self.models,
+            "scorer": self.scorer,
+            "shard": None if shard is None else {"index": shard[0], "count": shard[1],
+                                                  "spec_planned": len(self.full_plan.images)},
+            "counts": counts,
+            "images": sum(counts.values()),
+            "rejected": len(self.store.rejected),
+            "planned": len(self.plan.images),
+            "complete": done == len(self.plan.images) and report is not None,
+            "columns": list(self.store.row(self.full_plan.images[0], "", "" if self.spec.masks else None)),
+            "runs": runs + (report is not None),
+            "total_wall_s": round(total + (report.wall_s if report is not None else 0.0), 3),
+            "last_run": last_run,
+        }
 
 
 def run(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str | Path,

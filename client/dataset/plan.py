@@ -14,6 +14,15 @@ Seeds (the formula docs/dataset.md gives):
     prompt_seed = int(digest[:8], big-endian) >> 2      0 <= prompt_seed < 2**62
     seed of image k = prompt_seed + k
 
+Variables used only in a prompt entry's adapters (an adapter or scale sweep) are left out of the
+key of prompt_seed (not of prompt_id): the images of a sweep share their seeds, so they compare
+the same noise under each adapter and scale, and land in the same split.
+
+Best-of-N (``candidates: K``, ``max_rounds: R``): image k owns the K * R seeds from
+``prompt_seed + k * K * R``; round r (0-based) sends the K seeds from ``seed + r * K``, and the
+metadata's seed is the winning candidate's (it alone reproduces the image). The split is still
+drawn from ``prompt_seed + k``. With K = R = 1 this is the formula above.
+
 So an image's seed depends only on what it is, not on where its entry sits: appending, removing
 or reordering entries leaves every other image's seed, split and file name unchanged. Consecutive
 seeds let one request carry several images of an expanded prompt (image i of a request uses
@@ -37,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..types import FORMAT_SUFFIXES
-from .spec import IMAGE_SUFFIXES, DatasetError, DatasetSpec
+from .spec import IMAGE_SUFFIXES, DatasetError, DatasetSpec, PromptSpec, check_scale
 
 DEFAULT_SIDE = 512  # pixels: the server's default width and height (without an init image)
 
@@ -60,6 +69,12 @@ class PlannedImage:
     mask: Path | None  # inpainting mask, absolute
     width: int = DEFAULT_SIDE  # pixels, sent in the request (see the module's docstring)
     height: int = DEFAULT_SIDE
+    adapters: tuple[tuple[str, float], ...] = ()  # (name, scale) sent with the request, resolved
+
+    @property
+    def adapters_label(self) -> str:
+        """The adapters metadata column: "name:scale,..." as `lcmserve generate --adapter` takes them."""
+        return ",".join(f"{name}:{scale:g}" for name, scale in self.adapters)
 
     @property
     def mask_file_name(self) -> str | None:
@@ -79,6 +94,10 @@ class Plan:
     def by_file_name(self) -> dict[str, PlannedImage]:
         """Planned images by file name (unique across splits)."""
         return {image.file_name: image for image in self.images}
+
+    def subset(self, images: tuple[PlannedImage, ...]) -> Plan:
+        """The same plan restricted to ``images`` (a shard): same columns, same order."""
+        return Plan(images, self.variable_names)
 
 
 def prompt_key_digest(seed: int, template: str, variables: tuple[tuple[str, str], ...],
@@ -136,6 +155,21 @@ def _size(spec: DatasetSpec, init: Path | None) -> tuple[int, int]:
     return spec.width or width, spec.height or height
 
 
+def resolve_adapters(spec: DatasetSpec, entry: PromptSpec, entry_index: int,
+                     variables: dict[str, str]) -> tuple[tuple[str, float], ...]:
+    """The adapters of an image: the spec's, then the entry's with its variables filled in (the
+    entry's scale wins for a name in both), in that order."""
+    merged = dict(spec.adapters)
+    for name_template, scale_template in entry.adapters:
+        name = name_template.format(**variables)
+        key = f"prompts[{entry_index}].adapters.{name_template}"
+        if not name.strip():
+            raise DatasetError(f"{key}: the adapter name is empty for {variables}")
+        merged.pop(name, None)  # the entry's place in the order
+        merged[name] = check_scale(key, scale_template.format(**variables))
+    return tuple(merged.items())
+
+
 def make_plan(spec: DatasetSpec) -> Plan:
     """Expands the spec into its images. Raises DatasetError when two entries expand to the same
     prompt (their images would have the same seeds)."""
@@ -145,6 +179,7 @@ def make_plan(spec: DatasetSpec) -> Plan:
     images: list[PlannedImage] = []
     names: list[str] = []
     seen: dict[str, int] = {}  # prompt_id -> entry index
+    stride = spec.per_image * spec.max_rounds  # seeds each image owns (best-of-N: K * R)
     for entry_index, entry in enumerate(spec.prompts):
         for name, _ in entry.vars:
             if name not in names:
@@ -153,17 +188,24 @@ def make_plan(spec: DatasetSpec) -> Plan:
         for combination in itertools.product(*value_lists):
             variables = tuple(zip((name for name, _ in entry.vars), combination))
             prompt = entry.template.format(**dict(variables))
+            adapters = resolve_adapters(spec, entry, entry_index, dict(variables))
+            sweep = entry.adapter_variables()
+            seed_variables = tuple(v for v in variables if v[0] not in sweep)
             for init, mask in pairs:
-                digest = prompt_key_digest(spec.seed, entry.template, variables,
-                                           init.name if init is not None else None)
+                init_name = init.name if init is not None else None
+                digest = prompt_key_digest(spec.seed, entry.template, variables, init_name)
+                if sweep:
+                    seed_digest = prompt_key_digest(spec.seed, entry.template, seed_variables, init_name)
+                else:
+                    seed_digest = digest
                 prompt_id = digest.hex()[:12]
                 if prompt_id in seen:
                     raise DatasetError(f"prompts[{entry_index}]: expands to {prompt!r}, as prompts"
                                        f"[{seen[prompt_id]}] does: the images would be the same")
                 seen[prompt_id] = entry_index
-                prompt_seed = int.from_bytes(digest[:8], "big") >> 2  # < 2**62: room for + k
+                prompt_seed = int.from_bytes(seed_digest[:8], "big") >> 2  # < 2**62: room for + k
                 for k in range(entry.images):
-                    seed = prompt_seed + k
+                    seed = prompt_seed + k * stride
                     images.append(PlannedImage(
                         order=len(images),
                         prompt_id=prompt_id,
@@ -174,11 +216,12 @@ def make_plan(spec: DatasetSpec) -> Plan:
                         variables=variables,
                         image_index=k,
                         seed=seed,
-                        split=split_of(seed, spec.splits),
+                        split=split_of(prompt_seed + k, spec.splits),
                         file_name=f"{prompt_id}-{k:04d}{suffix}",
                         init_image=init,
                         mask=mask,
                         width=sizes[init][0],
                         height=sizes[init][1],
+                        adapters=adapters,
                     ))
     return Plan(tuple(images), tuple(names))

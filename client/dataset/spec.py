@@ -33,14 +33,19 @@ RESERVED_COLUMNS = frozenset(
         "file_name", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
         "width", "height", "format", "template", "prompt_id", "image_index", "sha256",
         "init_image", "init_sha256", "strength", "mask_file_name", "mask_sha256", "split",
+        "score", "candidates", "rounds", "passed", "adapters",
     }
 )
 
 _TOP_KEYS = (
     "prompts", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height",
     "format", "quality", "splits", "init_images", "strength", "masks", "images_per_request",
+    "candidates", "min_score", "max_rounds", "on_fail", "adapters",
 )
-_PROMPT_KEYS = ("template", "vars", "images", "negative_prompt")
+_PROMPT_KEYS = ("template", "vars", "images", "negative_prompt", "adapters")
+ON_FAIL = ("keep", "skip")
+MAX_CANDIDATES = 8  # the server's limit on GenerateRequest.candidates (its GetModelInfo may say less)
+MAX_SCALE = 8.0  # adapter scales are in [-8, 8], as the server checks
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -52,6 +57,16 @@ class PromptSpec:
     vars: tuple[tuple[str, tuple[str, ...]], ...]  # (name, values) in the spec's order
     images: int  # per expanded prompt (per init image, with init_images)
     negative_prompt: str | None  # None: the spec's negative_prompt
+    # (name, scale) templates: "{var}" in either takes the entry's variable; a scale resolves to a
+    # number. Added to the spec's adapters (the entry's scale wins for a name in both).
+    adapters: tuple[tuple[str, str], ...] = ()
+
+    def adapter_variables(self) -> tuple[str, ...]:
+        """The variables used in the adapters but not in the template: they do not change the seed,
+        so a sweep over adapters or scales compares the same noise."""
+        in_template = set(_fields(self.template))
+        used = [f for name, scale in self.adapters for f in (*_fields(name), *_fields(scale))]
+        return tuple(name for name, _ in self.vars if name in used and name not in in_template)
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,28 @@ class DatasetSpec:
     strength: float | None = None  # img2img/inpainting strength, (0, 1]
     masks: Path | None = None  # a folder: one mask per init image, same file stem
     images_per_request: int = 1  # consecutive seeds of one expanded prompt sent as one request
+    # Best-of-N (docs/dataset.md): None = the key is absent (no score columns); each image is its
+    # best of K candidates, retried with the next K seeds while below min_score, up to max_rounds.
+    candidates: int | None = None
+    min_score: float | None = None
+    max_rounds: int = 1
+    on_fail: str = "keep"  # below min_score after max_rounds: "keep" the best one, or "skip" it
+    adapters: tuple[tuple[str, float], ...] = ()  # every request's adapters (name, scale)
+
+    @property
+    def best_of_n(self) -> bool:
+        """Images are picked by score: the metadata has score, candidates, rounds and passed."""
+        return self.candidates is not None or self.min_score is not None
+
+    @property
+    def per_image(self) -> int:
+        """K: candidates per request (1 without best-of-N)."""
+        return self.candidates or 1
+
+    @property
+    def uses_adapters(self) -> bool:
+        """The metadata has an adapters column."""
+        return bool(self.adapters) or any(p.adapters for p in self.prompts)
 
     def as_json(self) -> dict[str, Any]:
         """The spec as plain JSON values (recorded in dataset.json), defaults written out (a width or
@@ -83,6 +120,7 @@ class DatasetSpec:
                     "vars": {name: list(values) for name, values in p.vars},
                     "images": p.images,
                     **({"negative_prompt": p.negative_prompt} if p.negative_prompt is not None else {}),
+                    **({"adapters": dict(p.adapters)} if p.adapters else {}),
                 }
                 for p in self.prompts
             ],
@@ -99,6 +137,10 @@ class DatasetSpec:
             "strength": self.strength,
             "masks": str(self.masks) if self.masks is not None else None,
             "images_per_request": self.images_per_request,
+            **({"candidates": self.per_image} if self.best_of_n else {}),
+            **({"min_score": self.min_score, "max_rounds": self.max_rounds, "on_fail": self.on_fail}
+               if self.min_score is not None else {}),
+            **({"adapters": dict(self.adapters)} if self.adapters else {}),
         }
 
 
@@ -151,6 +193,19 @@ def parse_spec(data: Mapping[str, Any], base: Path) -> DatasetSpec:
         raise DatasetError("masks: needs init_images (inpainting paints over an init image)")
     if strength is not None and init_images is None:
         raise DatasetError("strength: needs init_images (it is how far img2img moves from them)")
+    candidates = data.get("candidates")
+    if candidates is not None:
+        candidates = _int("candidates", candidates, 1, MAX_CANDIDATES)
+    min_score = data.get("min_score")
+    if min_score is not None:
+        min_score = _number("min_score", min_score)
+    for key in ("max_rounds", "on_fail"):
+        if key in data and min_score is None:
+            raise DatasetError(f"{key}: needs min_score (rounds retry an image whose best candidate scores below it)")
+    per_request = _int("images_per_request", data.get("images_per_request", 1), 1, 1024)
+    if per_request > 1 and (candidates is not None or min_score is not None):
+        raise DatasetError(f"images_per_request: {per_request} with candidates or min_score: each request then "
+                           "makes one image, its best candidate; remove images_per_request")
     return DatasetSpec(
         prompts=prompts,
         negative_prompt=_str("negative_prompt", data.get("negative_prompt", "")),
@@ -165,7 +220,12 @@ def parse_spec(data: Mapping[str, Any], base: Path) -> DatasetSpec:
         init_images=init_images,
         strength=strength,
         masks=masks,
-        images_per_request=_int("images_per_request", data.get("images_per_request", 1), 1, 1024),
+        images_per_request=per_request,
+        candidates=candidates,
+        min_score=min_score,
+        max_rounds=_int("max_rounds", data.get("max_rounds", 1), 1, 100),
+        on_fail=_choice("on_fail", data.get("on_fail", "keep"), ON_FAIL),
+        adapters=tuple((name, float(scale)) for name, scale in _adapters("adapters", data.get("adapters"), [])),
     )
 
 
@@ -207,28 +267,81 @@ def _prompt(key: str, entry: object) -> PromptSpec:
         if len(set(texts)) != len(texts):
             raise DatasetError(f"{where}: values repeat ({list(texts)}): images would repeat")
         variables.append((name, texts))
-    _check_template(key, template, [name for name, _ in variables])
+    names = [name for name, _ in variables]
+    adapters = _adapters(f"{key}.adapters", entry.get("adapters"), names)
+    _check_template(key, template, names, [t for pair in adapters for t in pair])
     negative = entry.get("negative_prompt")
     return PromptSpec(
         template=template,
         vars=tuple(variables),
         images=_int(f"{key}.images", entry.get("images", 1), 1, 1_000_000),
         negative_prompt=None if negative is None else _str(f"{key}.negative_prompt", negative),
+        adapters=adapters,
     )
 
 
-def _check_template(key: str, template: str, names: list[str]) -> None:
+def check_scale(key: str, value: object) -> float:
+    """An adapter scale: a finite number in [-8, 8] (a string from a template is parsed)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise DatasetError(f"{key}: scale {value!r} is not a number") from None
+    scale = _number(key, value)
+    if not -MAX_SCALE <= scale <= MAX_SCALE:
+        raise DatasetError(f"{key}: scale {scale:g} is out of range {-MAX_SCALE:g} to {MAX_SCALE:g}")
+    return scale
+
+
+def _fields(template: str) -> list[str]:
+    """The "{name}" fields of a str.format template (checked before)."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
+def _adapters(key: str, value: object, names: list[str]) -> tuple[tuple[str, str], ...]:
+    """``adapters``: a mapping of adapter name to scale. With ``names`` (a prompt entry's
+    variables), a name or scale may be a "{var}" template; the spec's own are literal."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping) or not value:
+        raise DatasetError(f"{key}: must be a mapping of adapter name: scale, e.g. {{cracks: 0.8}}, got {value!r}")
+    pairs = []
+    for name, scale in value.items():
+        where = f"{key}.{name}"
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{where}: an adapter name must be a non-empty string")
+        if isinstance(scale, str) and names:
+            _check_template(where, scale, names, [], fields_only=True)  # a number once resolved (plan.py)
+        else:
+            check_scale(where, scale)
+        if names:
+            _check_template(where, name, names, [], fields_only=True)
+        elif "{" in name:
+            raise DatasetError(f"{where}: the spec's adapters are literal; sweep an adapter in a prompt entry's "
+                               "adapters with a variable")
+        pairs.append((name, str(scale)))
+    return tuple(pairs)
+
+
+def _check_template(key: str, template: str, names: list[str], more: list[str], fields_only: bool = False) -> None:
+    """Every field of ``template`` is a variable; every variable is used in it or in ``more``
+    (the entry's adapter templates). ``fields_only``: ``key`` is the field's own path."""
+    where = key if fields_only else f"{key}.template"
+    entry = key.rsplit(".adapters", 1)[0]
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        fields = _fields(template)
+        used = fields + [f for other in more for f in _fields(other)]
     except ValueError as exc:
-        raise DatasetError(f"{key}.template: {exc} in {template!r} (write {{{{ for a literal brace)") from exc
+        raise DatasetError(f"{where}: {exc} in {template!r} (write {{{{ for a literal brace)") from exc
     for field in fields:
         if field not in names:
             known = ", ".join(names) or "none"
-            raise DatasetError(f"{key}.template: {{{field}}} has no entry in {key}.vars (vars: {known})")
+            raise DatasetError(f"{where}: {{{field}}} has no entry in {entry}.vars (vars: {known})")
+    if fields_only:
+        return
     for name in names:
-        if name not in fields:
-            raise DatasetError(f"{key}.vars.{name}: not used in the template {template!r}")
+        if name not in used:
+            raise DatasetError(f"{key}.vars.{name}: not used in the template {template!r} nor in its adapters")
 
 
 def _var_value(key: str, value: object) -> str:
