@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,11 +13,21 @@ from pathlib import Path
 from lcmserve.export.artifact import BACKENDS as ARTIFACT_BACKENDS
 from lcmserve.export.artifact import DTYPES
 
-from .config import EngineConfig, FaultInjection, Limits, ServerConfig, TlsConfig
+from .config import (
+    ADAPTER_NAME,
+    MAX_ADAPTER_SCALE,
+    AdapterConfig,
+    EngineConfig,
+    FaultInjection,
+    Limits,
+    ServerConfig,
+    TlsConfig,
+)
 
 _ENGINE = EngineConfig()
 _SERVER = ServerConfig()
 _LIMITS = Limits()
+_ADAPTERS = AdapterConfig()
 BACKENDS = ("auto", *ARTIFACT_BACKENDS)
 AUTH_TOKEN_ENV = "LCMSERVE_AUTH_TOKEN"
 
@@ -37,6 +48,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "AutoencoderTiny folder, or a preset's (tiny, sd15-random); default: the artifact's tiny_vae/")
     p.add_argument("--default-decoder", default="vae", choices=("vae", "tiny-vae"),
                    help="decoder of requests that leave `decoder` unset (default vae; tiny-vae needs a tiny autoencoder)")
+    ad = p.add_argument_group("per-request LoRA adapters (docs/adapters.md)")
+    ad.add_argument("--adapter", action="append", default=[], metavar="NAME=SRC[:SCALE]",
+                    help="load a LoRA (kohya_ss or diffusers/PEFT: a .safetensors file, a folder holding one, or a hub "
+                         "id) unfused, as adapter NAME that requests may name with their own scale; SCALE is the "
+                         "default of requests that give none (default 1.0); repeatable")
+    ad.add_argument("--max-adapters", type=int, default=_ADAPTERS.max_adapters, metavar="N",
+                    help=f"adapter slots, the most adapters loaded at once; each slot holds a LoRA of up to "
+                         f"--max-adapter-rank (default {_ADAPTERS.max_adapters})")
+    ad.add_argument("--max-adapter-rank", type=int, default=_ADAPTERS.max_adapter_rank, metavar="R",
+                    help=f"highest LoRA rank a slot holds; a LoRA of higher rank is refused "
+                         f"(default {_ADAPTERS.max_adapter_rank})")
+    ad.add_argument("--max-adapters-per-request", type=int, default=_ADAPTERS.max_adapters_per_request,
+                    metavar="N", help=f"most adapters one request may name (default "
+                                      f"{_ADAPTERS.max_adapters_per_request})")
+    ad.add_argument("--allow-adapter-loading", action="store_true",
+                    help="serve AdapterService.LoadAdapter/UnloadAdapter (lcmserve adapters load|unload): clients "
+                         "may load LoRA files from this server's disk or the hub (default: only --adapter)")
     p.add_argument("--host", default=_SERVER.host, help=f"address to bind (default {_SERVER.host}; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=_SERVER.port,
                    help=f"gRPC port (default {_SERVER.port}; 0 picks a free one)")
@@ -131,9 +159,14 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, ValueError) as exc:
         print(f"lcmserve serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        adapters = adapter_config(args)
+    except UsageError as exc:
+        print(f"lcmserve serve: {exc}", file=sys.stderr)
+        return 2
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_queued_requests=args.max_queued_requests,
                                  batch_wait_ms=args.batch_wait_ms, cuda_graphs=not args.no_cuda_graphs,
-                                 pin_cpus=not args.no_cpu_pinning, faults=faults,
+                                 pin_cpus=not args.no_cpu_pinning, faults=faults, adapters=adapters,
                                  **({"buckets": args.buckets} if args.buckets else {}))
     limits = Limits(max_images=args.max_images)
     if args.max_batch_size < 2:
@@ -189,6 +222,50 @@ def parse_devices(devices: str | None, device: str | None) -> tuple[str | None, 
         raise UsageError(f"--devices {devices}: {twice[0]} is listed twice; one engine per GPU (each holds the "
                          "whole model and its CUDA graphs)")
     return names
+
+
+def adapter_config(args: argparse.Namespace) -> AdapterConfig:
+    """--adapter (repeatable), --max-adapters, --max-adapter-rank, --max-adapters-per-request and
+    --allow-adapter-loading -> AdapterConfig; UsageError naming the flag and the limit."""
+    for flag, value, least in (("--max-adapters", args.max_adapters, 0),
+                               ("--max-adapter-rank", args.max_adapter_rank, 1),
+                               ("--max-adapters-per-request", args.max_adapters_per_request, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}; got {value}")
+    initial = tuple(parse_adapter(text) for text in args.adapter)
+    names = [name for name, _, _ in initial]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"--adapter: the name {twice[0]!r} is given twice; each adapter needs a name of its own")
+    if len(initial) > args.max_adapters:
+        raise UsageError(f"{len(initial)} --adapter flags but --max-adapters {args.max_adapters} slots; raise "
+                         "--max-adapters or load fewer")
+    return AdapterConfig(initial=initial, max_adapters=args.max_adapters, max_adapter_rank=args.max_adapter_rank,
+                         max_adapters_per_request=args.max_adapters_per_request,
+                         allow_loading=args.allow_adapter_loading)
+
+
+def parse_adapter(text: str) -> tuple[str, str, float]:
+    """--adapter NAME=SRC[:SCALE] -> (name, source, default scale). The scale is what follows the last ':'
+    when that is a number (so a source may hold ':' itself); default 1.0."""
+    name, sep, rest = text.partition("=")
+    name, rest = name.strip(), rest.strip()
+    if not sep or not name or not rest:
+        raise UsageError(f"--adapter {text!r}: expected NAME=SRC[:SCALE], e.g. cracks=./cracks.safetensors:0.8")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise UsageError(f"--adapter {text!r}: the name {name!r} must be 1 to 64 of A-Z a-z 0-9 . _ -")
+    source, scale = rest, 1.0
+    head, colon, tail = rest.rpartition(":")
+    if colon and head:
+        try:
+            scale = float(tail)
+            source = head
+        except ValueError:
+            pass  # no number after the last ':': part of the source
+    if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
+        raise UsageError(f"--adapter {text!r}: the scale {scale:g} is out of range: -{MAX_ADAPTER_SCALE:g} to "
+                         f"{MAX_ADAPTER_SCALE:g}")
+    return name, source, scale
 
 
 def _read(path: Path, flag: str) -> bytes:

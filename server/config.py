@@ -7,6 +7,7 @@ help come from these classes, where torch and the server extras are not installe
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 
@@ -96,6 +97,10 @@ class FaultInjection:
                 raise ValueError(f"{cls.ENV}: {item!r} is not one of {sorted(known)} = an integer seed")
             values[name] = int(value)
         return cls(**values)
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an adapter's name: serve --adapter, LoadAdapter, requests
+MAX_ADAPTER_SCALE = 8.0  # |scale| of an adapter: a request's AdapterWeight.scale, a default scale
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ from ..placement import describe
 from .core import EdgeCore
 from .metrics import Metrics, MetricsBindError
 from .pool import EnginePool, EngineSlot
+from .adapters import SERVICE_NAME as ADAPTER_SERVICE_NAME
+from .adapters import AdapterRegistry, AdapterService
 from .service import SERVICE_NAME, GenerationService, TokenAuth
 
 log = logging.getLogger("lcmserve.server")
@@ -89,10 +91,13 @@ class App:
         interceptors = [TokenAuth(c.auth_tokens, self.core.metrics)] if c.auth_tokens else []
         self.server = grpc.aio.server(options=self.server_options(), interceptors=interceptors,
                                       maximum_concurrent_rpcs=c.max_concurrent_rpcs)
-        self.server.add_generic_rpc_handlers((GenerationService(self.core).handler(),))
+        self.core.adapters = AdapterRegistry(self.engine_config.adapters, self.core.metrics)
+        self.server.add_generic_rpc_handlers((GenerationService(self.core).handler(),
+                                              AdapterService(self.core, self.engine_config.adapters).handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if c.reflection:
-            reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
+            reflection.enable_server_reflection((SERVICE_NAME, ADAPTER_SERVICE_NAME, reflection.SERVICE_NAME,
+                                                 "grpc.health.v1.Health"),
                                                 self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{c.host}:{c.port}"
@@ -139,6 +144,8 @@ class App:
         self._starting = engine
         info = await asyncio.to_thread(engine.start)
         self.core.engine = engine
+        if self.core.adapters is not None:  # those serve --adapter loaded (every engine the same)
+            self.core.adapters.started(info.adapters)
         if self.core.metrics is not None:
             self.core.metrics.engine_processes.watch(engine.processes)
         model = info.model

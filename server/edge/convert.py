@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 from lcmserve.names import DECODER_VALUES, OUTPUT_FORMAT_VALUES
 from lcmserve.v1 import generation_pb2 as pb
 
-from ..protocol import HostTensor, ImageEvent, Picture, StepEvent, Summary
+from ..protocol import AdapterRecord, HostTensor, ImageEvent, Picture, StepEvent, Summary
 from .core import Response, ServedModel
 from .status import Refusal
 
@@ -74,14 +74,24 @@ def model_info(served: ServedModel) -> pb.GetModelInfoResponse:
             max_prompt_chars=limits.max_prompt_chars, min_guidance_scale=limits.min_guidance_scale,
             max_guidance_scale=limits.max_guidance_scale, max_batch_size=engine.max_batch_size,
             max_queued_requests=engine.max_queued_requests,
-            max_image_bytes=limits.max_image_bytes, max_image_pixels=limits.max_image_pixels),
+            max_image_bytes=limits.max_image_bytes, max_image_pixels=limits.max_image_pixels,
+            max_adapters_per_request=engine.adapters.max_adapters_per_request,
+            max_adapters=engine.adapters.max_adapters, max_adapter_rank=engine.adapters.max_adapter_rank),
         server_version=served.version,
         decoders=[DECODER_VALUES[d] for d in model.decoders],  # type: ignore[misc]  # ints of the Decoder enum
         default_decoder=DECODER_VALUES[model.default_decoder],  # type: ignore[arg-type]
         jpeg_encoder=served.info.jpeg_encoder,
         backend_details={**{f"graphs.{name}": state for name, state in served.backend.graphs},
                          **{f"fallbacks.{part}": str(calls) for part, calls in served.backend.fallbacks}},
+        adapters=[adapter_info(record) for record in served.adapters],
     )
+
+
+def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
+    """A loaded per-request adapter (GetModelInfo, ListAdapters, LoadAdapter's answer)."""
+    return pb.AdapterInfo(name=record.name, source=record.source, sha256=record.sha256, rank=record.rank,
+                          targets=list(record.targets), default_scale=record.default_scale, format=record.format,
+                          modules=record.modules)
 
 
 # ---- statuses -----------------------------------------------------------------------------------------

@@ -27,16 +27,29 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lcmserve.v1 import generation_pb2 as pb
 
 from ..config import EngineConfig, Limits
-from ..protocol import BackendState, EngineInfo, EngineStopped, Failure, ImageEvent, StepEvent, Summary
+from ..protocol import (
+    AdapterRecord,
+    BackendState,
+    EngineInfo,
+    EngineStopped,
+    Failure,
+    ImageEvent,
+    StepEvent,
+    Summary,
+)
 from .images import prepare_images
 from .metrics import Metrics
 from .pool import EnginePool
 from .status import Refusal, Refused, Status
 from .validation import InvalidRequest, validate
+
+if TYPE_CHECKING:  # (adapters.py imports this module: its registry is set by app.py)
+    from .adapters import AdapterRegistry
 
 log = logging.getLogger("lcmserve.edge")
 
@@ -55,6 +68,7 @@ class ServedModel:
     engine: EngineConfig
     version: str
     backend: BackendState  # the first engine's latest (CUDA graphs, eager fallbacks)
+    adapters: tuple[AdapterRecord, ...] = ()  # per-request adapters loaded now, by name
 
 
 @dataclass
@@ -68,6 +82,7 @@ class EdgeCore:
     serving: bool = False
     draining: bool = False
     inflight: int = 0  # Generate calls between submit and their end
+    adapters: AdapterRegistry | None = None  # per-request adapters requests may name (app.py sets it)
 
     # ---- readiness ------------------------------------------------------------------------------
 
@@ -90,7 +105,7 @@ class EdgeCore:
         if engine is None or engine.info is None:
             raise Refused(Refusal(Status.UNAVAILABLE, "the model is still loading"))
         return ServedModel(engine.info, tuple(engine.devices), self.limits, engine.config, self.version,
-                           engine.engines[0].backend)
+                           engine.engines[0].backend, self.adapters.records() if self.adapters else ())
 
     # ---- one Generate call ----------------------------------------------------------------------
 
@@ -135,7 +150,9 @@ class EdgeCore:
                   if request.init_image or request.mask_image else None)
         try:
             params = validate(request, info.tokenizer, self.limits, images=images, decoders=info.model.decoders,
-                              default_decoder=info.model.default_decoder)
+                              default_decoder=info.model.default_decoder,
+                              adapters=self.adapters.scales() if self.adapters else None,
+                              max_adapters_per_request=engine.config.adapters.max_adapters_per_request)
         except InvalidRequest as exc:
             raise Refused(Refusal(Status.INVALID_ARGUMENT, f"invalid request: {exc}",
                                   violations=tuple(exc.violations))) from None
@@ -167,6 +184,7 @@ class EdgeCore:
                         total = time.perf_counter() - ticket.arrival
                         if self.metrics:
                             self.metrics.request_time.observe(total)
+                            self.metrics.adapter_requests(name for name, _ in params.adapters)
                         yield dataclasses.replace(event, timings=dataclasses.replace(event.timings,
                                                                                      total_ms=total * 1e3))
         finally:

@@ -10,6 +10,8 @@ split their API server from their scheduler for the same reason.
       EngineProcess.submit -> Ticket  --Submit-->       Engine.submit
       Ticket.cancel                   --Cancel-->       request.cancelled = True
       EngineProcess.stop              --Stop-->         Engine.stop (what is left fails UNAVAILABLE)
+      load_adapter / unload_adapter   --LoadAdapter-->  between iterations: a slot written or released;
+        (await the reply)             <--AdapterReply-- answered by ticket (the record, or a Failure)
       reader thread -> Ticket.deliver <--Events--       one message per engine iteration (and per
                                                         encoded picture), each request's events in order
 The bridge is only transport: the engine orders each request's events itself. If the engine
@@ -40,6 +42,7 @@ from ..config import EngineConfig
 from ..placement import CpuSplit, cpu_split, pin_process
 from ..protocol import (
     TERMINAL,
+    AdapterReply,
     BackendState,
     Cancel,
     EngineInfo,
@@ -48,12 +51,14 @@ from ..protocol import (
     Events,
     Failure,
     GenerationParams,
+    LoadAdapter,
     LoadFailed,
     LoopDied,
     Ready,
     Stop,
     Submit,
     ToEngine,
+    UnloadAdapter,
 )
 from .metrics import Metrics
 
@@ -128,6 +133,7 @@ class EngineProcess:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _tickets and the sending end of the pipe
         self._tickets: dict[int, Ticket] = {}
+        self._adapter_calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[AdapterReply]]] = {}
         self._stopping = False
         self._conn: multiprocessing.connection.Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -246,6 +252,49 @@ class EngineProcess:
             except (OSError, ValueError):
                 pass  # the engine is gone; the reader fails the request
 
+    # ---- adapters -------------------------------------------------------------------------------
+
+    async def load_adapter(self, name: str, source: str, scale: float) -> AdapterReply:
+        """Ask the engine to load a LoRA into a free slot (between its iterations) and wait for its reply:
+        the AdapterRecord, or a Failure whose code is the answer (UNAVAILABLE when the engine is gone)."""
+        return await self._adapter_call(lambda ticket: LoadAdapter(ticket, name, source, scale))
+
+    async def unload_adapter(self, name: str) -> AdapterReply:
+        """Ask the engine to refuse new requests naming `name` and free its slot once unused; wait for its reply."""
+        return await self._adapter_call(lambda ticket: UnloadAdapter(ticket, name))
+
+    async def _adapter_call(self, message: Callable[[int], LoadAdapter | UnloadAdapter]) -> AdapterReply:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AdapterReply] = loop.create_future()
+        with self._lock:
+            ticket = next(self._ids)
+            if self._stopping or self.dead is not None or self._conn is None:
+                return AdapterReply(ticket, failure=Failure(grpc.StatusCode.UNAVAILABLE, "the engine is not running"))
+            try:
+                self._conn.send(message(ticket))
+            except OSError as exc:  # the engine just died
+                return AdapterReply(ticket, failure=Failure(grpc.StatusCode.UNAVAILABLE,
+                                                            f"the engine process is gone: {exc}"))
+            self._adapter_calls[ticket] = (loop, future)
+        return await future
+
+    def _adapter_reply(self, reply: AdapterReply) -> None:
+        """From the reader thread: resolve the waiting call of that ticket."""
+        with self._lock:
+            waiting = self._adapter_calls.pop(reply.ticket, None)
+        if waiting is None:
+            log.error("an adapter reply nobody waits for: %r", reply)
+            return
+        loop, future = waiting
+
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(reply)
+        try:
+            loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # the event loop closed under us (shutdown)
+            pass
+
     def _send(self, message: ToEngine) -> None:
         with self._lock:
             if self._conn is not None:
@@ -279,6 +328,8 @@ class EngineProcess:
                                 del self._tickets[rid]
                         if ticket is not None:  # (None: cancelled already)
                             ticket.deliver(event)
+                case AdapterReply():
+                    self._adapter_reply(message)
                 case LoopDied(reason=why):
                     reason = f"the engine loop died ({why})"
                 case _:
@@ -299,5 +350,8 @@ class EngineProcess:
         with self._lock:
             left = list(self._tickets.values())
             self._tickets.clear()
+            calls = list(self._adapter_calls)
         for ticket in left:
             ticket.deliver(Failure(grpc.StatusCode.UNAVAILABLE, message))
+        for call in calls:  # adapter calls waiting for a reply that will not come
+            self._adapter_reply(AdapterReply(call, failure=Failure(grpc.StatusCode.UNAVAILABLE, message)))

@@ -34,6 +34,9 @@ STATUSES = (Status.OK, Status.INVALID_ARGUMENT, Status.UNAUTHENTICATED, Status.R
 TRANSPORTS = ("grpc", "http")  # the `transport` label of the request counter: the front door a call came in by
 
 
+NO_ADAPTER = "(none)"  # lcmserve_adapter_requests' label of requests naming no adapter (no adapter can be so named)
+
+
 class MetricsBindError(OSError):
     """The /metrics port could not be bound; the message names the address and the flag."""
 
@@ -75,6 +78,37 @@ class Metrics:
                                    ["callable"], registry=r)
         self.eager_fallbacks = Gauge("lcmserve_eager_fallback_calls", "Calls a compiled part ran eagerly because "
                                      "its compiled form did not serve their shape (since start)", ["part"], registry=r)
+
+        # Per-request adapters (issue 21). Requests by adapter: one series per adapter loaded now and one for
+        # requests naming none; an adapter's series is removed when it is unloaded, so there are at most
+        # --max-adapters + 1 of them however many adapters come and go.
+        self.adapter_served = Counter("lcmserve_adapter_requests", "Generate requests served (OK) by adapter they "
+                                      "named (a request naming two counts under both); '(none)': no adapter",
+                                      ["adapter"], registry=r)
+        self.adapter_served.labels(adapter=NO_ADAPTER)
+        self.adapter_loads = Counter("lcmserve_adapter_loads", "Adapter loads (serve --adapter at start and "
+                                     "LoadAdapter calls), by final status", ["status"], registry=r)
+        self.adapter_unloads = Counter("lcmserve_adapter_unloads", "UnloadAdapter calls, by final status",
+                                       ["status"], registry=r)
+        for counter in (self.adapter_loads, self.adapter_unloads):
+            counter.labels(status=Status.OK.name)
+        self.adapters_loaded = Gauge("lcmserve_adapters_loaded", "Per-request adapters loaded now", registry=r)
+
+    def adapter_requests(self, names: Iterable[str]) -> None:
+        """A request named these adapters and was served."""
+        named = False
+        for name in names:
+            self.adapter_served.labels(adapter=name).inc()
+            named = True
+        if not named:
+            self.adapter_served.labels(adapter=NO_ADAPTER).inc()
+
+    def adapter_unloaded(self, name: str) -> None:
+        """Its series goes (a later adapter of that name starts from 0)."""
+        try:
+            self.adapter_served.remove(name)
+        except KeyError:  # never served
+            pass
 
     def record(self, update: MetricUpdate) -> None:
         """One measurement of the engine's (relayed from the engine process)."""

@@ -13,6 +13,8 @@ Rules:
   client at concurrency 1 still uses them all.
 - start() returns once every engine is ready (health turns SERVING only then); if one fails to
   load, the others are stopped and its error is raised.
+- adapters (LoadAdapter/UnloadAdapter) go to every engine, all or none: an adapter one engine
+  refuses is unloaded from those that loaded it, so any engine serves any request.
 - one engine dying makes the pool dead: `on_death` is called once, the server turns NOT_SERVING and
   exits (app.py). No half-dead server: its clients retry elsewhere and get the same images.
 Every engine serves the same model, and a sample's output does not depend on its batch, so the
@@ -21,6 +23,7 @@ engine a request lands on does not change its images (on identical devices).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 
 from ..config import EngineConfig
 from ..placement import engine_splits
-from ..protocol import EngineInfo, EngineStopped, GenerationParams
+from ..protocol import AdapterReply, EngineInfo, EngineStopped, GenerationParams
 from .engine_process import EngineEntry, EngineProcess, Ticket
 from .metrics import Metrics
 
@@ -152,6 +155,28 @@ class EnginePool:
             log.debug("request %d (%d rows) -> engine %d (%s), which had %d rows outstanding", ticket.rid,
                       params.num_images * params.rows_per_image, index, self.devices[index], rows)
         return ticket
+
+    # ---- adapters (every engine holds the same ones) ---------------------------------------------
+
+    async def load_adapter(self, name: str, source: str, scale: float) -> AdapterReply:
+        """Load a LoRA on every engine at once and wait for all. All or none: when one engine refuses
+        (or is gone), the adapter is unloaded again from those that loaded it, and the first refusal
+        is the answer; otherwise the first engine's record."""
+        replies = await asyncio.gather(*(engine.load_adapter(name, source, scale) for engine in self.engines))
+        failed = next((reply for reply in replies if reply.failure is not None), None)
+        if failed is None:
+            return replies[0]
+        loaded = [engine for engine, reply in zip(self.engines, replies) if reply.failure is None]
+        if loaded:
+            log.warning("adapter %r: engine(s) %s loaded it but another refused (%s); unloading it there", name,
+                        ", ".join(str(self.engines.index(e)) for e in loaded), failed.failure)
+            await asyncio.gather(*(engine.unload_adapter(name) for engine in loaded))
+        return failed
+
+    async def unload_adapter(self, name: str) -> AdapterReply:
+        """Unload an adapter from every engine; the first refusal, if any, is the answer."""
+        replies = await asyncio.gather(*(engine.unload_adapter(name) for engine in self.engines))
+        return next((reply for reply in replies if reply.failure is not None), replies[0])
 
     # ---- death ---------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -13,7 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from lcmserve.names import decoder_name, output_format_name, preview_mode_name
 from lcmserve.v1 import generation_pb2 as pb
 
-from ..config import Limits
+from ..config import MAX_ADAPTER_SCALE, AdapterConfig, Limits
 from .images import PreparedImages
 from ..protocol import GenerationParams
 
@@ -64,14 +65,19 @@ class InvalidRequest(Exception):
 
 def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limits(),
              defaults: Defaults = Defaults(), images: PreparedImages | None = None,
-             decoders: tuple[str, ...] | None = None, default_decoder: str = "vae") -> GenerationParams:
+             decoders: tuple[str, ...] | None = None, default_decoder: str = "vae",
+             adapters: Mapping[str, float] | None = None,
+             max_adapters_per_request: int = AdapterConfig.max_adapters_per_request) -> GenerationParams:
     """Check every field (collecting all problems), tokenize the prompts, fill defaults.
 
     `decoders`: those the model has (ModelSpec.decoders) and `default_decoder` what DECODER_UNSPECIFIED
     means; with None the decoder is left "unspecified" and the engine resolves and checks it.
 
     `images`: the request's init/mask images as images.prepare_images made them (off the event
-    loop); required when the request has either (they are then reported missing otherwise)."""
+    loop); required when the request has either (they are then reported missing otherwise).
+
+    `adapters`: the loaded adapters' default scales by name (None: none loaded); a request naming
+    another is refused, listing these names."""
     bad: list[tuple[str, str]] = []
 
     def value(name: OptionalField, default: Any) -> Any:
@@ -149,6 +155,7 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
                                  f"steps; it must be at least 1/num_inference_steps = {1 / steps:.4g}")))
     if images is not None:
         bad.extend(images.violations)
+    weights = check_adapters(request.adapters, adapters or {}, max_adapters_per_request, bad)
     if bad or output_format is None or preview_mode is None or decoder is None:
         raise InvalidRequest(bad)
 
@@ -173,7 +180,36 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
         init_image=images.init_image if images else None,
         mask_image=images.mask_image if images else None,
         strength=float(strength) if request.init_image else 1.0,
+        adapters=weights,
     )
+
+
+def check_adapters(requested: Sequence[pb.AdapterWeight], loaded: Mapping[str, float], most: int,
+                   bad: list[tuple[str, str]]) -> tuple[tuple[str, float], ...]:
+    """GenerateRequest.adapters -> (name, scale) in request order, each scale given or the adapter's
+    default; each problem appended to `bad`, naming adapters[i].name or adapters[i].scale."""
+    if len(requested) > most:
+        bad.append(("adapters", f"names {len(requested)} adapters; at most {most} per request"))
+    known = ", ".join(sorted(loaded)) or "none"
+    weights: list[tuple[str, float]] = []
+    first: dict[str, int] = {}
+    for i, weight in enumerate(requested):
+        name = weight.name
+        if name in first:
+            bad.append((f"adapters[{i}].name", f"is {name!r}, named already as adapters[{first[name]}].name; "
+                                               "give each adapter once (scales of one adapter do not add up)"))
+            continue
+        first[name] = i
+        if name not in loaded:
+            bad.append((f"adapters[{i}].name", f"is {name!r}, which is not loaded; loaded adapters: {known}"))
+            continue
+        scale = weight.scale if weight.HasField("scale") else loaded[name]
+        if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
+            bad.append((f"adapters[{i}].scale", f"is {scale:g}; the range is -{MAX_ADAPTER_SCALE:g} to "
+                                                f"{MAX_ADAPTER_SCALE:g} (1.0 is full strength, 0 turns it off)"))
+            continue
+        weights.append((name, float(scale)))
+    return tuple(weights)
 
 
 def tokenize(tokenizer: Any, text: str) -> tuple[tuple[int, ...], int, bool]:
