@@ -51,6 +51,13 @@ PLUGINS = {
     "bench": _Plugin(
         "lcmserve.bench.cli", "load-test a server: throughput and latency", "the benchmark", None, ()
     ),
+    "adapters": _Plugin(
+        "lcmserve.adapters_cli",
+        "list, load and unload the per-request LoRA adapters of a running server",
+        "the adapters command",
+        None,
+        (),
+    ),
     "dataset": _Plugin(
         "lcmserve.dataset.cli",
         "make a labelled, resumable image dataset from a YAML spec (imagefolder layout)",

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from ._common import DEFAULT_TARGET
 from ._connection import ConnectionFlagError, add_security_arguments, read_security_arguments
-from ._convert import parse_decoder, parse_output_format, parse_preview_mode
+from ._convert import parse_adapter_spec, parse_decoder, parse_output_format, parse_preview_mode
 from ._plugins import PLUGINS, CliExit, Handler, load_plugin, plugin_handler
 from ._terminal import ClosedPipeSafe, error_line, unknown_arguments
 from .client import Client
@@ -179,6 +179,9 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, metavar="S", help="with --init-image: 0 < S <= 1, how far it is "
                         "noised; int(steps * S) of the steps run (server default 0.8)")
     parser.add_argument("--mask", type=Path, metavar="FILE", help="inpainting, with --init-image: white = repaint")
+    parser.add_argument("--adapter", action="append", type=_adapter, default=[], metavar="NAME[:SCALE]",
+                        help="a per-request LoRA adapter loaded on the server (lcmserve adapters list), at SCALE "
+                        "(default: the adapter's default scale); repeatable, several add up")
 
 
 def _seconds(text: str) -> float:
@@ -190,6 +193,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0 (leave it out for no deadline), "
                                          f"got {text}")
     return value
+
+
+def _adapter(text: str) -> tuple[str, float | None]:
+    try:
+        return parse_adapter_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _retries(text: str) -> int:
@@ -261,6 +271,7 @@ def _generate_options(args: argparse.Namespace, fmt: OutputFormat) -> GenerateOp
         init_image=args.init_image,
         strength=args.strength,
         mask_image=args.mask,
+        adapters=args.adapter or None,
     )
 
 
@@ -360,6 +371,8 @@ def _format_model_info(info: ModelInfo, target: str) -> str:
         ("backend", "; ".join([info.backend, *(f"{k} {v}" for k, v in sorted(info.backend_details.items()))])),
         ("decoders", f"{', '.join(info.decoders) or 'vae'} (default {info.default_decoder or 'vae'}); "
                      f"JPEG on the {info.jpeg_encoder or 'host'}"),
+        ("adapters", "; ".join(f"{a.name} (rank {a.rank}, {'+'.join(a.targets)}, default scale {a.default_scale:g})"
+                               for a in info.adapters) or "none"),
         ("steps", f"1 to {limits.max_steps}"),
         ("sides", f"{limits.min_side} to {limits.max_side} px, multiples of {limits.side_multiple}"),
         ("images", f"at most {limits.max_images} per request"),
