@@ -116,6 +116,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     conn.add_argument("--max-concurrent-rpcs", type=int, default=_SERVER.max_concurrent_rpcs, metavar="N",
                      help=f"RPCs in flight server-wide, beyond which RESOURCE_EXHAUSTED; also streams per "
                           f"connection (default {_SERVER.max_concurrent_rpcs})")
+    conn.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                      help="also serve HTTP on this port (docs/http.md: the OpenAI Images API, /v1/generate, the "
+                           "playground at /), same TLS and tokens; 0 picks a free one (default: no HTTP)")
+    conn.add_argument("--http-host", default=None, metavar="HOST",
+                      help="address of the HTTP port (default: the --host value)")
     conn.add_argument("--max-connection-age", type=float, default=None, metavar="S",
                      help="close connections after S seconds (GOAWAY; streams get --drain-timeout to "
                           "finish) so that clients rebalance over new replicas (default: never)")
@@ -155,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
                               metrics_host=args.metrics_host, threads=args.threads, tls=_tls(args),
                               auth_tokens=_tokens(args.auth_token_file), reflection=not args.no_reflection,
                               max_concurrent_rpcs=_positive(args.max_concurrent_rpcs, "--max-concurrent-rpcs"),
-                              max_connection_age_s=args.max_connection_age)
+                              max_connection_age_s=args.max_connection_age,
+                              http_port=_http_port(args.http_port), http_host=args.http_host)
     except (UsageError, ValueError) as exc:
         print(f"lcmserve serve: {exc}", file=sys.stderr)
         return 2
@@ -304,6 +310,12 @@ def _tokens(path: Path | None) -> tuple[str, ...]:
     if any(any(ch.isspace() for ch in t.strip()) for t in tokens):
         raise UsageError("a token must not contain spaces")
     return tuple(t.strip() for t in tokens)
+
+
+def _http_port(port: int | None) -> int | None:
+    if port is not None and not 0 <= port <= 65535:
+        raise UsageError(f"--http-port must be 0 to 65535 (0 picks a free one); got {port}")
+    return port
 
 
 def _positive(value: int, flag: str) -> int:

@@ -45,11 +45,14 @@ class ServerProcess:
             stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=REPO,
         )
         self.target = ""
+        self.http_target = ""  # "HOST:PORT" of --http-port (printed before the gRPC line)
         found = threading.Event()
 
         def read() -> None:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
+                if line.startswith("http listening on "):
+                    self.http_target = line.split()[-1]
                 if line.startswith("listening on "):
                     self.target = line.split()[-1]
                     found.set()

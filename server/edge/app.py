@@ -26,7 +26,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,6 +41,9 @@ from .pool import EnginePool, EngineSlot
 from .adapters import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters import AdapterRegistry, AdapterService
 from .service import SERVICE_NAME, GenerationService, TokenAuth
+
+if TYPE_CHECKING:
+    from .http.server import HttpServer
 
 log = logging.getLogger("lcmserve.server")
 
@@ -63,6 +66,7 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.engine_died = asyncio.Event()  # set (on the event loop) when the engine process or loop dies
+        self.http: HttpServer | None = None  # the HTTP front door (--http-port), beside gRPC
 
     def server_options(self) -> list[tuple[str, Any]]:
         """gRPC server arguments: message limits from the largest valid request/response, no shared
@@ -125,7 +129,22 @@ class App:
             except MetricsBindError as exc:
                 raise StartupError(str(exc)) from None
             log.info("metrics on http://%s:%d/metrics", _url_host(host), self.metrics_port)
+        if c.http_port is not None:
+            await self._start_http(c.http_host or c.host, c.http_port)
         return self.port
+
+    async def _start_http(self, host: str, port: int) -> None:
+        """The HTTP front door (server/edge/http/) on host:port, over the same core, TLS and tokens."""
+        from .http.server import HttpServer  # (Starlette and uvicorn: only when asked for)
+
+        _check_port_free(host, port, "--http-port")
+        self.http = HttpServer(self.core, host, port, tokens=self.config.auth_tokens, tls=self.config.tls)
+        try:
+            await self.http.start()
+        except OSError as exc:
+            self.http = None
+            raise StartupError(f"cannot listen on {host}:{port} for HTTP: {exc.strerror or exc}; choose another "
+                               "port with --http-port (0 picks a free one) or --http-host") from None
 
     async def load(self, slots: Sequence[EngineSlot]) -> None:
         """Start the engine processes (one per device, pool.py) and wait (off the event loop: health
@@ -187,6 +206,9 @@ class App:
         if self.server is not None:
             await self.server.stop(grace=grace)
             self.server = None
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
 
     async def _set_health(self, status: int) -> None:
         for service in ("", SERVICE_NAME):
@@ -204,6 +226,9 @@ async def serve(slots: Sequence[EngineSlot], config: ServerConfig, engine_config
         if app.server is not None:  # (a start-up failure: stop it here, not in __del__ after the loop closed)
             await app.server.stop(None)
             app.server = None
+        if app.http is not None:
+            await app.http.stop()
+            app.http = None
 
 
 async def _run(app: App, slots: Sequence[EngineSlot], config: ServerConfig) -> int:
@@ -227,6 +252,10 @@ async def _run(app: App, slots: Sequence[EngineSlot], config: ServerConfig) -> i
             text = str(exc) if ours else f"{type(exc).__name__}: {exc}"
             raise StartupError(f"could not load the model: {text}") from exc
         host = config.host if config.host not in ("0.0.0.0", "::", "[::]") else "127.0.0.1"
+        if app.http is not None:  # (first: a reader that waits for the gRPC line has both then)
+            http_host = config.http_host or config.host
+            http_host = http_host if http_host not in ("0.0.0.0", "::", "[::]") else "127.0.0.1"
+            print(f"http listening on {_url_host(http_host)}:{app.http.port}", flush=True)
         print(f"listening on {host}:{port}", flush=True)
         await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
     else:
