@@ -20,7 +20,8 @@ from .._common import DEFAULT_TARGET
 from .._connection import ConnectionFlagError, add_security_arguments, read_security_arguments
 from ..names import DECODER_VALUES, OUTPUT_FORMAT_VALUES, PREVIEW_MODE_VALUES, canonical_name, cli_choice, cli_names
 from ..types import Decoder, OutputFormat, PreviewMode
-from .config import DEFAULT_PROMPTS, BenchConfig, BenchError, Level, RequestShape
+from .._convert import parse_adapter_spec
+from .config import DEFAULT_PROMPTS, AdapterSet, BenchConfig, BenchError, Level, RequestShape
 from .driver import run_bench
 from .report import BenchReport, format_table, write_csv, write_json, write_plot
 
@@ -129,6 +130,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     shape.add_argument("--mask", type=Path, metavar="FILE", help="inpainting, with --init-image: white = repaint")
     shape.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME[:SCALE]",
+        help="every request names this per-request adapter (loaded on the server), at SCALE (default: its "
+        "default scale); repeatable",
+    )
+    shape.add_argument(
+        "--adapter-mix",
+        action="append",
+        default=[],
+        metavar="SET",
+        help="each request a random adapter set of those given (seeded by --seed); SET is none or "
+        "NAME[:SCALE][+NAME[:SCALE]...], e.g. --adapter-mix none --adapter-mix cracks:0.8 --adapter-mix "
+        "cracks:0.6+spalling:0.4; repeatable; the report gives each set's latency",
+    )
+    shape.add_argument(
         "--prompts",
         type=Path,
         metavar="FILE",
@@ -192,6 +210,24 @@ def _read_image(flag: str, path: Path | None) -> bytes | None:
         raise BenchError(f"{flag} {path}: {exc.strerror or exc}") from exc
 
 
+def _adapter_spec(flag: str, text: str) -> tuple[str, float | None]:
+    try:
+        return parse_adapter_spec(text)
+    except ValueError as exc:
+        raise BenchError(f"{flag} {text}: {exc}") from None
+
+
+def _adapter_set(text: str) -> AdapterSet:
+    """--adapter-mix SET: "none", or NAME[:SCALE] joined by '+'; each name once."""
+    if text.strip().lower() == "none":
+        return ()
+    pairs = tuple(_adapter_spec("--adapter-mix", part) for part in text.split("+"))
+    names = [name for name, _ in pairs]
+    if len(set(names)) < len(names):
+        raise BenchError(f"--adapter-mix {text}: names an adapter twice")
+    return pairs
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Checks the options and builds the config; raises BenchError naming the option."""
     target = args.target
@@ -225,6 +261,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             raise BenchError(f"--prompts {args.prompts}: no prompts in the file")
     if args.mask is not None and args.init_image is None:
         raise BenchError("--mask needs --init-image (inpainting repaints part of an init image)")
+    if args.adapter and args.adapter_mix:
+        raise BenchError("--adapter and --adapter-mix: give one (--adapter-mix cracks:0.8 is one set of one)")
+    adapters = tuple(_adapter_spec("--adapter", text) for text in args.adapter)
+    mix = tuple(_adapter_set(text) for text in args.adapter_mix)
     if args.rate is not None:
         levels = tuple(Level(rate=r, max_concurrency=args.max_concurrency) for r in args.rate)
     else:
@@ -258,9 +298,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             init_image=_read_image("--init-image", args.init_image),
             strength=args.strength,
             mask_image=_read_image("--mask", args.mask),
+            adapters=adapters or None,
         ),
         prompts=prompts,
         seed=args.seed,
+        adapter_mix=mix,
         slo_ms=args.slo_ms,
         secure=connection.secure,
         root_certificates=connection.root_certificates,

@@ -13,6 +13,15 @@ from typing import Any
 from ..options import GenerateOptions
 
 
+AdapterSet = tuple[tuple[str, float | None], ...]
+"""One request's adapters: (name, scale or None for the adapter's default) pairs; () for none."""
+
+
+def adapter_set_label(adapters: AdapterSet) -> str:
+    """How the report names an adapter set: "none", "cracks:0.8", "cracks:0.6+spalling" (default scale)."""
+    return "+".join(name if scale is None else f"{name}:{scale:g}" for name, scale in adapters) or "none"
+
+
 class BenchError(Exception):
     """The benchmark cannot run as asked (smoke request failed, missing extra, bad option)."""
 
@@ -89,6 +98,9 @@ class BenchConfig:
     shape: RequestShape = field(default_factory=RequestShape)
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     seed: int = 0  # request i gets seed + i * num_images (image j of it: + j, on the server)
+    # Per-request adapters: each request one of these sets at random (seeded by `seed`), latency reported
+    # per set; empty: every request sends shape.adapters (bench --adapter), or none.
+    adapter_mix: tuple[AdapterSet, ...] = ()
     slo_ms: float | None = None  # goodput counts ok requests within this end-to-end latency
     secure: bool = False  # TLS with the system's roots
     root_certificates: bytes | None = field(default=None, repr=False)  # PEM roots to trust (implies TLS)

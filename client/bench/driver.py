@@ -26,7 +26,8 @@ from .._connection import unavailable_hint
 from ..aio import AsyncClient
 from ..errors import LcmServeError
 from ..types import Image, StepEvent, Summary
-from .config import BenchConfig, BenchError, Level
+from .._convert import adapter_weights
+from .config import AdapterSet, BenchConfig, BenchError, Level, adapter_set_label
 from .report import BenchReport, LevelReport, RequestResult
 
 # Called with each counted request as it finishes (run_level's on_result).
@@ -40,20 +41,26 @@ _TIMEOUT_SLACK_S = 5.0
 class _Request:
     prompt: str
     seed: int
+    adapters: AdapterSet = ()  # its per-request adapters
 
 
 class _RequestSource:
-    """Prompts in turn from the list, and a seed no other request of the run uses."""
+    """Prompts in turn from the list, a seed no other request of the run uses, and the adapters:
+    with an adapter mix a set drawn at random (seeded: the same sets every run), else the shape's."""
 
     def __init__(self, config: BenchConfig) -> None:
         self._prompts = config.prompts
         self._seed = config.seed
         self._stride = config.shape.num_images
         self._count = itertools.count()
+        self._mix = config.adapter_mix
+        self._draw = random.Random(config.seed)
+        self._adapters: AdapterSet = adapter_weights(config.shape.adapters)
 
     def next(self) -> _Request:
         i = next(self._count)
-        return _Request(self._prompts[i % len(self._prompts)], (self._seed + i * self._stride) % 2**63)
+        adapters = self._draw.choice(self._mix) if self._mix else self._adapters
+        return _Request(self._prompts[i % len(self._prompts)], (self._seed + i * self._stride) % 2**63, adapters)
 
 
 class _Budget:
@@ -93,7 +100,8 @@ async def _one_request(
         # No early exit from this loop: a timeout or Ctrl-C cancels inside the SDK's generator,
         # whose `finally` cancels the call on the server.
         async for event in client.stream(
-            request.prompt, config.shape, seed=request.seed, timeout=config.timeout_s
+            request.prompt, config.shape, seed=request.seed, timeout=config.timeout_s,
+            adapters=request.adapters or None,
         ):
             now = time.perf_counter()
             if isinstance(event, StepEvent):
@@ -133,6 +141,7 @@ async def _one_request(
         images=images,
         error=error,
         detail=detail,
+        adapters=adapter_set_label(request.adapters),
     )
 
 

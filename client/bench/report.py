@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import BenchConfig, BenchError, Level, RequestShape
+from .._convert import adapter_weights
+from .config import BenchConfig, BenchError, Level, RequestShape, adapter_set_label
 
 _PERCENTILES = (50, 90, 95, 99)
 
@@ -75,6 +76,7 @@ class RequestResult:
     images: int  # images received
     error: str | None = None  # status code name when it failed, e.g. "UNAVAILABLE"
     detail: str = ""  # the error's message
+    adapters: str = "none"  # its adapter set (config.adapter_set_label)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +102,7 @@ class LevelReport:
     first_step_ms: Stats  # sent -> first step event, ok requests
     step_gap_ms: Stats  # step event -> next step event of image 0, all ok requests pooled
     interrupted: bool = False  # stopped early (Ctrl-C): results so far
+    by_adapters: tuple[AdapterSetStats, ...] = ()  # per adapter set, when requests used more than one
 
     @classmethod
     def from_results(
@@ -138,6 +141,7 @@ class LevelReport:
             ),
             step_gap_ms=Stats.from_samples([gap * 1e3 for r in ok for gap in r.step_gaps_s]),
             interrupted=interrupted,
+            by_adapters=AdapterSetStats.of(results),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -163,7 +167,34 @@ class LevelReport:
             error_details=self.error_details,
             interrupted=self.interrupted,
         )
+        if self.by_adapters:
+            data["by_adapters"] = [a.to_json() for a in self.by_adapters]
         return data
+
+
+@dataclass(frozen=True)
+class AdapterSetStats:
+    """The requests of one adapter set within a level (bench --adapter-mix)."""
+
+    adapters: str  # the set's label: "none", "cracks:0.8+spalling:0.5"
+    sent: int
+    ok: int
+    latency_ms: Stats  # end-to-end, ok requests
+
+    @classmethod
+    def of(cls, results: Sequence[RequestResult]) -> tuple[AdapterSetStats, ...]:
+        """Per set, in order of first use; () when every request used the same set."""
+        sets = list(dict.fromkeys(r.adapters for r in results))
+        if len(sets) < 2:
+            return ()
+        return tuple(cls(adapters=label, sent=sum(1 for r in results if r.adapters == label),
+                         ok=sum(1 for r in results if r.adapters == label and r.ok),
+                         latency_ms=Stats.from_samples([r.latency_s * 1e3 for r in results
+                                                        if r.adapters == label and r.ok]))
+                     for label in sets)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"adapters": self.adapters, "sent": self.sent, "ok": self.ok, "latency_ms": self.latency_ms.to_json()}
 
 
 @dataclass(frozen=True)
@@ -275,11 +306,15 @@ def format_table(report: BenchReport) -> str:
         f"lcmserve bench: {report.config.target or 'no server'}, {shape.width}x{shape.height}, "
         f"{shape.num_inference_steps} steps, {shape.num_images} image(s)/request, {shape.output_format}, "
         f"guidance {shape.guidance_scale:g}, previews {shape.preview_mode}, decoder {shape.decoder}"
-        + _image_mode(shape),
+        + _image_mode(shape) + _adapter_mode(report.config),
         groups.rstrip(),
         line([name for _, name in columns]),
         *(line(row) for row in rows),
     ]
+    for lv in report.levels:
+        for a in lv.by_adapters:
+            lines.append(f"{lv.level.label} adapters {a.adapters}: {a.ok}/{a.sent} ok, end-to-end ms p50 "
+                         f"{_ms(a.latency_ms.p50)}, p99 {_ms(a.latency_ms.p99)}, mean {_ms(a.latency_ms.mean)}")
     for lv in report.levels:
         for code, count in lv.errors.items():
             lines.append(f"{lv.level.label}: {count} x {code}: {lv.error_details.get(code, '')}")
@@ -375,3 +410,12 @@ def _image_mode(shape: RequestShape) -> str:
     kind = "inpainting" if shape.mask_image is not None else "img2img"
     strength = "0.8 (server default)" if shape.strength is None else f"{shape.strength:g}"
     return f", {kind} strength {strength}"
+
+
+def _adapter_mode(config: BenchConfig) -> str:
+    """The header's words for per-request adapters: the mix's sets, or the one set every request sends."""
+    if config.adapter_mix:
+        return f", adapters: a random one of {', '.join(adapter_set_label(a) for a in config.adapter_mix)}"
+    if config.shape.adapters:
+        return f", adapters {adapter_set_label(adapter_weights(config.shape.adapters))}"
+    return ""
