@@ -4,6 +4,7 @@ An artifact is a folder:
 
     model/          a diffusers folder (StableDiffusionPipeline.from_pretrained loads it), LoRAs fused
     tiny_vae/       optional: a tiny autoencoder (diffusers' AutoencoderTiny folder, TAESD), from --tiny-vae
+    scorer/         optional: the candidate scorer (a CLIPModel + CLIPProcessor folder), from --scorer
     compiled/<b>/   per compiled backend b: the files of PARTS[b]
     manifest.json   written last (a folder with a manifest is complete), by `Manifest.write` only;
                     read by `read_manifest` only, which refuses a format_version it does not know
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from lcmserve.export import unet_call
 from lcmserve.export.errors import ModelNotFoundError
-from lcmserve.export.records import LoraRecord, ParityRecord, TinyVaeRecord
+from lcmserve.export.records import LoraRecord, ParityRecord, ScorerRecord, TinyVaeRecord
 
 if TYPE_CHECKING:
     from torch import device as TorchDevice  # a plain name: CompiledEntry has a field called `torch`
@@ -47,6 +48,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_DIR = "model"
 TINY_VAE_DIR = "tiny_vae"
+SCORER_DIR = "scorer"
 COMPILED_DIR = "compiled"
 
 BACKENDS: tuple[str, ...] = ("eager", "compile", "aoti", "onnx")
@@ -314,6 +316,7 @@ class Manifest:
     created: str = ""  # UTC, ISO 8601
     parity: ParityRecord | None = None  # fused vs unfused adapters; None when there was no LoRA
     tiny_vae: TinyVaeRecord | None = None  # its sha256 is tiny_vae/'s weights file's; None: no tiny_vae/
+    scorer: ScorerRecord | None = None  # its sha256 is scorer/'s weights file's; None: no scorer/
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -322,6 +325,7 @@ class Manifest:
         out["compiled"] = {name: entry.to_json() for name, entry in self.compiled.items()}
         out["parity"] = self.parity.to_json() if self.parity else None
         out["tiny_vae"] = self.tiny_vae.to_json() if self.tiny_vae else None
+        out["scorer"] = self.scorer.to_json() if self.scorer else None
         return out
 
     @classmethod
@@ -335,6 +339,7 @@ class Manifest:
         values["loras"] = tuple(LoraRecord.from_json(record) for record in data.get("loras") or ())
         values["parity"] = ParityRecord.from_json(data["parity"]) if data.get("parity") else None
         values["tiny_vae"] = TinyVaeRecord.from_json(data["tiny_vae"]) if data.get("tiny_vae") else None
+        values["scorer"] = ScorerRecord.from_json(data["scorer"]) if data.get("scorer") else None
         values["compiled"] = {name: ENTRY_TYPES[name].from_json(entry)
                               for name, entry in (data.get("compiled") or {}).items()
                               if name in ENTRY_TYPES and isinstance(entry, Mapping)}

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny-vae", default=None, metavar="SRC",
                         help="also ship a tiny autoencoder (TAESD) as DIR/tiny_vae/: a hub id (madebyollin/taesd), "
                              "a local AutoencoderTiny folder, or a preset's (tiny, sd15-random)")
+    parser.add_argument("--scorer", default=None, metavar="SRC",
+                        help="also ship a CLIP model that scores best-of-N candidates as DIR/scorer/: a hub id "
+                             "(openai/clip-vit-base-patch32), a folder holding a CLIPModel and its processor, or tiny "
+                             "(a small random CLIP, for tests)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -79,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             progress=not args.no_progress,
             tiny_vae=args.tiny_vae,
+            scorer=args.scorer,
         )
     except ExportError as e:
         return _fail(e)
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         f"exported {args.base} + {len(manifest.loras)} LoRA(s) -> {args.out} "
         f"({manifest.dtype}, {manifest.device}, {manifest.backend}); {'; '.join(_checks(manifest))}"
         + (f"; tiny autoencoder {manifest.tiny_vae.source}" if manifest.tiny_vae else "")
+        + (f"; scorer {manifest.scorer.source}" if manifest.scorer else "")
     )
     return 0
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed
 from lcmserve.export.artifact import (
     BACKENDS,
     MODEL_DIR,
+    SCORER_DIR,
     TINY_VAE_DIR,
     CompiledEntry,
     Manifest,
@@ -250,8 +251,13 @@ def export_model(
     force: bool = False,
     progress: bool = True,
     tiny_vae: str | None = None,
+    scorer: str | None = None,
 ) -> Manifest:
     """Fuse `loras` into `base`, check parity, write the artifact folder `out`. Returns its manifest.
+
+    `scorer` (tiny, a CLIPModel + processor folder, an artifact with one, or a hub id: export/scorer.py)
+    is saved as `out/scorer/`, the sha256 of its weights in the manifest; a source that is not CLIP
+    is refused before anything loads.
 
     `tiny_vae` (a preset name, an AutoencoderTiny folder, an artifact with one, or a hub id:
     export/tiny_vae.py) is saved as `out/tiny_vae/` in the model's dtype, its sha256 in the manifest.
@@ -267,6 +273,10 @@ def export_model(
     _check_out(out, force)
     if backend not in BACKENDS:
         raise UserInputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if scorer is not None:
+        from lcmserve.export.scorer import resolve_scorer
+
+        resolve_scorer(scorer)  # not CLIP, missing: ModelNotFoundError now, not after the fuse
 
     names = ["load", "loras", "reference", "fuse", "check", "save"] + ([backend] if backend != "eager" else [])
     stages = _Stages(names, progress)
@@ -283,6 +293,10 @@ def export_model(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         pipe.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
         tiny_record = _save_tiny_vae(pipe, tiny_vae, tmp, torch_dtype) if tiny_vae is not None else None
+        if scorer is not None:
+            from lcmserve.export.scorer import save_scorer
+
+            scorer_record = save_scorer(scorer, tmp / SCORER_DIR)
         stages.done()
 
         compiled: dict[str, CompiledEntry] = {}
@@ -294,6 +308,8 @@ def export_model(
             stages.done()
 
         manifest = _manifest(base, kind, records, torch_dtype, device, backend, parity, compiled, tiny_record)
+        if scorer is not None:
+            manifest = dataclasses.replace(manifest, scorer=scorer_record)
         manifest.write(tmp)  # last file: a folder with a manifest is complete
         make_readable(tmp)
         _swap_into_place(tmp, out, force)

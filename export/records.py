@@ -1,5 +1,5 @@
 """The manifest's records, typed from export to GetModelInfo: a LoRA fused in, the fuse parity check,
-the tiny autoencoder. Each has one JSON form (`to_json`, `from_json`), what manifest.json holds.
+the tiny autoencoder, the candidate scorer. Each has one JSON form (`to_json`, `from_json`), what manifest.json holds.
 
 No torch import: the manifest is read where torch may be absent.
 """
@@ -94,3 +94,24 @@ class TinyVaeRecord:
         return cls(source=str(data.get("source", "")), kind=str(data.get("kind", "")),
                    source_sha256=text("source_sha256"), scaling_factor=float(data.get("scaling_factor", 1.0)),
                    sha256=text("sha256"))
+
+
+@dataclass(frozen=True)
+class ScorerRecord:
+    """The CLIP model that scores candidates (best-of-N, export/scorer.py): GetModelInfo.scorer."""
+
+    source: str  # as given: "tiny", a folder, an artifact or a hub id
+    kind: str  # "preset" | "artifact" | "folder" | "hub"
+    sha256: str  # of its weights file (an artifact's: of scorer/model.safetensors); "" when it has none
+    projection_dim: int  # the embedding both towers map to
+    image_size: int  # input side of its image tower, pixels
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "kind": self.kind, "sha256": self.sha256,
+                "projection_dim": self.projection_dim, "image_size": self.image_size}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ScorerRecord:
+        return cls(source=str(data.get("source", "")), kind=str(data.get("kind", "")),
+                   sha256=str(data.get("sha256", "")), projection_dim=int(data.get("projection_dim", 0)),
+                   image_size=int(data.get("image_size", 0)))

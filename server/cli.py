@@ -50,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decoder of requests that leave `decoder` unset (default vae; tiny-vae needs a tiny autoencoder)")
     ad = p.add_argument_group("per-request LoRA adapters (docs/adapters.md)")
     ad.add_argument("--adapter", action="append", default=[], metavar="NAME=SRC[:SCALE]",
+    p.add_argument("--scorer", default=None, metavar="SRC",
+                   help="CLIP model that scores images (Image.score) and picks best-of-N candidates (a request's "
+                        "candidates > 1 needs one): a hub id (openai/clip-vit-base-patch32), a folder holding a "
+                        "CLIPModel and its processor, or tiny (a small random CLIP, for tests); default: the "
+                        "artifact's scorer/ (docs/candidates.md)")
                     help="load a LoRA (kohya_ss or diffusers/PEFT: a .safetensors file, a folder holding one, or a hub "
                          "id) unfused, as adapter NAME that requests may name with their own scale; SCALE is the "
                          "default of requests that give none (default 1.0); repeatable")
@@ -186,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     slots = [EngineSlot(device, engine_entry(functools.partial(
                  load_runtime, args.model, loras=args.lora, backend=args.backend, device=device, dtype=args.dtype,
                  allow_partial_lora=args.allow_partial_lora, tiny_vae=args.tiny_vae,
-                 default_decoder=args.default_decoder)))
+                 default_decoder=args.default_decoder, scorer=args.scorer)))
              for device in devices]  # each engine process loads the model on its own device
     try:
         return asyncio.run(serve(slots, config, engine_config, limits, __version__))

@@ -27,13 +27,13 @@ if TYPE_CHECKING:
 
 def load_runtime(model: str, *, loras: Sequence[str] = (), backend: str = "auto", device: str | None = None,
                  dtype: str | None = None, allow_partial_lora: bool = False, tiny_vae: str | None = None,
-                 default_decoder: str = "vae") -> Runtime:
+                 default_decoder: str = "vae", scorer: str | None = None) -> Runtime:
     """server/model/loader.py's load_runtime, imported when called (in the engine process)."""
     from .model import loader
 
     return loader.load_runtime(model, loras=loras, backend=backend, device=device, dtype=dtype,
                                allow_partial_lora=allow_partial_lora, tiny_vae=tiny_vae,
-                               default_decoder=default_decoder)
+                               default_decoder=default_decoder, scorer=scorer)
 
 
 def engine_entry(make_runtime: Callable[[], Runtime]) -> EngineEntry:

@@ -11,6 +11,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from lcmserve.names import DECODER_VALUES, OUTPUT_FORMAT_VALUES
+from lcmserve.export.records import ScorerRecord
 from lcmserve.v1 import generation_pb2 as pb
 
 from ..protocol import AdapterRecord, HostTensor, ImageEvent, Picture, StepEvent, Summary
@@ -31,20 +32,21 @@ def step(event: StepEvent) -> pb.GenerateResponse:
     return pb.GenerateResponse(step=pb.StepEvent(
         image_index=event.image_index, step=event.step, num_steps=event.num_steps, timestep=event.timestep,
         preview=picture(event.preview) if event.preview is not None else None,
-        latents=tensor(event.latents) if event.latents is not None else None))
+        latents=tensor(event.latents) if event.latents is not None else None, candidate=event.candidate))
 
 
 def image(event: ImageEvent) -> pb.GenerateResponse:
     return pb.GenerateResponse(image=pb.Image(
         index=event.index, picture=picture(event.picture), seed=event.seed,
-        latents=tensor(event.latents) if event.latents is not None else None))
+        latents=tensor(event.latents) if event.latents is not None else None, score=event.score))
 
 
 def summary(event: Summary) -> pb.GenerateResponse:
     return pb.GenerateResponse(summary=pb.Summary(
         seed=event.seed, num_images=event.num_images, prompt_truncated=event.prompt_truncated,
         prompt_tokens=event.prompt_tokens, timings=pb.Timings(**dataclasses.asdict(event.timings)),
-        num_steps=event.num_steps))
+        num_steps=event.num_steps,
+        candidates=[pb.Candidate(seed=c.seed, score=c.score, returned=c.returned) for c in event.candidates]))
 
 
 def response(event: Response) -> pb.GenerateResponse:
@@ -76,7 +78,8 @@ def model_info(served: ServedModel) -> pb.GetModelInfoResponse:
             max_queued_requests=engine.max_queued_requests,
             max_image_bytes=limits.max_image_bytes, max_image_pixels=limits.max_image_pixels,
             max_adapters_per_request=engine.adapters.max_adapters_per_request,
-            max_adapters=engine.adapters.max_adapters, max_adapter_rank=engine.adapters.max_adapter_rank),
+            max_adapters=engine.adapters.max_adapters, max_adapter_rank=engine.adapters.max_adapter_rank,
+            max_candidates=limits.max_candidates),
         server_version=served.version,
         decoders=[DECODER_VALUES[d] for d in model.decoders],  # type: ignore[misc]  # ints of the Decoder enum
         default_decoder=DECODER_VALUES[model.default_decoder],  # type: ignore[arg-type]
@@ -84,6 +87,7 @@ def model_info(served: ServedModel) -> pb.GetModelInfoResponse:
         backend_details={**{f"graphs.{name}": state for name, state in served.backend.graphs},
                          **{f"fallbacks.{part}": str(calls) for part, calls in served.backend.fallbacks}},
         adapters=[adapter_info(record) for record in served.adapters],
+        scorer=scorer_info(model.scorer) if model.scorer is not None else None,
     )
 
 
@@ -92,6 +96,12 @@ def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
     return pb.AdapterInfo(name=record.name, source=record.source, sha256=record.sha256, rank=record.rank,
                           targets=list(record.targets), default_scale=record.default_scale, format=record.format,
                           modules=record.modules)
+
+
+def scorer_info(record: ScorerRecord) -> pb.ScorerInfo:
+    """The candidate scorer (GetModelInfo.scorer)."""
+    return pb.ScorerInfo(source=record.source, sha256=record.sha256, projection_dim=record.projection_dim,
+                         image_size=record.image_size)
 
 
 # ---- statuses -----------------------------------------------------------------------------------------

@@ -152,7 +152,8 @@ class EdgeCore:
             params = validate(request, info.tokenizer, self.limits, images=images, decoders=info.model.decoders,
                               default_decoder=info.model.default_decoder,
                               adapters=self.adapters.scales() if self.adapters else None,
-                              max_adapters_per_request=engine.config.adapters.max_adapters_per_request)
+                              max_adapters_per_request=engine.config.adapters.max_adapters_per_request,
+                              has_scorer=info.model.scorer is not None)
         except InvalidRequest as exc:
             raise Refused(Refusal(Status.INVALID_ARGUMENT, f"invalid request: {exc}",
                                   violations=tuple(exc.violations))) from None

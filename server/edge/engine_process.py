@@ -217,10 +217,10 @@ class EngineProcess:
 
     @property
     def outstanding_rows(self) -> int:
-        """UNet rows of the requests outstanding (num_images x rows_per_image each): the load an
+        """UNet rows of the requests outstanding (samples x rows_per_image each): the load an
         EnginePool balances on."""
         with self._lock:
-            return sum(t.params.num_images * t.params.rows_per_image for t in self._tickets.values())
+            return sum(t.params.samples * t.params.rows_per_image for t in self._tickets.values())
 
     @property
     def pid(self) -> int | None:

@@ -8,7 +8,7 @@
 The pool has the surface the edge uses of one EngineProcess (start, stop, submit -> Ticket, busy,
 outstanding, dead, info, on_death, config), so ServingState holds a pool of one for `--device`.
 Rules:
-- submit picks the engine with the fewest outstanding UNet rows (num_images x rows_per_image of its
+- submit picks the engine with the fewest outstanding UNet rows (samples x rows_per_image of its
   unfinished tickets: a guided image weighs two); ties go round the engines in turn, so a lone
   client at concurrency 1 still uses them all.
 - start() returns once every engine is ready (health turns SERVING only then); if one fails to
@@ -153,7 +153,7 @@ class EnginePool:
         ticket = self.engines[index].submit(params, deadline)
         if n > 1 and log.isEnabledFor(logging.DEBUG):
             log.debug("request %d (%d rows) -> engine %d (%s), which had %d rows outstanding", ticket.rid,
-                      params.num_images * params.rows_per_image, index, self.devices[index], rows)
+                      params.samples * params.rows_per_image, index, self.devices[index], rows)
         return ticket
 
     # ---- adapters (every engine holds the same ones) ---------------------------------------------

@@ -67,7 +67,8 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
              defaults: Defaults = Defaults(), images: PreparedImages | None = None,
              decoders: tuple[str, ...] | None = None, default_decoder: str = "vae",
              adapters: Mapping[str, float] | None = None,
-             max_adapters_per_request: int = AdapterConfig.max_adapters_per_request) -> GenerationParams:
+             max_adapters_per_request: int = AdapterConfig.max_adapters_per_request,
+             has_scorer: bool = False) -> GenerationParams:
     """Check every field (collecting all problems), tokenize the prompts, fill defaults.
 
     `decoders`: those the model has (ModelSpec.decoders) and `default_decoder` what DECODER_UNSPECIFIED
@@ -77,7 +78,8 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
     loop); required when the request has either (they are then reported missing otherwise).
 
     `adapters`: the loaded adapters' default scales by name (None: none loaded); a request naming
-    another is refused, listing these names."""
+    another is refused, listing these names. `has_scorer`: the model has a candidate scorer
+    (candidates > 1 needs one)."""
     bad: list[tuple[str, str]] = []
 
     def value(name: OptionalField, default: Any) -> Any:
@@ -156,6 +158,12 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
     if images is not None:
         bad.extend(images.violations)
     weights = check_adapters(request.adapters, adapters or {}, max_adapters_per_request, bad)
+    candidates = request.candidates if request.HasField("candidates") else 1
+    if not 1 <= candidates <= limits.max_candidates:
+        bad.append(("candidates", f"is {candidates}; the range is 1 to {limits.max_candidates}"))
+    elif candidates > 1 and not has_scorer:
+        bad.append(("candidates", f"is {candidates}, but the server has no scorer to pick the best: serve with "
+                                  "--scorer SRC (or an artifact exported with --scorer), or send candidates 1"))
     if bad or output_format is None or preview_mode is None or decoder is None:
         raise InvalidRequest(bad)
 
@@ -181,6 +189,8 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
         mask_image=images.mask_image if images else None,
         strength=float(strength) if request.init_image else 1.0,
         adapters=weights,
+        candidates=candidates,
+        prompt=prompt,
     )
 
 

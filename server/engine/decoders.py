@@ -69,16 +69,20 @@ class Decoders:
         return None
 
     def __call__(self, name: str, denoised: torch.Tensor, dtype: torch.dtype,
-                 jpeg: Sequence[int | None] = ()) -> list[torch.Tensor | Picture]:
+                 jpeg: Sequence[int | None] = (),
+                 on_pixels: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor | Picture]:
         """Denoised latents (B, 4, h, w) float32 -> per row (8h, 8w, 3) uint8 on the host, or its JPEG
         Picture when jpeg[row] is a quality and GPU JPEG runs; in batches of at most vae_batch_size.
-        Waits for the device (pixels or JPEG bytes are copied to the host)."""
+        Waits for the device (pixels or JPEG bytes are copied to the host). `on_pixels(first row,
+        (b, 3, H, W) uint8)` sees each batch on the device first (the scorer: candidates.py)."""
         fn, scaling = self._fns[self.resolve(name)]
         scaled = (denoised / scaling).to(dtype)  # as diffusers: latents / vae.config.scaling_factor
         qualities = list(jpeg) + [None] * (len(scaled) - len(jpeg))
         out: list[torch.Tensor | Picture] = []
         for start in range(0, len(scaled), self.batch_size):
             pixels = to_uint8_chw(fn(scaled[start: start + self.batch_size]))  # (b, 3, H, W) uint8 on the device
+            if on_pixels is not None:
+                on_pixels(start, pixels)
             out.extend(self._to_host(pixels, qualities[start: start + len(pixels)]))
         return out
 

@@ -96,12 +96,13 @@ def encode_step_event(request: Request, pixels: torch.Tensor | Picture, event: S
 
 
 def encode_image_event(request: Request, pixels: torch.Tensor | Picture, index: int, seed: int,
-                       latents: HostTensor | None) -> ImageEvent:
-    """A final image's event: host pixels encoded here, or a picture the GPU encoded."""
+                       latents: HostTensor | None, score: float | None = None) -> ImageEvent:
+    """A final image's event: host pixels encoded here, or a picture the GPU encoded (`score`: its
+    CLIPScore, when the engine has a scorer)."""
     p = request.params
     picture, ms = (pixels, 0.0) if isinstance(pixels, Picture) else encode(pixels.numpy(), p.output_format, p.quality)
-    request.add_encode_ms(ms)
-    return ImageEvent(index, seed, picture, latents)
+    request.add_encode_ms(ms, image=True)
+    return ImageEvent(index, seed, picture, latents, score)
 
 
 # ---- JPEG on the GPU ---------------------------------------------------------------------------------

@@ -65,10 +65,10 @@ def default_device() -> str:
 
 def load_runtime(model: str, *, loras: Sequence[str] = (), backend: str = "auto", device: str | None = None,
                  dtype: str | None = None, allow_partial_lora: bool = False, tiny_vae: str | None = None,
-                 default_decoder: str = "vae") -> Runtime:
+                 default_decoder: str = "vae", scorer: str | None = None) -> Runtime:
     """The runtime for `lcmserve serve --model MODEL [--lora ...] --backend ... --device ... --dtype ...
-    [--tiny-vae SRC] [--default-decoder vae|tiny-vae]`. An artifact's own tiny_vae/ is served unless
-    --tiny-vae names another."""
+    [--tiny-vae SRC] [--default-decoder vae|tiny-vae] [--scorer SRC]`. An artifact's own tiny_vae/ and
+    scorer/ are served unless --tiny-vae / --scorer name others."""
     default_decoder = default_decoder.replace("-", "_")
     if default_decoder not in ("vae", "tiny_vae"):
         raise LoadError(f"--default-decoder {default_decoder!r} is not one of vae, tiny-vae")
@@ -77,9 +77,19 @@ def load_runtime(model: str, *, loras: Sequence[str] = (), backend: str = "auto"
         raise LoadError("--default-decoder tiny-vae needs a tiny autoencoder: serve an artifact exported with "
                         "--tiny-vae, or pass --tiny-vae SRC (e.g. madebyollin/taesd)")
     start = time.perf_counter()
+    scorer_source = scorer or (model if is_artifact(model) and read_manifest(model).scorer is not None else None)
+    if scorer_source is not None:
+        from lcmserve.export.scorer import resolve_scorer
+
+        resolve_scorer(scorer_source)  # a source that is not CLIP fails here, before the model loads
     loaded = _load(model, loras=loras, backend=backend, device=device, dtype=dtype,
                    allow_partial_lora=allow_partial_lora)
-    return _runtime(loaded, tiny_source, default_decoder, start)
+    runtime = _runtime(loaded, tiny_source, default_decoder, start)
+    if scorer_source is not None:
+        from .scorer import attach_scorer
+
+        attach_scorer(runtime, scorer_source)
+    return runtime
 
 
 def runtime_from_pipeline(pipe: SDPipeline, base: str) -> Runtime:
