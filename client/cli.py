@@ -131,6 +131,9 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, metavar="PX", help="pixels (server default 512)")
     parser.add_argument("--height", type=int, default=None, metavar="PX", help="pixels (server default 512)")
     parser.add_argument("--num-images", type=int, default=None, metavar="N", help="images (server default 1)")
+    parser.add_argument("--candidates", type=int, default=None, metavar="K",
+                        help="best-of-N: generate num-images x K and keep the best num-images by the server's CLIP "
+                             "score (a server with --scorer; default 1); prints every candidate's seed and score")
     parser.add_argument(
         "--format",
         choices=list(FORMAT_SUFFIXES),
@@ -272,6 +275,7 @@ def _generate_options(args: argparse.Namespace, fmt: OutputFormat) -> GenerateOp
         strength=args.strength,
         mask_image=args.mask,
         adapters=args.adapter or None,
+        candidates=args.candidates,
     )
 
 
@@ -314,11 +318,15 @@ def _write_events(events: Iterator[GenerateEvent], args: argparse.Namespace, fmt
             written = SUFFIX_FORMATS.get(path.suffix.lower(), event.format)  # Picture.save converts
             layout = ", uint8 RGB HxWx3, no header" if written == "raw" else ""
             size = f"{event.width}x{event.height} {written}{layout}"
-            print(f"wrote {path} ({size}, seed {event.seed})")
+            score = f", score {event.score:.2f}" if event.score is not None else ""
+            print(f"wrote {path} ({size}, seed {event.seed}{score})")
         elif isinstance(event, Summary):
             if num_previews:
                 print(f"wrote {num_previews} previews to {args.previews}")
             print(_summary_line(event))
+            if event.candidates:
+                print("candidates: " + ", ".join(f"seed {c.seed} {c.score:.2f}{' (returned)' if c.returned else ''}"
+                                                 for c in event.candidates))
             if event.prompt_truncated:
                 tokens = event.prompt_tokens
                 print(f"warning: the prompt ({tokens} tokens) was cut to CLIP's 77", file=sys.stderr)
@@ -373,6 +381,9 @@ def _format_model_info(info: ModelInfo, target: str) -> str:
                      f"JPEG on the {info.jpeg_encoder or 'host'}"),
         ("adapters", "; ".join(f"{a.name} (rank {a.rank}, {'+'.join(a.targets)}, default scale {a.default_scale:g})"
                                for a in info.adapters) or "none"),
+        ("scorer", f"{info.scorer.source} (CLIP, projection {info.scorer.projection_dim}, image "
+                   f"{info.scorer.image_size} px, sha256 {info.scorer.sha256[:12]}); candidates 1 to "
+                   f"{limits.max_candidates}" if info.scorer else "none (candidates 1 only)"),
         ("steps", f"1 to {limits.max_steps}"),
         ("sides", f"{limits.min_side} to {limits.max_side} px, multiples of {limits.side_multiple}"),
         ("images", f"at most {limits.max_images} per request"),
