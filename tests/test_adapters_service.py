@@ -1,0 +1,165 @@
+"""Per-request LoRA adapters, the edge and the client (issue 21): flags, validation, AdapterService and
+its errors through the real gRPC client, GetModelInfo, the token; the server serves on through all.
+
+Unit checks first (no server); then the session's `tiny_server` (started without adapter flags:
+AdapterService answers FAILED_PRECONDITION); then one server for this module, two CPU engines behind one
+edge, started with every adapter flag and a token (every load and unload goes to both engines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import pathlib
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from conftest import ServerProcess
+
+from lcmserve import (
+    AlreadyExistsError,
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
+from lcmserve._convert import adapter_weights, build_generate_request, parse_adapter_spec
+from lcmserve.v1 import generation_pb2 as pb
+from lcmserve.v1 import generation_pb2_grpc as pb_grpc
+
+SMALL = dict(num_inference_steps=2, width=64, height=64, output_format="raw", seed=3)
+TOKEN = "adapter-test-token"
+
+
+# ---- no server: parsing and conversion ----------------------------------------------------------------
+
+
+def test_serve_adapter_flags_parse_and_refuse_with_the_flag_named() -> None:
+    from lcmserve.server.cli import UsageError, adapter_config, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def config(*argv: str):  # type: ignore[no-untyped-def]
+        return adapter_config(parser.parse_args(["--model", "tiny", *argv]))
+
+    good = config("--adapter", "cracks=/m/cracks.safetensors:0.8", "--adapter", "rust=C:/loras/rust:x",
+                  "--max-adapters", "3", "--max-adapter-rank", "16", "--max-adapters-per-request", "2",
+                  "--allow-adapter-loading")
+    assert good.initial == (("cracks", "/m/cracks.safetensors", 0.8), ("rust", "C:/loras/rust:x", 1.0))
+    assert (good.max_adapters, good.max_adapter_rank, good.max_adapters_per_request, good.allow_loading) == (
+        3, 16, 2, True)
+    assert config().initial == () and config().max_adapters == 8 and not config().allow_loading
+    for argv, words in [
+        (("--adapter", "cracks"), "NAME=SRC[:SCALE]"),
+        (("--adapter", "=x.safetensors"), "NAME=SRC[:SCALE]"),
+        (("--adapter", "bad name=x.safetensors"), "1 to 64"),
+        (("--adapter", "a=x:9"), "-8 to 8"),
+        (("--adapter", "a=x:nan"), "-8 to 8"),
+        (("--adapter", "a=x", "--adapter", "a=y"), "twice"),
+        (("--adapter", "a=x", "--adapter", "b=y", "--max-adapters", "1"), "--max-adapters 1"),
+        (("--max-adapter-rank", "0"), "--max-adapter-rank must be at least 1"),
+        (("--max-adapters-per-request", "0"), "--max-adapters-per-request must be at least 1"),
+        (("--max-adapters", "-1"), "--max-adapters must be at least 0"),
+    ]:
+        with pytest.raises(UsageError) as caught:
+            config(*argv)
+        assert words in str(caught.value), (argv, str(caught.value))
+
+
+def test_request_adapters_are_checked_and_default_scales_filled() -> None:
+    from lcmserve.server.edge.validation import check_adapters
+
+    loaded = {"cracks": 0.8, "spalling": 1.0}
+
+    def check(*weights: tuple[str, float | None], most: int = 4) -> tuple[object, list[tuple[str, str]]]:
+        request = build_generate_request("x")
+        for name, scale in weights:
+            weight = request.adapters.add(name=name)
+            if scale is not None:
+                weight.scale = scale
+        bad: list[tuple[str, str]] = []
+        return check_adapters(request.adapters, loaded, most, bad), bad
+
+    assert check(("spalling", 0.5), ("cracks", None)) == ((("spalling", 0.5), ("cracks", 0.8)), [])
+    assert check() == ((), [])
+    _, bad = check(("rust", 1.0))
+    assert bad == [("adapters[0].name", "is 'rust', which is not loaded; loaded adapters: cracks, spalling")]
+    for scale in (8.5, -9.0, math.nan, math.inf):
+        _, bad = check(("cracks", scale))
+        assert [f for f, _ in bad] == ["adapters[0].scale"] and "-8 to 8" in bad[0][1], bad
+    _, bad = check(("cracks", 1.0), ("cracks", 0.5))
+    assert [f for f, _ in bad] == ["adapters[1].name"] and "adapters[0].name" in bad[0][1]
+    _, bad = check(("cracks", 1.0), ("spalling", 1.0), most=1)
+    assert bad == [("adapters", "names 2 adapters; at most 1 per request")]
+
+
+def test_sdk_adapters_option() -> None:
+    request = build_generate_request("x", adapters={"cracks": 0.8, "spalling": None})
+    assert [(w.name, w.HasField("scale"), w.scale) for w in request.adapters] == [
+        ("cracks", True, pytest.approx(0.8)), ("spalling", False, 0.0)]
+    assert adapter_weights([("a", 1), "b"]) == (("a", 1.0), ("b", None))
+    assert adapter_weights(None) == () and not build_generate_request("x").adapters
+    with pytest.raises(TypeError, match="adapters must be a mapping"):
+        adapter_weights("cracks")
+    with pytest.raises(TypeError, match=r"adapters\[0\]"):
+        adapter_weights([("a", 1, 2)])
+    with pytest.raises(TypeError, match="scale"):
+        adapter_weights({"a": "0.8"})
+    with pytest.raises(ValueError, match="not a finite"):
+        adapter_weights({"a": math.nan})
+    with pytest.raises(ValueError, match="named twice"):
+        adapter_weights([("a", 1.0), ("a", 0.5)])
+    assert parse_adapter_spec("cracks:0.8") == ("cracks", 0.8)
+    assert parse_adapter_spec("cracks") == ("cracks", None)
+    for bad in (":0.8", "cracks:x", "cracks:inf"):
+        with pytest.raises(ValueError):
+            parse_adapter_spec(bad)
+
+
+def test_bench_adapter_options() -> None:
+    from lcmserve.bench.cli import add_arguments, config_from_args
+    from lcmserve.bench.config import BenchError
+    from lcmserve.bench.driver import _RequestSource
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    mixed = config_from_args(parser.parse_args(["--target", "h:1", "--adapter-mix", "none", "--adapter-mix",
+                                                "cracks:0.6+spalling"]))
+    assert mixed.adapter_mix == ((), (("cracks", 0.6), ("spalling", None)))
+    source = _RequestSource(mixed)
+    drawn = [source.next().adapters for _ in range(16)]
+    assert set(drawn) == set(mixed.adapter_mix)  # each request a set of the mix, drawn at random...
+    again = _RequestSource(mixed)
+    assert [again.next().adapters for _ in range(16)] == drawn  # ...seeded: the same sets every run
+    one = config_from_args(parser.parse_args(["--target", "h:1", "--adapter", "cracks:0.8"]))
+    assert _RequestSource(one).next().adapters == (("cracks", 0.8),)
+    for argv in (["--adapter", "a", "--adapter-mix", "b"], ["--adapter-mix", "a+a"], ["--adapter", "a:x"]):
+        with pytest.raises(BenchError):
+            config_from_args(parser.parse_args(["--target", "h:1", *argv]))
+
+
+# ---- a server started without adapter flags (the session's) ------------------------------------------
+
+
+def test_adapter_service_is_off_without_the_flag(tiny_server: str) -> None:
+    with Client(tiny_server, timeout=60) as client:
+        with pytest.raises(FailedPreconditionError, match="--allow-adapter-loading"):
+            client.load_adapter("cracks", "/nonexistent.safetensors")
+        with pytest.raises(FailedPreconditionError, match="--allow-adapter-loading"):
+            client.unload_adapter("cracks")
+        listing = client.list_adapters()
+        assert (listing.adapters, listing.free_slots, listing.loading_allowed) == ([], 8, False)
+        info = client.model_info()
+        assert info.adapters == []
+        assert (info.limits.max_adapters, info.limits.max_adapter_rank, info.limits.max_adapters_per_request) == (
+            8, 64, 4)
+        with pytest.raises(InvalidArgumentError) as caught:
+            client.generate("a wall", adapters={"cracks": 1.0}, **SMALL)  # type: ignore[arg-type]
+        assert [v.field for v in caught.value.field_violations] == ["adapters[0].name"]
+        assert "loaded adapters: none" in str(caught.value)
+        assert client.generate("a wall", **SMALL).images  # type: ignore[arg-type]
