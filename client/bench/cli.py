@@ -103,6 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-images", type=int, default=1, metavar="N", help="images per request (default 1)"
     )
     shape.add_argument(
+        "--candidates", type=int, default=1, metavar="K",
+        help="best-of-N: the server generates num-images x K per request and returns the best num-images "
+             "(a server with --scorer); the report gives images/s of both (default 1)"
+    )
+    shape.add_argument(
         "--format", choices=tuple(OUTPUT_FORMAT_VALUES), default="jpeg", help="(default jpeg)"
     )
     shape.add_argument(
@@ -239,7 +244,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         connection = read_security_arguments(args)
     except ConnectionFlagError as exc:
         raise BenchError(str(exc)) from exc
-    for name in ("requests", "connections", "steps", "width", "height", "num_images", "baseline_iters",
+    for name in ("requests", "connections", "steps", "width", "height", "num_images", "candidates", "baseline_iters",
                  "baseline_threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -291,6 +296,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             width=args.width,
             height=args.height,
             num_images=args.num_images,
+            candidates=args.candidates,
             output_format=cast(OutputFormat, args.format),
             guidance_scale=args.guidance,
             preview_mode=cast(PreviewMode, canonical_name(args.preview_mode)),

@@ -48,7 +48,7 @@ class RequestShape(GenerateOptions):
     """What every request asks for: the SDK's GenerateOptions with the server's defaults written
     out as values, so that the report and the diffusers baseline can use them.
 
-    `seed` is not used: request i of a run gets `BenchConfig.seed + i * num_images`.
+    `seed` is not used: request i of a run gets `BenchConfig.seed + i * num_images * candidates`.
     """
 
     num_inference_steps: int = 4
@@ -56,6 +56,7 @@ class RequestShape(GenerateOptions):
     width: int = 512  # pixels
     height: int = 512  # pixels
     num_images: int = 1  # per request
+    candidates: int = 1  # best-of-N: the server generates num_images * candidates and returns num_images
 
 
 @dataclass(frozen=True)

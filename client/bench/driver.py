@@ -51,7 +51,7 @@ class _RequestSource:
     def __init__(self, config: BenchConfig) -> None:
         self._prompts = config.prompts
         self._seed = config.seed
-        self._stride = config.shape.num_images
+        self._stride = config.shape.num_images * config.shape.candidates  # every candidate's seed its own
         self._count = itertools.count()
         self._mix = config.adapter_mix
         self._draw = random.Random(config.seed)
@@ -256,7 +256,8 @@ async def run_level(
         t0 = time.perf_counter()
         warm = _Budget(config.warmup, None)
         if await _drive(pool, config, Level(concurrency=width), warm, source, t0, lambda r: None, stop):
-            return LevelReport.from_results(level, [], 0.0, config.slo_ms, interrupted=True)
+            return LevelReport.from_results(level, [], 0.0, config.slo_ms, interrupted=True,
+                                            candidates=config.shape.candidates)
 
     requests = config.requests
     if requests is None and config.duration_s is None:
@@ -282,7 +283,8 @@ async def run_level(
         )
     finally:
         bar.close()
-    return LevelReport.from_results(level, results, time.perf_counter() - t0, config.slo_ms, interrupted)
+    return LevelReport.from_results(level, results, time.perf_counter() - t0, config.slo_ms, interrupted,
+                                    candidates=config.shape.candidates)
 
 
 async def _smoke(client: AsyncClient, config: BenchConfig, source: _RequestSource) -> None:

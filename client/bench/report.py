@@ -103,6 +103,7 @@ class LevelReport:
     step_gap_ms: Stats  # step event -> next step event of image 0, all ok requests pooled
     interrupted: bool = False  # stopped early (Ctrl-C): results so far
     by_adapters: tuple[AdapterSetStats, ...] = ()  # per adapter set, when requests used more than one
+    generated_per_s: float = 0.0  # images the server generated for ok requests: images_per_s x candidates
 
     @classmethod
     def from_results(
@@ -112,6 +113,7 @@ class LevelReport:
         duration_s: float,
         slo_ms: float | None = None,
         interrupted: bool = False,
+        candidates: int = 1,
     ) -> LevelReport:
         ok = [r for r in results if r.ok]
         failed = [r for r in results if not r.ok]
@@ -142,6 +144,7 @@ class LevelReport:
             step_gap_ms=Stats.from_samples([gap * 1e3 for r in ok for gap in r.step_gaps_s]),
             interrupted=interrupted,
             by_adapters=AdapterSetStats.of(results),
+            generated_per_s=images * candidates / wall,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -157,6 +160,7 @@ class LevelReport:
             failed=self.failed,
             errors=self.errors,
             images_per_s=_finite_or_none(self.images_per_s),
+            generated_per_s=_finite_or_none(self.generated_per_s),
             latency_ms=self.latency_ms.to_json(),
             first_step_ms=self.first_step_ms.to_json(),
             step_gap_ms=self.step_gap_ms.to_json(),
@@ -264,7 +268,10 @@ def _stats_cells(latency: Stats, first_step: Stats, step_gap: Stats) -> list[str
 def format_table(report: BenchReport) -> str:
     """The report as a fixed-width text table, one row per level (and per baseline batch size)."""
     with_slo = report.config.slo_ms is not None
-    columns = [("", "level"), ("", "sent"), ("", "ok"), ("", "failed"), ("", "img/s"), ("", "req/s")]
+    best_of = report.config.shape.candidates > 1  # then also the images generated per second
+    columns = [("", "level"), ("", "sent"), ("", "ok"), ("", "failed"), ("", "img/s")]
+    columns += [("", "gen img/s")] if best_of else []
+    columns += [("", "req/s")]
     columns += [("", "goodput/s")] if with_slo else []
     columns += [("end-to-end ms", q) for q in ("p50", "p90", "p95", "p99", "mean")]
     columns += [
@@ -281,13 +288,15 @@ def format_table(report: BenchReport) -> str:
             str(lv.ok),
             str(lv.failed),
         ]
-        row += [f"{lv.images_per_s:.2f}", f"{lv.requests_per_s:.2f}"]
+        row += [f"{lv.images_per_s:.2f}"] + ([f"{lv.generated_per_s:.2f}"] if best_of else [])
+        row += [f"{lv.requests_per_s:.2f}"]
         row += [f"{lv.goodput_per_s or 0.0:.2f}"] if with_slo else []
         rows.append(row + _stats_cells(lv.latency_ms, lv.first_step_ms, lv.step_gap_ms))
     for b in report.baseline:
         requests = b.calls * b.batch_size
         row = [f"diffusers b={b.batch_size}", str(requests), str(requests), "0"]
-        row += [f"{b.images_per_s:.2f}", f"{requests / max(b.duration_s, 1e-9):.2f}"]
+        row += [f"{b.images_per_s:.2f}"] + (["-"] if best_of else [])
+        row += [f"{requests / max(b.duration_s, 1e-9):.2f}"]
         row += ["-"] if with_slo else []
         rows.append(row + _stats_cells(b.latency_ms, b.first_step_ms, b.step_gap_ms))
     widths = [max(len(name), *(len(r[i]) for r in rows)) for i, (_, name) in enumerate(columns)]
@@ -304,7 +313,8 @@ def format_table(report: BenchReport) -> str:
     shape = report.config.shape
     lines = [
         f"lcmserve bench: {report.config.target or 'no server'}, {shape.width}x{shape.height}, "
-        f"{shape.num_inference_steps} steps, {shape.num_images} image(s)/request, {shape.output_format}, "
+        f"{shape.num_inference_steps} steps, {shape.num_images} image(s)/request"
+        + (f" (best of {shape.candidates} each)" if best_of else "") + f", {shape.output_format}, "
         f"guidance {shape.guidance_scale:g}, previews {shape.preview_mode}, decoder {shape.decoder}"
         + _image_mode(shape) + _adapter_mode(report.config),
         groups.rstrip(),
@@ -329,7 +339,7 @@ def format_table(report: BenchReport) -> str:
 
 CSV_COLUMNS = (
     "concurrency", "rate", "max_concurrency", "sent", "ok", "failed", "errors", "images", "duration_s",
-    "images_per_s", "requests_per_s", "goodput_per_s",
+    "images_per_s", "generated_per_s", "requests_per_s", "goodput_per_s",
     *(f"{m}_{k}" for m in ("latency_ms", "first_step_ms", "step_gap_ms") for k in ("p50", "p90", "p95", "p99", "mean")),
     "interrupted",
 )  # fmt: skip
