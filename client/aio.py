@@ -39,6 +39,7 @@ from ._convert import (
     load_adapter_request,
     model_info_from_proto,
 )
+from ._tracing import with_trace_context
 from .errors import DeadlineExceededError, LcmServeError, ProtocolError, UnavailableError, from_rpc_error
 from .options import GenerateFields, GenerateOptions
 from .retry import Attempts, RetryPolicy, balancing_options, pick_seed
@@ -95,7 +96,7 @@ class AsyncClient:
         self._rng = random.Random()
         self._channel_args = channel_options(max_message_mb, [*balancing_options(target), *options])
         self._credentials = channel_credentials(secure, root_certificates, credentials, client_cert, client_key)
-        self._metadata = auth_metadata(token)  # on every call
+        self._auth = auth_metadata(token)  # on every call
         self._channel: grpc.aio.Channel | None = None
         self._generation: Any = None  # GenerationServiceStub of the open channel
         self._health: Any = None  # HealthStub of the open channel
@@ -303,6 +304,11 @@ class AsyncClient:
             raise from_rpc_error(exc) from exc
 
     # ---- lifetime --------------------------------------------------------------------------
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """Every call's metadata: the token, and the caller's OpenTelemetry trace context if any."""
+        return with_trace_context(self._auth)
 
     async def close(self) -> None:
         """Closes the channel; calls in flight are cancelled. Safe to call twice."""

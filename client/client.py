@@ -43,6 +43,7 @@ from ._convert import (
     load_adapter_request,
     model_info_from_proto,
 )
+from ._tracing import with_trace_context
 from .errors import DeadlineExceededError, LcmServeError, ProtocolError, UnavailableError, from_rpc_error
 from .options import GenerateFields, GenerateOptions
 from .retry import Attempts, RetryPolicy, balancing_options, pick_seed
@@ -100,7 +101,7 @@ class Client:
         self._rng = random.Random()
         channel_args = channel_options(max_message_mb, [*balancing_options(target), *options])
         creds = channel_credentials(secure, root_certificates, credentials, client_cert, client_key)
-        self._metadata = auth_metadata(token)  # on every call (health included: harmless, and proxies may want it)
+        self._auth = auth_metadata(token)  # on every call (health included: harmless, and proxies may want it)
         if creds is None:
             self._channel = grpc.insecure_channel(target, options=channel_args)
         else:
@@ -311,6 +312,11 @@ class Client:
             raise from_rpc_error(exc) from exc
 
     # ---- lifetime --------------------------------------------------------------------------
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """Every call's metadata: the token, and the caller's OpenTelemetry trace context if any."""
+        return with_trace_context(self._auth)
 
     def close(self) -> None:
         """Closes the channel; calls in flight are cancelled. Safe to call twice."""

@@ -4,7 +4,6 @@ CLI builds this parser even where torch is not installed."""
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
@@ -23,6 +22,9 @@ from .config import (
     ServerConfig,
     TlsConfig,
 )
+from .env_flags import apply_environment
+from .logs import FORMATS, LEVELS, LogSettings
+from .logs import setup as setup_logging
 
 _ENGINE = EngineConfig()
 _SERVER = ServerConfig()
@@ -131,7 +133,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "finish) so that clients rebalance over new replicas (default: never)")
     p.add_argument("--drain-timeout", type=float, default=_SERVER.drain_timeout_s,
                    help=f"seconds in-flight requests get to finish on SIGTERM (default {_SERVER.drain_timeout_s:g})")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    obs = p.add_argument_group("logs and traces (docs/deploy.md)")
+    obs.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS,
+                     help="DEBUG, INFO, WARNING, ERROR (default INFO), both processes")
+    obs.add_argument("--log-format", default="text", choices=FORMATS,
+                     help="text, or json: one object a line on stderr (time, level, logger, message; request, "
+                          "trace and span ids in a request) from both processes (default text)")
+    obs.add_argument("--log-prompts", action="store_true",
+                     help="put each request's prompt in its access log line (default: never logged)")
+    obs.add_argument("--otlp-endpoint", default=None, metavar="URL",
+                     help="export OpenTelemetry traces to this OTLP endpoint, e.g. http://collector:4318 "
+                          "(OTEL_EXPORTER_OTLP_PROTOCOL http/protobuf or grpc; default: "
+                          "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or $OTEL_EXPORTER_OTLP_ENDPOINT, else off)")
+    # Every flag above as a LCMSERVE_<FLAG> variable (env_flags.py): keep this the last line.
+    apply_environment(p)
 
 
 def _buckets(text: str) -> tuple[int, ...]:
@@ -145,8 +160,7 @@ def _buckets(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(LogSettings(level=args.log_level, format=args.log_format, prompts=args.log_prompts))
     import asyncio
     import functools
 
@@ -166,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
                               auth_tokens=_tokens(args.auth_token_file), reflection=not args.no_reflection,
                               max_concurrent_rpcs=_positive(args.max_concurrent_rpcs, "--max-concurrent-rpcs"),
                               max_connection_age_s=args.max_connection_age,
-                              http_port=_http_port(args.http_port), http_host=args.http_host)
+                              http_port=_http_port(args.http_port), http_host=args.http_host,
+                              otlp_endpoint=args.otlp_endpoint)
     except (UsageError, ValueError) as exc:
         print(f"lcmserve serve: {exc}", file=sys.stderr)
         return 2

@@ -155,5 +155,6 @@ class ServerConfig:
     max_connection_age_s: float | None = None  # close connections this old (GOAWAY) so clients rebalance
     keepalive_min_ping_s: float = 10.0  # clients may ping this often, even without calls, without a GOAWAY
     death_linger_s: float = 3.0  # after the engine died: NOT_SERVING this long (probes see why), then exit 3
+    otlp_endpoint: str | None = None  # OpenTelemetry traces (server/edge/tracing.py); None: the OTEL_* variables
     http_port: int | None = None  # the HTTP front door (server/edge/http/); None: off; 0 picks a free port
     http_host: str | None = None  # its address; None: the same as `host`

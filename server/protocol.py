@@ -131,6 +131,26 @@ class ImageEvent:
     latents: HostTensor | None  # (4, h, w) final latents, when asked for
 
 
+@dataclass
+class RequestTrace:
+    """Where one request's time went inside the engine, as time.perf_counter() instants (CLOCK_MONOTONIC:
+    one clock for both processes of a machine), made only when Submit.trace asks; the edge turns them
+    into its trace's spans (server/edge/tracing.py). Filled by the loop, and by the encoders under the
+    request's lock, before its Summary leaves."""
+
+    device: str = ""  # the engine's
+    admitted: float = 0.0  # its first image joined the batch: the end of `queue`
+    text: tuple[float, float] | None = None  # (start, end) of the text encoding of its prompts
+    steps: list[tuple[int, int, int, float, float]] = field(default_factory=list)  # per UNet call it was
+    # in: (step index, timestep, rows in that call, start, end), host times (on CUDA: launch, not GPU time)
+    decode: tuple[float, float] | None = None  # first start, last end of its images' decodes
+    encode: tuple[float, float] | None = None  # likewise of its images' encodes
+
+    @staticmethod
+    def widen(span: tuple[float, float] | None, start: float, end: float) -> tuple[float, float]:
+        return (start, end) if span is None else (min(span[0], start), max(span[1], end))
+
+
 @dataclass(frozen=True)
 class Summary:
     seed: int
@@ -139,6 +159,7 @@ class Summary:
     prompt_tokens: int
     timings: Timings  # complete: every earlier event of the request was encoded
     num_steps: int = 0  # denoising steps each image ran (GenerationParams.steps_run)
+    trace: RequestTrace | None = None  # when Submit.trace asked for it
 
 
 @dataclass(frozen=True)
@@ -248,6 +269,7 @@ class Submit:
     params: GenerationParams
     deadline: float | None  # time.monotonic() past which no more work is done for it
     arrival: float  # time.perf_counter() when the edge received it
+    trace: bool = False  # send its RequestTrace with its Summary (the edge traces it)
 
 
 @dataclass(frozen=True)

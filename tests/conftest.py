@@ -131,6 +131,14 @@ def reference_pipe(tiny_artifact: pathlib.Path):  # type: ignore[no-untyped-def]
     return pipe
 
 
+@pytest.fixture(scope="session")
+def telemetry_server(tiny_artifact: pathlib.Path):  # type: ignore[no-untyped-def]
+    """The tiny artifact with traces, JSON logs, metrics and HTTP, set by LCMSERVE_* variables (telemetry.py)."""
+    from telemetry import start
+
+    yield from start(ServerProcess, tiny_artifact)
+
+
 def reference_image(pipe, prompt: str, *, steps: int, seed: int, width: int = 64, height: int = 64,  # type: ignore[no-untyped-def]
                     guidance: float = 1.0, negative_prompt: str | None = None):
     """diffusers' image for one seed, as uint8 (H, W, 3), rounded as its PIL output is."""

@@ -41,6 +41,7 @@ from .pool import EnginePool, EngineSlot
 from .adapters import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters import AdapterRegistry, AdapterService
 from .service import SERVICE_NAME, GenerationService, TokenAuth
+from .tracing import tracer_from_config
 
 if TYPE_CHECKING:
     from .http.server import HttpServer
@@ -66,6 +67,7 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.engine_died = asyncio.Event()  # set (on the event loop) when the engine process or loop dies
+        self.core.tracer = tracer_from_config(config.otlp_endpoint, version)  # None unless configured
         self.http: HttpServer | None = None  # the HTTP front door (--http-port), beside gRPC
 
     def server_options(self) -> list[tuple[str, Any]]:
@@ -209,6 +211,9 @@ class App:
         if self.http is not None:
             await self.http.stop()
             self.http = None
+        if self.core.tracer is not None:  # export what is left
+            await asyncio.to_thread(self.core.tracer.shutdown)
+            self.core.tracer = None
 
     async def _set_health(self, status: int) -> None:
         for service in ("", SERVICE_NAME):

@@ -44,8 +44,10 @@ from ..protocol import (
 )
 from .images import prepare_images
 from .metrics import Metrics
+from .observe import Observed
 from .pool import EnginePool
 from .status import Refusal, Refused, Status
+from .tracing import CallInfo, Tracer
 from .validation import InvalidRequest, validate
 
 if TYPE_CHECKING:  # (adapters.py imports this module: its registry is set by app.py)
@@ -82,6 +84,7 @@ class EdgeCore:
     serving: bool = False
     draining: bool = False
     inflight: int = 0  # Generate calls between submit and their end
+    tracer: Tracer | None = None  # OpenTelemetry, when configured (tracing.py; app.py sets it)
     adapters: AdapterRegistry | None = None  # per-request adapters requests may name (app.py sets it)
 
     # ---- readiness ------------------------------------------------------------------------------
@@ -116,17 +119,21 @@ class EdgeCore:
             self.metrics.request_done(status, transport)
 
     async def generate(self, request: pb.GenerateRequest, deadline: float | None,
-                       transport: str = "grpc") -> AsyncGenerator[Response, None]:
+                       transport: str = "grpc", call: CallInfo | None = None) -> AsyncGenerator[Response, None]:
         """See the module doc. `deadline`: time.monotonic() past which the client no longer waits;
-        `transport`: the label the call is counted under (count's)."""
+        `transport`: the label the call is counted under (count's); `call`: its method, peer and
+        headers, for its access log line and trace span (observe.py)."""
         status = Status.UNKNOWN
+        observed = Observed(self.tracer, call, transport, request)
         try:
-            async with contextlib.aclosing(self._generate(request, deadline)) as events:
+            async with contextlib.aclosing(self._generate(request, deadline, observed)) as events:
                 async for event in events:  # (closed at once on every way out: its finally cancels)
+                    observed.saw(event)
                     yield event
             status = Status.OK
         except Refused as exc:
             status = exc.refusal.status
+            observed.message = exc.refusal.message
             raise
         except (asyncio.CancelledError, GeneratorExit):  # the client went away, or its deadline passed
             expired = deadline is not None and deadline - time.monotonic() <= 0.001
@@ -137,9 +144,10 @@ class EdgeCore:
             raise
         finally:
             self.count(status, transport)
+            observed.end(status)
 
-    async def _generate(self, request: pb.GenerateRequest,
-                        deadline: float | None) -> AsyncGenerator[Response, None]:
+    async def _generate(self, request: pb.GenerateRequest, deadline: float | None,
+                        observed: Observed) -> AsyncGenerator[Response, None]:
         refusal = self.not_serving()
         if refusal is not None or self.engine is None or self.engine.info is None:
             raise Refused(refusal or Refusal(Status.UNAVAILABLE, "the model is still loading"))
@@ -157,8 +165,9 @@ class EdgeCore:
         except InvalidRequest as exc:
             raise Refused(Refusal(Status.INVALID_ARGUMENT, f"invalid request: {exc}",
                                   violations=tuple(exc.violations))) from None
+        observed.validated(params, info.model.backend)
         try:
-            ticket = engine.submit(params, deadline)
+            ticket = engine.submit(params, deadline, trace=observed.traced)
         except EngineStopped:
             raise Refused(Refusal(Status.UNAVAILABLE, "the engine is not running")) from None
 
@@ -183,6 +192,7 @@ class EdgeCore:
                     case Summary():
                         ended = True
                         total = time.perf_counter() - ticket.arrival
+                        observed.engine(ticket.arrival, event.trace)
                         if self.metrics:
                             self.metrics.request_time.observe(total)
                             self.metrics.adapter_requests(name for name, _ in params.adapters)

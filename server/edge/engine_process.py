@@ -38,7 +38,9 @@ from typing import Literal
 
 import grpc
 
+from .. import logs
 from ..config import EngineConfig
+from ..logs import LogSettings
 from ..placement import CpuSplit, cpu_split, pin_process
 from ..protocol import (
     TERMINAL,
@@ -65,10 +67,10 @@ from .metrics import Metrics
 log = logging.getLogger("lcmserve.engine_process")
 
 # The engine process's target, run there after spawn (so it must pickle: a module-level function,
-# or a functools.partial of one): (pipe end, config, torch threads or None, log level, warm up?,
+# or a functools.partial of one): (pipe end, config, torch threads or None, how to log, warm up?,
 # CUDA graph capture side, CPU split or None). It loads the model, sends Ready or LoadFailed, then
 # serves the pipe until Stop or EOF (server/engine/main.py engine_main).
-EngineEntry = Callable[[multiprocessing.connection.Connection, EngineConfig, int | None, int, bool, int,
+EngineEntry = Callable[[multiprocessing.connection.Connection, EngineConfig, int | None, LogSettings, bool, int,
                         CpuSplit | None], None]
 
 
@@ -154,7 +156,7 @@ class EngineProcess:
         self._conn = parent
         self._process = ctx.Process(target=self._entry, name=self._name,
                                     args=(child, self.config, self._threads,
-                                          logging.getLogger().getEffectiveLevel(), self._warm_up,
+                                          logs.current(), self._warm_up,
                                           self._capture_side, self._split))
         self._process.start()
         child.close()  # ours: so that the child's exit reads as EOF here
@@ -229,15 +231,16 @@ class EngineProcess:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def submit(self, params: GenerationParams, deadline: float | None) -> Ticket:
+    def submit(self, params: GenerationParams, deadline: float | None, trace: bool = False) -> Ticket:
         """Hand a request to the engine (call from the event loop). A full queue comes back as a
-        RESOURCE_EXHAUSTED Failure event, one round trip later."""
+        RESOURCE_EXHAUSTED Failure event, one round trip later. `trace`: its Summary brings the
+        engine's timestamps (protocol.RequestTrace)."""
         with self._lock:
             if self._stopping or self.dead is not None or self._conn is None:
                 raise EngineStopped("the engine is not running")
             ticket = Ticket(next(self._ids), params, deadline, time.perf_counter(), self._cancel)
             try:
-                self._conn.send(Submit(ticket.rid, params, deadline, ticket.arrival))
+                self._conn.send(Submit(ticket.rid, params, deadline, ticket.arrival, trace))
             except OSError as exc:  # the engine just died; the reader is about to say so
                 raise EngineStopped(f"the engine process is gone: {exc}") from exc
             self._tickets[ticket.rid] = ticket

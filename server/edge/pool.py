@@ -141,7 +141,7 @@ class EnginePool:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def submit(self, params: GenerationParams, deadline: float | None) -> Ticket:
+    def submit(self, params: GenerationParams, deadline: float | None, trace: bool = False) -> Ticket:
         """Hand a request to the engine with the fewest outstanding rows (call from the event loop)."""
         with self._lock:
             if self.dead is not None:
@@ -150,7 +150,7 @@ class EnginePool:
             start, self._turn = self._turn, (self._turn + 1) % n
             loads = [(self.engines[i].outstanding_rows, (i - start) % n, i) for i in range(n)]
         rows, _, index = min(loads)
-        ticket = self.engines[index].submit(params, deadline)
+        ticket = self.engines[index].submit(params, deadline, trace)
         if n > 1 and log.isEnabledFor(logging.DEBUG):
             log.debug("request %d (%d rows) -> engine %d (%s), which had %d rows outstanding", ticket.rid,
                       params.samples * params.rows_per_image, index, self.devices[index], rows)

@@ -25,6 +25,7 @@ from .auth import HEADER, TokenCheck, unauthenticated
 from .core import EdgeCore
 from .metrics import Metrics
 from .status import Refusal, Refused, Status
+from .tracing import CallInfo
 from .validation import UndecodableRequest, parse
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -65,7 +66,8 @@ class GenerationService:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
-            async with contextlib.aclosing(self.core.generate(request, deadline)) as events:
+            call = CallInfo(GENERATE_METHOD[1:], context.peer(), context.invocation_metadata() or ())
+            async with contextlib.aclosing(self.core.generate(request, deadline, "grpc", call)) as events:
                 async for event in events:  # (closed at once on every way out: the core then cancels)
                     yield convert.response(event)
         except Refused as exc:

@@ -73,6 +73,7 @@ from .rows import pick
 from .step import denoise
 from .text import PromptEmbeddings
 from .timing import DeviceTimer
+from .tracing import trace_decode, trace_step, trace_text
 from .work import EngineStopped, QueueFull, Request, Sample
 
 log = logging.getLogger("lcmserve.engine")
@@ -230,7 +231,9 @@ class Engine:
         for sample in self._active:
             by_resolution.setdefault(sample.resolution, []).append(sample)
         for group in by_resolution.values():
+            start = time.perf_counter()
             denoised = denoise(group, self.unet, self.schedule, self.dtype, self.timer)  # (B, 4, h, w)
+            trace_step(group, start, time.perf_counter())
             self._step_events(group, denoised)
             finished = [i for i, s in enumerate(group) if s.current.is_last]
             for s in group:
@@ -289,7 +292,9 @@ class Engine:
                 self._waiting.popleft()
                 self.record(Queued(-1))
         if new:
+            start = time.perf_counter()
             self.texts.embed(new)
+            trace_text(new, start, time.perf_counter())
             start_from_images(new, self.runtime.vae_encode, self.schedule, self.runtime.spec, self.config.vae_batch_size)
             self._active.extend(new)
 
@@ -357,9 +362,11 @@ class Engine:
         by_decoder: dict[str, list[int]] = {}
         for j, s in enumerate(samples):
             by_decoder.setdefault(self.decoders.resolve(s.request.params.decoder), []).append(j)
+        start = time.perf_counter()
         for decoder, rows in by_decoder.items():  # one batched decode per (resolution, decoder)
             for j, pixels in zip(rows, self._decode(pick(denoised, rows), [samples[k].request for k in rows], decoder)):
                 images[j] = pixels
+        trace_decode(samples, start, time.perf_counter())
         latents = host_tensors(denoised) if any(s.request.params.include_latents for s in samples) else None
         for j, s in enumerate(samples):
             request = s.request
@@ -371,7 +378,7 @@ class Engine:
                 self._record_unet_times(wait=True)  # its UNet times, complete
                 request.events.put(Summary(seed=p.seed, num_images=p.num_images, prompt_truncated=p.prompt_truncated,
                                            prompt_tokens=p.prompt_tokens, timings=request.timings,
-                                           num_steps=p.steps_run))
+                                           num_steps=p.steps_run, trace=request.trace))
 
     def _decode(self, denoised: torch.Tensor, requests: list[Request], decoder: str) -> list[torch.Tensor | Picture]:
         """Denoised latents (B, 4, h, w), one request per row -> per row (H, W, 3) uint8 on the host, or

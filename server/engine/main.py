@@ -27,6 +27,8 @@ import grpc
 
 from ..config import EngineConfig
 from .loop import Engine, bind_device
+from ..logs import LogSettings
+from ..logs import setup as setup_logging
 from ..placement import CpuSplit, pin_process
 from ..protocol import (
     TERMINAL,
@@ -41,6 +43,7 @@ from ..protocol import (
     LoopDied,
     MetricUpdate,
     Ready,
+    RequestTrace,
     Stop,
     Submit,
     Summary,
@@ -89,7 +92,7 @@ class Outbox:
 
 
 def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Callable[[], Runtime],
-                config: EngineConfig, threads: int | None, log_level: int, do_warm_up: bool,
+                config: EngineConfig, threads: int | None, log: LogSettings, do_warm_up: bool,
                 capture_side: int, split: CpuSplit | None) -> None:
     """`split`: (edge cpus, engine cpus) chosen by the edge for all its engines (placement.py), used
     on a CPU device only; None leaves this process where the OS puts it."""
@@ -97,7 +100,7 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
     # alone decides (it drains, then sends Stop); a signal here would drop in-flight work.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    setup_logging(log, "engine")  # as the edge logs (server/logs.py)
     outbox = Outbox(conn)
     requests: dict[int, Request] = {}  # rid -> request, until its terminal event is handed on
     warm_up_events: queue.Queue[Event] = queue.Queue()
@@ -176,9 +179,10 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
             engine.stop(10)
             return
         match message:
-            case Submit(rid=rid, params=params, deadline=deadline, arrival=arrival):
+            case Submit(rid=rid, params=params, deadline=deadline, arrival=arrival, trace=traced):
                 request = Request(rid=rid, params=params, events=OrderedEvents(rid, sink, outbox.flush),
-                                  deadline=deadline, arrival=arrival)
+                                  deadline=deadline, arrival=arrival,
+                                  trace=RequestTrace(device=str(engine.device)) if traced else None)
                 requests[rid] = request
                 try:
                     engine.submit(request)

@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ import grpc
 import torch
 
 from .lcm import Step
-from ..protocol import TERMINAL, Event, Failure, GenerationParams, Timings
+from ..protocol import TERMINAL, Event, Failure, GenerationParams, RequestTrace, Timings
 from ..protocol import EngineStopped as EngineStopped  # (re-exported: one class, the edge raises it too)
 
 log = logging.getLogger("lcmserve.engine")
@@ -94,6 +95,7 @@ class Request:
     # thread): (head + steps_run - 1, 4, h, w) host tensors in the model dtype (admission.draw_host);
     # an image's entry is emptied once its sample holds them on the device.
     draws: list[torch.Tensor] = field(default_factory=list)
+    trace: RequestTrace | None = None  # its engine timestamps, when the edge traces it (Submit.trace)
 
     def __post_init__(self) -> None:
         self.unfinished = self.params.num_images
@@ -101,9 +103,13 @@ class Request:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
 
-    def add_encode_ms(self, ms: float) -> None:
+    def add_encode_ms(self, ms: float, image: bool = False) -> None:
+        """An encode of `ms` just ended (`image`: of a final image, not a preview)."""
         with self.lock:
             self.timings.encode_ms += ms
+            if image and self.trace is not None:
+                end = time.perf_counter()
+                self.trace.encode = RequestTrace.widen(self.trace.encode, end - ms / 1e3, end)
 
 
 @dataclass(frozen=True)
