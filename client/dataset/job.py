@@ -393,8 +393,8 @@ class _Context:
     scorer: dict[str, Any] | None
 
     def manifest(self, report: DatasetReport | None) -> dict[str, Any]:
-        """The content of dataset.json; ``report`` None while the run is going. Wall time adds up
-        over the runs that made the folder (``total_wall_s``, ``runs``)."""
+        """The content of dataset.json; ``report`` None while the run is going. ``runs`` counts the
+        runs started on the folder; ``total_wall_s`` adds up the wall time of those that finished."""
         counts = self.store.counts()
         previous = self.store.previous
         runs, total = int(previous.get("runs") or 0), float(previous.get("total_wall_s") or 0.0)
@@ -420,7 +420,7 @@ class _Context:
             "planned": len(self.plan.images),
             "complete": done == len(self.plan.images) and report is not None,
             "columns": list(self.store.row(self.full_plan.images[0], "", "" if self.spec.masks else None)),
-            "runs": runs + (report is not None),
+            "runs": runs + 1,  # started, a killed one included (its wall time is lost with it)
             "total_wall_s": round(total + (report.wall_s if report is not None else 0.0), 3),
             "last_run": last_run,
         }

@@ -225,7 +225,7 @@ def parse_spec(data: Mapping[str, Any], base: Path) -> DatasetSpec:
         min_score=min_score,
         max_rounds=_int("max_rounds", data.get("max_rounds", 1), 1, 100),
         on_fail=_choice("on_fail", data.get("on_fail", "keep"), ON_FAIL),
-        adapters=tuple((name, float(scale)) for name, scale in _adapters("adapters", data.get("adapters"), [])),
+        adapters=tuple((name, float(scale)) for name, scale in _adapters("adapters", data.get("adapters"), None)),
     )
 
 
@@ -298,9 +298,9 @@ def _fields(template: str) -> list[str]:
     return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
 
 
-def _adapters(key: str, value: object, names: list[str]) -> tuple[tuple[str, str], ...]:
-    """``adapters``: a mapping of adapter name to scale. With ``names`` (a prompt entry's
-    variables), a name or scale may be a "{var}" template; the spec's own are literal."""
+def _adapters(key: str, value: object, names: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """``adapters``: a mapping of adapter name to scale. In a prompt entry (``names``: its
+    variables) a name or scale may be a "{var}" template; the spec's own (``names`` None) are literal."""
     if value is None:
         return ()
     if not isinstance(value, Mapping) or not value:
@@ -310,11 +310,13 @@ def _adapters(key: str, value: object, names: list[str]) -> tuple[tuple[str, str
         where = f"{key}.{name}"
         if not isinstance(name, str) or not name.strip():
             raise DatasetError(f"{where}: an adapter name must be a non-empty string")
-        if isinstance(scale, str) and names:
+        if isinstance(scale, str) and names is not None:
             _check_template(where, scale, names, [], fields_only=True)  # a number once resolved (plan.py)
+            if not _fields(scale):
+                check_scale(where, scale)
         else:
             check_scale(where, scale)
-        if names:
+        if names is not None:
             _check_template(where, name, names, [], fields_only=True)
         elif "{" in name:
             raise DatasetError(f"{where}: the spec's adapters are literal; sweep an adapter in a prompt entry's "
