@@ -19,9 +19,9 @@ GENERATED = REPO / "client" / "v1"
 MAX_LINES = 500
 EDGE = "lcmserve.server.edge"
 # What the edge may import of the server package besides itself: the pipe's messages, the
-# configuration, CPU placement. Not the engine, not the model (they import torch).
+# configuration, CPU placement, logging (both processes'). Not the engine, not the model (they import torch).
 EDGE_MAY_IMPORT = {"lcmserve.server", "lcmserve.server.protocol", "lcmserve.server.config",
-                   "lcmserve.server.placement"}
+                   "lcmserve.server.placement", "lcmserve.server.logs"}
 # Imports against the one-way rule that are documented and loaded by name only when asked for:
 # `lcmserve bench --baseline` runs diffusers in the bench process (the server extra).
 OPTIONAL_IMPORTS = {"lcmserve.bench.baseline": {"lcmserve.export.loading", "lcmserve.server.placement"}}
