@@ -50,7 +50,8 @@ class ApiError(Exception):
     """An answer of the HTTP front door other than 2xx; `response()` renders it."""
 
     def __init__(self, http_status: int, message: str, param: str | None = None, code: str | None = None,
-                 violations: tuple[tuple[str, str], ...] = (),  # (param, the whole message) retry_after_s: float | None = None,
+                 violations: tuple[tuple[str, str], ...] = (),  # (param, the whole message)
+                 retry_after_s: float | None = None,
                  status: Status = Status.INVALID_ARGUMENT) -> None:
         super().__init__(message)
         self.http_status = http_status
