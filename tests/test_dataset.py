@@ -387,3 +387,101 @@ def test_a_folder_of_another_model_is_refused(tiny_server: str, tmp_path: Path) 
                                                                "backend": "eager"}]}))
     with pytest.raises(DatasetError, match="another model"):
         run(write_spec(tmp_path, SPEC_24), out, targets=(tiny_server,), progress=False)
+
+
+# ---- best-of-N and adapters (issues 23, 21): a server with the tiny scorer and two adapters ------
+
+
+@pytest.fixture(scope="module")
+def scored_server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The session's tiny artifact served with `--scorer tiny` and two rank-2 kohya adapters."""
+    import torch
+    from conftest import ServerProcess
+    from synthetic import make_lora
+
+    from lcmserve.export.loading import load_pipeline
+
+    root = tmp_path_factory.mktemp("scored")
+    pipe = load_pipeline("tiny", dtype=torch.float32, device="cpu")
+    loras = [make_lora(pipe, root / f"v{i}.safetensors", fmt="kohya", rank=2, seed=30 + i) for i in (1, 2)]
+    server = ServerProcess("--model", str(tiny_artifact), "--metrics-port", "-1", "--scorer", "tiny",
+                           *(a for i, lora in enumerate(loras, 1) for a in ("--adapter", f"cracks_v{i}={lora}")))
+    try:
+        yield server.target
+    finally:
+        server.stop()
+
+
+BEST_OF = SPEC_24.replace("images: 4", "images: 1").replace("images: 8\nneg", "images: 2\nneg") + \
+    "candidates: 2\nmax_rounds: 2\nmin_score: MIN\n"  # 6 images
+
+
+def test_best_of_n_with_min_score_and_rounds(scored_server: str, tmp_path: Path) -> None:
+    import datasets
+
+    from lcmserve import Client
+
+    first = make_plan(load_spec(write_spec(tmp_path, BEST_OF.replace("MIN", "0")))).images[0]
+    with Client(scored_server) as client:  # image 0's two rounds, to set min_score just above both
+        probes = [client.generate(first.prompt, seed=first.seed + 2 * r, candidates=2, num_inference_steps=2,
+                                  width=64, height=64, output_format="png").images[0].score for r in (0, 1)]
+    min_score = round(max(s for s in probes if s is not None) + 0.01, 4)
+    spec = write_spec(tmp_path, BEST_OF.replace("MIN", str(min_score)))
+    keep_run = run(spec, tmp_path / "keep", targets=(scored_server,), concurrency=1, progress=False)
+    assert keep_run.complete and keep_run.done == 6, keep_run.summary()
+    by_name = rows(tmp_path / "keep")
+    for row in by_name.values():
+        assert row["candidates"] == 2 and row["rounds"] in (1, 2) and isinstance(row["score"], float)
+        assert row["passed"] == (row["score"] >= min_score)
+        assert row["passed"] or row["rounds"] == 2  # below min_score: retried up to max_rounds
+    image0 = by_name[first.file_name]  # below min_score in both rounds by construction: its best kept
+    assert (image0["rounds"], image0["passed"]) == (2, False) and image0["score"] == pytest.approx(max(probes), abs=1e-3)
+    assert image0["seed"] in range(first.seed, first.seed + 4)
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "keep"))
+    assert {"score", "candidates", "rounds", "passed"} <= set(next(iter(loaded.values())).column_names)
+    manifest = json.loads((tmp_path / "keep" / "dataset.json").read_text())
+    assert manifest["scorer"]["source"] == "tiny" and manifest["spec"]["candidates"] == 2
+    assert len(list((tmp_path / "keep" / "contact").glob("*.png"))) == 5
+
+    # on_fail: skip leaves the failed ones out (rejected.jsonl); the rest are the same images: the
+    # seeds of every round are fixed, so runs agree byte for byte (at concurrency 1).
+    skip = write_spec(tmp_path, spec.read_text() + "on_fail: skip\n", "skip.yaml")
+    skip_run = run(skip, tmp_path / "skip", targets=(scored_server,), concurrency=1, progress=False)
+    failed = {n for n, r in by_name.items() if not r["passed"]}
+    assert failed and skip_run.complete and skip_run.rejected == len(failed), skip_run.summary()
+    rejected = [json.loads(line) for line in (tmp_path / "skip" / "rejected.jsonl").read_text().splitlines()]
+    assert {r["file_name"] for r in rejected} == failed
+    kept = files(tmp_path / "skip")
+    for name, row in by_name.items():
+        if name not in failed:
+            assert kept[f"{row['split']}/{name}"] == (tmp_path / "keep" / row["split"] / name).read_bytes()
+    again = run(skip, tmp_path / "skip", targets=(scored_server,), concurrency=1, progress=False)
+    assert again.generated == 0 and again.skipped == 6 and again.complete
+
+
+def test_adapter_sweep_recorded_in_metadata(scored_server: str, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, textwrap.dedent("""\
+        prompts:
+          - template: "a crack on a wall"
+            vars: {lora: [cracks_v1, cracks_v2], scale: [0.5, 1.5]}
+            adapters: {"{lora}": "{scale}"}
+        num_inference_steps: 2
+        width: 64
+        height: 64
+        """))
+    report = run(spec, tmp_path / "out", targets=(scored_server,), progress=False, contact_sheets=False)
+    assert report.complete and report.done == 4, report.summary()
+    by_name = rows(tmp_path / "out")
+    assert {(r["lora"], r["scale"], r["adapters"]) for r in by_name.values()} == {
+        (f"cracks_v{i}", s, f"cracks_v{i}:{s}") for i in (1, 2) for s in ("0.5", "1.5")}
+    assert len({r["seed"] for r in by_name.values()}) == 1  # one noise under each adapter and scale
+    assert len({r["sha256"] for r in by_name.values()}) == 4  # and the adapters change the image
+    row = next(r for r in by_name.values() if r["adapters"] == "cracks_v2:1.5")
+    out = tmp_path / "again.png"
+    done = lcmserve("generate", row["prompt"], "--target", scored_server, "--seed", str(row["seed"]), "--steps", "2",
+                    "--width", "64", "--height", "64", "--adapter", "cracks_v2:1.5", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == (tmp_path / "out" / row["split"] / row["file_name"]).read_bytes()
+    spec.write_text(spec.read_text().replace("cracks_v2]", "cracks_v3]"))
+    with pytest.raises(DatasetError, match="adapters: cracks_v3 not loaded on the server"):
+        run(spec, tmp_path / "out3", targets=(scored_server,), progress=False)
