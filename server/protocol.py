@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 if TYPE_CHECKING:
-    from lcmserve.export.records import LoraRecord
+    from lcmserve.export.records import LoraRecord, ScorerRecord
 
     from .model.runtime import ModelSpec
 
@@ -56,6 +56,7 @@ class GenerationParams:
     # adapters, scales filled from each adapter's default; the engine resolves names to slots at submit.
     adapters: tuple[tuple[str, float], ...] = ()
     candidates: int = 1  # best-of-N (issue 23): num_images * candidates samples, the best num_images returned
+    prompt: str = ""  # the prompt's text, for the scorer's own tokenizer (best-of-N, Image.score)
 
     @property
     def guided(self) -> bool:
@@ -73,6 +74,11 @@ class GenerationParams:
     def steps_run(self) -> int:
         """Denoising steps each image runs (may be 0 for a strength too small: validation refuses it)."""
         return self.num_steps - self.start_step
+
+    @property
+    def samples(self) -> int:
+        """Images the engine generates: num_images * candidates (seeds seed .. seed + samples - 1)."""
+        return self.num_images * self.candidates
 
     @property
     def rows_per_image(self) -> int:
@@ -121,6 +127,7 @@ class StepEvent:
     timestep: int  # diffusion timestep of this step, 0..999
     preview: Picture | None  # the denoised prediction, when a preview was asked for
     latents: HostTensor | None  # (4, h, w) denoised latents, when asked for
+    candidate: int = 0  # with candidates > 1: the candidate (= image_index), its seed Summary.seed + candidate
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,7 @@ class ImageEvent:
     seed: int
     picture: Picture
     latents: HostTensor | None  # (4, h, w) final latents, when asked for
+    score: float | None = None  # its CLIPScore when the engine has a scorer
 
 
 @dataclass
@@ -152,6 +160,15 @@ class RequestTrace:
 
 
 @dataclass(frozen=True)
+class CandidateScore:
+    """One candidate of a best-of-N request (the proto's Candidate)."""
+
+    seed: int
+    score: float  # CLIPScore
+    returned: bool  # sent as an ImageEvent
+
+
+@dataclass(frozen=True)
 class Summary:
     seed: int
     num_images: int
@@ -159,6 +176,7 @@ class Summary:
     prompt_tokens: int
     timings: Timings  # complete: every earlier event of the request was encoded
     num_steps: int = 0  # denoising steps each image ran (GenerationParams.steps_run)
+    candidates: tuple[CandidateScore, ...] = ()  # with candidates > 1: every candidate, in seed order
     trace: RequestTrace | None = None  # when Submit.trace asked for it
 
 
@@ -298,12 +316,13 @@ class ModelFacts:
     loras: tuple[LoraRecord, ...]  # fused into the model, in order
     decoders: tuple[str, ...]  # ("vae",), or ("vae", "tiny_vae") with a tiny autoencoder
     default_decoder: str  # what a request's DECODER_UNSPECIFIED means
+    scorer: ScorerRecord | None = None  # the candidate scorer (best-of-N), None without one
 
     @classmethod
     def of(cls, spec: ModelSpec) -> ModelFacts:
         return cls(base=spec.base, dtype=str(spec.dtype).removeprefix("torch."), device=str(spec.device),
                    backend=spec.backend, loras=tuple(spec.loras), decoders=tuple(spec.decoders),
-                   default_decoder=spec.default_decoder)
+                   default_decoder=spec.default_decoder, scorer=spec.scorer)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ from .device import is_sticky_device_error
 from .rows import pick
 from .step import denoise
 from .text import PromptEmbeddings
+from . import candidates
 from .timing import DeviceTimer
 from .tracing import trace_decode, trace_step, trace_text
 from .work import EngineStopped, QueueFull, Request, Sample
@@ -105,6 +106,7 @@ class Engine:
             self.unet = BucketedGraphs(runtime.unet, config.buckets, name="unet")
         # vae (+ tiny_vae), CUDA graphs per bucket; JPEG on the GPU when torchvision can (encode.py)
         self.decoders = Decoders(runtime, config, graphs, select_jpeg_encoder(self.device))
+        self.scorer = runtime.scorer  # CLIPScore of every final image, best-of-N (candidates.py); None without one
         self._graphs = [fn for fn in (self.unet, *self.decoders.callables) if isinstance(fn, BucketedGraphs)]
         self.jpeg_encoder = self.decoders.jpeg_encoder  # "gpu" | "host": a fact of this engine (GetModelInfo)
         log.info("decoders %s (default %s); JPEG encoder: %s", ", ".join(self.decoders.names),
@@ -135,7 +137,8 @@ class Engine:
         with self._cond:
             self._check_room(request)
         p = request.params
-        request.draws = [draw_host(p, p.seed + i, self.runtime.spec, self.dtype) for i in range(p.num_images)]
+        request.draws = [draw_host(p, p.seed + i, self.runtime.spec, self.dtype) for i in range(p.samples)]
+        candidates.prepare(self.scorer, request)  # the prompt for the scorer's tokenizer
         with self._cond:
             if self._stopping or self.dead is not None:
                 raise EngineStopped("the engine is not running")
@@ -152,12 +155,12 @@ class Engine:
         free = self.config.max_batch_size - sum(s.request.params.rows_per_image for s in list(self._active))
         beyond = 0
         for waiting in self._waiting:
-            rows = (waiting.params.num_images - waiting.next_image) * waiting.params.rows_per_image
+            rows = (waiting.params.samples - waiting.next_image) * waiting.params.rows_per_image
             if beyond or rows > free:
                 beyond += 1
             else:
                 free -= rows
-        fits = not beyond and request.params.num_images * request.params.rows_per_image <= free
+        fits = not beyond and request.params.samples * request.params.rows_per_image <= free
         if not fits and beyond >= self.config.max_queued_requests:
             raise QueueFull(f"{beyond} requests are waiting beyond the next batch (max_queued_requests="
                             f"{self.config.max_queued_requests})")
@@ -283,11 +286,11 @@ class Engine:
                     self.record(Queued(-1))
                     continue
                 per_image = request.params.rows_per_image
-                while request.next_image < request.params.num_images and rows + per_image <= self.config.max_batch_size:
+                while request.next_image < request.params.samples and rows + per_image <= self.config.max_batch_size:
                     new.append(self._new_sample(request, request.next_image))
                     request.next_image += 1
                     rows += per_image
-                if request.next_image < request.params.num_images:
+                if request.next_image < request.params.samples:
                     break  # batch full; this request keeps its place at the head of the line
                 self._waiting.popleft()
                 self.record(Queued(-1))
@@ -351,7 +354,8 @@ class Engine:
         host_latents = dict(zip(want_latents, host_tensors(pick(denoised, want_latents)))) if want_latents else {}
         for i, s in enumerate(group):
             event = StepEvent(image_index=s.index, step=s.step, num_steps=len(s.steps), timestep=s.current.timestep,
-                              preview=None, latents=host_latents.get(i))
+                              preview=None, latents=host_latents.get(i),
+                              candidate=s.index if s.request.params.candidates > 1 else 0)
             if i in pixels:
                 s.request.events.put(self._pool.submit(encode_step_event, s.request, pixels[i], event))
             else:
@@ -362,31 +366,41 @@ class Engine:
         by_decoder: dict[str, list[int]] = {}
         for j, s in enumerate(samples):
             by_decoder.setdefault(self.decoders.resolve(s.request.params.decoder), []).append(j)
+        scores = candidates.ScoreBatch(self.scorer, samples) if self.scorer is not None else None  # candidates.py
         start = time.perf_counter()
         for decoder, rows in by_decoder.items():  # one batched decode per (resolution, decoder)
-            for j, pixels in zip(rows, self._decode(pick(denoised, rows), [samples[k].request for k in rows], decoder)):
+            on_pixels = scores.collect(rows) if scores is not None else None
+            decoded = self._decode(pick(denoised, rows), [samples[k].request for k in rows], decoder, on_pixels)
+            for j, pixels in zip(rows, decoded):
                 images[j] = pixels
         trace_decode(samples, start, time.perf_counter())
+        values = scores.values() if scores is not None else [None] * len(samples)
         latents = host_tensors(denoised) if any(s.request.params.include_latents for s in samples) else None
         for j, s in enumerate(samples):
             request = s.request
             lat = latents[j] if latents is not None and request.params.include_latents else None
-            request.events.put(self._pool.submit(encode_image_event, request, images[j], s.index, s.seed, lat))
+            if request.params.candidates > 1:  # best-of-N: held until its last candidate is decoded
+                candidates.hold(request, s, images[j], lat, values[j])
+            else:
+                request.events.put(self._pool.submit(encode_image_event, request, images[j], s.index, s.seed, lat,
+                                                     values[j]))
             request.unfinished -= 1
             if request.unfinished == 0:
                 p = request.params
+                ranked = candidates.release(request, self._pool) if p.candidates > 1 else ()
                 self._record_unet_times(wait=True)  # its UNet times, complete
                 request.events.put(Summary(seed=p.seed, num_images=p.num_images, prompt_truncated=p.prompt_truncated,
                                            prompt_tokens=p.prompt_tokens, timings=request.timings,
-                                           num_steps=p.steps_run, trace=request.trace))
+                                           num_steps=p.steps_run, trace=request.trace, candidates=ranked))
 
-    def _decode(self, denoised: torch.Tensor, requests: list[Request], decoder: str) -> list[torch.Tensor | Picture]:
+    def _decode(self, denoised: torch.Tensor, requests: list[Request], decoder: str,
+                on_pixels: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor | Picture]:
         """Denoised latents (B, 4, h, w), one request per row -> per row (H, W, 3) uint8 on the host, or
         its JPEG already encoded on the GPU, with `decoder` (vae | tiny_vae), in batches (decoders.py;
-        this waits for the GPU). GPU JPEG time counts in vae_ms."""
+        this waits for the GPU). GPU JPEG time, and scoring (`on_pixels`), count in vae_ms."""
         start = time.perf_counter()
         jpeg = [r.params.quality if r.params.output_format == "jpeg" else None for r in requests]
-        pixels = self.decoders(decoder, denoised, self.dtype, jpeg)
+        pixels = self.decoders(decoder, denoised, self.dtype, jpeg, on_pixels)
         elapsed = time.perf_counter() - start
         self.record(VaeDecode(elapsed))
         for request in set(requests):

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -17,6 +18,9 @@ import torch
 from .lcm import Step
 from ..protocol import TERMINAL, Event, Failure, GenerationParams, RequestTrace, Timings
 from ..protocol import EngineStopped as EngineStopped  # (re-exported: one class, the edge raises it too)
+
+if TYPE_CHECKING:
+    from .candidates import Held
 
 log = logging.getLogger("lcmserve.engine")
 
@@ -95,10 +99,14 @@ class Request:
     # thread): (head + steps_run - 1, 4, h, w) host tensors in the model dtype (admission.draw_host);
     # an image's entry is emptied once its sample holds them on the device.
     draws: list[torch.Tensor] = field(default_factory=list)
+    # Scoring and best-of-N (candidates.py): the prompt as the scorer's tokenizer reads it (made at
+    # submit), and the decoded candidates held until the last of them is decoded.
+    score_ids: tuple[int, ...] = ()
+    held: list[Held] = field(default_factory=list)
     trace: RequestTrace | None = None  # its engine timestamps, when the edge traces it (Submit.trace)
 
     def __post_init__(self) -> None:
-        self.unfinished = self.params.num_images
+        self.unfinished = self.params.samples  # num_images * candidates
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lcmserve.export.artifact import CompiledEntry
-from lcmserve.export.records import LoraRecord, TinyVaeRecord
+from lcmserve.export.records import LoraRecord, ScorerRecord, TinyVaeRecord
 from lcmserve.export.unet_call import UNetCall
 
 from .parts import Part
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     # The defining module: `from diffusers import LCMScheduler` gives mypy diffusers' dummy class.
     from diffusers.schedulers.scheduling_lcm import LCMScheduler
     from transformers import CLIPTokenizer
+
+    from .scorer import ClipScorer
 
 __all__ = ["BackendDetails", "ModelDims", "ModelSpec", "Runtime", "UNetCall"]
 
@@ -88,6 +90,7 @@ class ModelSpec:
     default_decoder: str = "vae"  # what a request's DECODER_UNSPECIFIED means (serve --default-decoder)
     tiny_vae_scaling_factor: float = 1.0  # the tiny autoencoder's config.scaling_factor (TAESD: 1.0)
     tiny_vae: TinyVaeRecord | None = None  # the tiny autoencoder's record, None without one
+    scorer: ScorerRecord | None = None  # the candidate scorer's record (best-of-N: scorer.py), None without one
     # Capabilities. May the engine capture the callables in its CUDA graphs (not ONNX Runtime's, which
     # wait for the device inside each call)? Which per-row UNetCall extras does the UNet read (room for
     # per-request adapters: slot indices, scales; none yet)?
@@ -108,6 +111,7 @@ class Runtime:
         tiny = self.parts.get("tiny_vae_decoder")
         # The tiny autoencoder's decoder, or None (the engine's decoders check for it).
         self.tiny_vae_decode: Callable[[torch.Tensor], torch.Tensor] | None = tiny
+        self.scorer: ClipScorer | None = None  # CLIPScore of decoded images (scorer.attach_scorer), None without one
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         # As StableDiffusionPipeline.encode_prompt: last hidden state, no attention mask for CLIP.
