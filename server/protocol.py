@@ -317,12 +317,14 @@ class ModelFacts:
     decoders: tuple[str, ...]  # ("vae",), or ("vae", "tiny_vae") with a tiny autoencoder
     default_decoder: str  # what a request's DECODER_UNSPECIFIED means
     scorer: ScorerRecord | None = None  # the candidate scorer (best-of-N), None without one
+    adapters_supported: bool = False  # serves per-request adapters (issue 21: eager; not aoti, onnx, compile)
 
     @classmethod
     def of(cls, spec: ModelSpec) -> ModelFacts:
         return cls(base=spec.base, dtype=str(spec.dtype).removeprefix("torch."), device=str(spec.device),
                    backend=spec.backend, loras=tuple(spec.loras), decoders=tuple(spec.decoders),
-                   default_decoder=spec.default_decoder, scorer=spec.scorer)
+                   default_decoder=spec.default_decoder, scorer=spec.scorer,
+                   adapters_supported=spec.adapters_supported)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from .encode import approx_preview, encode_image_event, encode_step_event, host_
 from .admission import draw_host, draws_to_device, start_from_images
 from .lcm import LcmSchedule, check_scheduler
 from ..protocol import (
+    AdapterRecord,
     Admitted,
     Event,
     Failure,
@@ -76,6 +77,7 @@ from . import candidates
 from .timing import DeviceTimer
 from .tracing import trace_decode, trace_step, trace_text
 from .work import EngineStopped, QueueFull, Request, Sample
+from .adapter_rows import adapter_slots, enable_adapters, resolve_adapters
 
 log = logging.getLogger("lcmserve.engine")
 
@@ -98,6 +100,9 @@ class Engine:
         self.record = record
         check_scheduler(runtime.scheduler)
         self.schedule = LcmSchedule(runtime.scheduler, config.max_steps, self.device)
+        # Per-request adapters (issue 21): slots in the model's layers, before any graph is captured.
+        self.adapters = enable_adapters(runtime, config.adapters)
+        self._sweep_due = False  # an adapter was unloaded: free its slot once no request holds it
         self.unet: Callable[..., torch.Tensor] = runtime.unet
         # Backends that record their own graphs or sync the host (ONNX Runtime) say so in the spec;
         # eager, AOTInductor and torch.compile (default mode) callables are capturable.
@@ -112,7 +117,7 @@ class Engine:
         log.info("decoders %s (default %s); JPEG encoder: %s", ", ".join(self.decoders.names),
                  runtime.spec.default_decoder, self.decoders.jpeg_encoder)
         self.timer = DeviceTimer(self.device)
-        self.texts = PromptEmbeddings(runtime.encode_text, self.device, config.text_cache_size)
+        self.texts = PromptEmbeddings(runtime.encode_text, self.device, self.dtype, config.text_cache_size)
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._active: list[Sample] = []
@@ -142,6 +147,8 @@ class Engine:
         with self._cond:
             if self._stopping or self.dead is not None:
                 raise EngineStopped("the engine is not running")
+            if p.adapters:  # AdapterError: unknown names, a backend without adapters (INVALID_ARGUMENT)
+                request.adapters = resolve_adapters(self.adapters, p.adapters, self.runtime.spec.backend)
             self._waiting.append(request)
             self._cond.notify()
         self.record(Queued(1))
@@ -196,7 +203,7 @@ class Engine:
         """Block until a request waits or samples are active; False when stopping (what is still
         here has failed UNAVAILABLE: the edge drained what it could)."""
         with self._cond:
-            while not self._waiting and not self._active and not self._stopping:
+            while not self._waiting and not self._active and not self._stopping and not self._sweep_due:
                 self._cond.wait()
             if self._stopping:
                 self._abandon_all()
@@ -244,6 +251,8 @@ class Engine:
             if finished:
                 self._finish([group[i] for i in finished], pick(denoised, finished))
         self._active = [s for s in self._active if s.step < len(s.steps) and not s.request.failed]
+        if self._sweep_due:
+            self._sweep_adapters()
         self._record_unet_times(wait=False)
         for fn in self._graphs:  # CUDA graph captures, evictions and eager fallbacks, for /metrics
             self.record(GraphStats(fn.name, tuple(fn.stats().items())))
@@ -265,6 +274,28 @@ class Engine:
             self.record(UNetTiming(seconds, rows))
             for request in requests:
                 request.timings.unet_ms += seconds * 1e3
+
+    # ---- adapters (the receiver thread loads and unloads; the loop frees unloaded slots) -----------
+
+    def load_adapter(self, name: str, source: str, scale: float) -> AdapterRecord:
+        """Into a free slot, now (the slot is referenced by no request: the batch is unaffected)."""
+        return adapter_slots(self.adapters, self.runtime.spec.backend).load(name, source, scale)
+
+    def unload_adapter(self, name: str) -> None:
+        """New requests naming it are refused from now on; its slot is freed once no request holds it."""
+        slots = adapter_slots(self.adapters, self.runtime.spec.backend)
+        with self._cond:
+            slots.unload(name)
+            self._sweep_due = True
+            self._cond.notify()
+
+    def _sweep_adapters(self) -> None:
+        with self._cond:
+            self._sweep_due = False
+            held = [r for r in self._waiting if not r.failed] + [s.request for s in self._active]
+            if self.adapters is not None:
+                self.adapters.sweep(a.slot for r in held for a in r.adapters)
+                self._sweep_due = self.adapters.unloading()
 
     # ---- admission ---------------------------------------------------------------------------
 

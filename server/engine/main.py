@@ -1,6 +1,7 @@
 """The engine process's main: load the model, warm up, then turn pipe messages into engine calls.
 
-    main thread      conn.recv(): Submit -> Engine.submit, Cancel -> request.cancelled, Stop -> Engine.stop
+    main thread      conn.recv(): Submit -> Engine.submit, Cancel -> request.cancelled, Stop -> Engine.stop,
+                     LoadAdapter / UnloadAdapter -> Engine.load_adapter / unload_adapter, answered by AdapterReply
     engine thread    the loop (engine.py); at the end of each iteration the Outbox sends one Events
                      message with that iteration's events (each request's in order) and metric updates
     encoder threads  an encoded picture is sent as soon as it is ready (work.OrderedEvents)
@@ -32,6 +33,7 @@ from ..logs import setup as setup_logging
 from ..placement import CpuSplit, pin_process
 from ..protocol import (
     TERMINAL,
+    AdapterReply,
     Cancel,
     EngineInfo,
     Event,
@@ -39,6 +41,7 @@ from ..protocol import (
     Failure,
     FromEngine,
     GenerationParams,
+    LoadAdapter,
     LoadFailed,
     LoopDied,
     MetricUpdate,
@@ -47,10 +50,12 @@ from ..protocol import (
     Stop,
     Submit,
     Summary,
+    UnloadAdapter,
 )
 from ..model.runtime import Runtime
 from ..edge.validation import tokenize
 from .work import EngineStopped, OrderedEvents, QueueFull, Request
+from ..model.adapters import AdapterError
 
 log = logging.getLogger("lcmserve.engine_main")
 
@@ -164,7 +169,8 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
         info = EngineInfo(spec=runtime.spec, tokenizer=runtime.tokenizer, graphs=graphs,
                           load_s=time.perf_counter() - start, threads=torch.get_num_threads(),
                           io_cpus=split[0] if split else (), compute_cpus=split[1] if split else (),
-                          jpeg_encoder=engine.jpeg_encoder, backend=engine.backend_state())
+                          jpeg_encoder=engine.jpeg_encoder, backend=engine.backend_state(),
+                          adapters=engine.adapters.records() if engine.adapters is not None else ())
         counting = True
         outbox.send(Ready(info))
         engine.after_iteration = outbox.flush  # from now on the edge's reader takes event lists
@@ -192,6 +198,24 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
                 except EngineStopped as exc:
                     request.events.put(Failure(grpc.StatusCode.UNAVAILABLE, str(exc)))
                     outbox.flush()
+                except AdapterError as exc:  # an adapter not loaded (any more), or no adapters here
+                    request.events.put(Failure(grpc.StatusCode[exc.code], f"invalid request: {exc}"))
+                    outbox.flush()
+            case LoadAdapter(ticket=ticket, name=name, source=source, scale=scale):
+                try:  # here, between the loop's iterations or beside them: the slot is one no request uses
+                    outbox.send(AdapterReply(ticket, adapter=engine.load_adapter(name, source, scale)))
+                except AdapterError as exc:
+                    outbox.send(AdapterReply(ticket, failure=Failure(grpc.StatusCode[exc.code], str(exc))))
+                except Exception as exc:  # noqa: BLE001 - a bad file must not end the engine process
+                    logging.getLogger(__name__).exception("loading adapter %s from %s failed", name, source)
+                    outbox.send(AdapterReply(ticket, failure=Failure(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"adapter {name}: {type(exc).__name__}: {exc}")))
+            case UnloadAdapter(ticket=ticket, name=name):
+                try:
+                    engine.unload_adapter(name)
+                    outbox.send(AdapterReply(ticket))
+                except AdapterError as exc:
+                    outbox.send(AdapterReply(ticket, failure=Failure(grpc.StatusCode[exc.code], str(exc))))
             case Cancel(rid=rid):
                 cancelled = requests.pop(rid, None)
                 if cancelled is not None:

@@ -5,7 +5,7 @@
   1. rows      the UNet call's rows: each sample's latents (its conditional row), then again the
                latents of the guided samples (their unconditional rows); each row's timestep comes
                from the schedule table (lcm.py), by its row there
-  2. UNet      ONE call for the whole group, every row at its own timestep
+  2. UNet      ONE call for the whole group, every row at its own timestep and with its own adapters
   3. guidance  as diffusers: uncond + scale * (cond - uncond), for the guided samples only
   4. LCM step  x_t -> the denoised estimate x0 (lcm.lcm_step), vectorized over the samples
   5. renoise   samples with a next step: x0 noised to the next timestep with the sample's own noise
@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from ..model.runtime import UNetCall
+from .adapter_rows import adapter_extras
 from .lcm import Coefficients, LcmSchedule, lcm_step, renoise
 from .rows import indices, to_device
 from .timing import DeviceTimer
@@ -57,10 +58,14 @@ def denoise(group: list[Sample], unet: UNetFn, schedule: LcmSchedule, dtype: tor
     latents = torch.cat([s.latents for s in group])  # (B, 4, h, w) float32
     rows = torch.cat([latents, latents.index_select(0, guided_at)]) if guided else latents  # (R, 4, h, w)
     texts = torch.stack([s.cond for s in group] + [s.uncond for s in group if s.uncond is not None])  # (R, 77, D)
+    # each row's own adapters (an unconditional row those of its conditional row, as diffusers): none -> no extras
+    extras = adapter_extras([s.request.adapters for s in group] + [group[i].request.adapters for i in guided],
+                            device, dtype)  # (R, K) slots and scales
 
     # 2. one UNet call
     with timer.measure(len(texts), {s.request for s in group}):
-        noise_pred = unet(UNetCall(rows.to(dtype), schedule.timesteps[table_rows], texts)).float()  # (R, 4, h, w)
+        call = UNetCall(rows.to(dtype), schedule.timesteps[table_rows], texts, extras)
+        noise_pred = unet(call).float()  # (R, 4, h, w)
 
     # 3. classifier-free guidance, for the guided samples only
     if guided:

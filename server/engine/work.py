@@ -16,6 +16,7 @@ import grpc
 import torch
 
 from .lcm import Step
+from ..model.adapters import SlotWeight
 from ..protocol import TERMINAL, Event, Failure, GenerationParams, RequestTrace, Timings
 from ..protocol import EngineStopped as EngineStopped  # (re-exported: one class, the edge raises it too)
 
@@ -104,6 +105,9 @@ class Request:
     score_ids: tuple[int, ...] = ()
     held: list[Held] = field(default_factory=list)
     trace: RequestTrace | None = None  # its engine timestamps, when the edge traces it (Submit.trace)
+    # Its adapters' slots and scales, resolved when it reaches the engine (Engine.submit); their slots stay
+    # loaded while the engine holds the request (AdapterSlots.sweep).
+    adapters: tuple[SlotWeight, ...] = ()
 
     def __post_init__(self) -> None:
         self.unfinished = self.params.samples  # num_images * candidates

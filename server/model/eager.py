@@ -22,6 +22,9 @@ from .parts import Fn
 if TYPE_CHECKING:
     from lcmserve.export.pipeline import SDPipeline
 
+    from ..config import AdapterConfig
+    from .adapters import AdapterSlots
+
 
 class EagerModules:
     """part name -> its eager adapter module, built once. `tiny_vae`: the tiny autoencoder, if any."""
@@ -47,6 +50,17 @@ class EagerModules:
             module = self._adapter(part).eval()
             self._built[part] = module
         return self._built[part]
+
+    def install_adapters(self, config: AdapterConfig) -> AdapterSlots:
+        """Give the UNet and text encoder adapter slots (adapters.py), in place; from now on their eager
+        parts read the adapter extras (the Parts must drop eager callables built before)."""
+        from .adapters import WithAdapterRows, install
+
+        unet, text_encoder = self._component("unet"), self._component("text_encoder")
+        slots = install(unet, text_encoder, config)
+        self._built["unet"] = WithAdapterRows(UNetStep(unet), slots.unet_rows, 3).eval()
+        self._built["text_encoder"] = WithAdapterRows(TextEncode(text_encoder), slots.text_rows, 1).eval()
+        return slots
 
     def _adapter(self, part: str) -> torch.nn.Module:
         match part:

@@ -166,7 +166,7 @@ def _runtime(loaded: Loaded, tiny_source: str | None, default_decoder: str, star
     if tiny_record is not None:
         log.info("tiny autoencoder %s (%s) on %s; default decoder %s", tiny_source, tiny_record.kind, loaded.device,
                  default_decoder)
-    return Runtime(spec, loaded.tokenizer, loaded.scheduler, parts)
+    return Runtime(spec, loaded.tokenizer, loaded.scheduler, parts, eager=loaded.eager)
 
 
 def _tiny_vae(source: str, loaded: Loaded) -> tuple[torch.nn.Module, TinyVaeRecord]:

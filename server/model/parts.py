@@ -98,6 +98,10 @@ class Part:
                         why, self.backend, compiled.served)
         return self.eager(*inputs)
 
+    def rebuild_eager(self) -> None:
+        """Forget the eager callable built so far (the eager modules changed: adapter slots)."""
+        self._eager = None
+
     @property
     def eager(self) -> Fn:
         """The eager callable (built on first use)."""

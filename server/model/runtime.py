@@ -21,6 +21,7 @@ on `spec.device` in `spec.dtype` (timesteps and ids are int64 on the device). Al
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,9 @@ from lcmserve.export.unet_call import UNetCall
 from .parts import Part
 
 if TYPE_CHECKING:
+    from ..config import AdapterConfig
+    from .adapters import AdapterSlots
+    from .eager import EagerModules
     # The defining module: `from diffusers import LCMScheduler` gives mypy diffusers' dummy class.
     from diffusers.schedulers.scheduling_lcm import LCMScheduler
     from transformers import CLIPTokenizer
@@ -93,9 +97,10 @@ class ModelSpec:
     scorer: ScorerRecord | None = None  # the candidate scorer's record (best-of-N: scorer.py), None without one
     # Capabilities. May the engine capture the callables in its CUDA graphs (not ONNX Runtime's, which
     # wait for the device inside each call)? Which per-row UNetCall extras does the UNet read (room for
-    # per-request adapters: slot indices, scales; none yet)?
+    # per-request adapters: slot indices, scales)? Does it serve per-request adapters (issue 21)?
     graph_capturable: bool = True
     unet_extras: tuple[str, ...] = ()
+    adapters_supported: bool = False
     details: BackendDetails = BackendDetails()
 
 
@@ -103,7 +108,7 @@ class Runtime:
     """The model callables of the module doc, over its parts, plus what prepares their inputs."""
 
     def __init__(self, spec: ModelSpec, tokenizer: CLIPTokenizer, scheduler: LCMScheduler,
-                 parts: Mapping[str, Part]) -> None:
+                 parts: Mapping[str, Part], eager: EagerModules | None = None) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.scheduler = scheduler  # only read for its config (alphas, timesteps); the engine steps itself
@@ -112,10 +117,29 @@ class Runtime:
         # The tiny autoencoder's decoder, or None (the engine's decoders check for it).
         self.tiny_vae_decode: Callable[[torch.Tensor], torch.Tensor] | None = tiny
         self.scorer: ClipScorer | None = None  # CLIPScore of decoded images (scorer.attach_scorer), None without one
+        self._eager = eager
+        self.adapters: AdapterSlots | None = None  # per-request adapter slots, once enabled
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def enable_adapters(self, config: AdapterConfig) -> AdapterSlots | None:
+        """Give the UNet and text encoder per-request adapter slots (adapters.py), once, before any CUDA
+        graph is captured; None when this backend serves no adapters (aoti, onnx, compile: their UNet is
+        a compiled graph without the slots; a request with adapters is then refused)."""
+        if self.adapters is not None:
+            return self.adapters
+        if self._eager is None or any(self.parts[p].compiled is not None for p in ("unet", "text_encoder")):
+            return None
+        self.adapters = self._eager.install_adapters(config)
+        for name in ("unet", "text_encoder"):
+            self.parts[name].rebuild_eager()
+        from .adapters import ADAPTER_EXTRAS
+
+        self.spec = dataclasses.replace(self.spec, unet_extras=ADAPTER_EXTRAS, adapters_supported=True)
+        return self.adapters
+
+    def encode_text(self, input_ids: torch.Tensor, extras: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """`extras`: the rows' adapter slots (N, K) int64 and scales (N, K), with adapter slots enabled."""
         # As StableDiffusionPipeline.encode_prompt: last hidden state, no attention mask for CLIP.
-        return self.parts["text_encoder"](input_ids.to(torch.int64)).to(self.spec.dtype)
+        return self.parts["text_encoder"](input_ids.to(torch.int64), *extras).to(self.spec.dtype)
 
     def unet(self, call: UNetCall) -> torch.Tensor:
         unread = [name for name in call.extra_names if name not in self.spec.unet_extras]
