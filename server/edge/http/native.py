@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from .. import convert
 from ..core import Response as CoreEvent
 from ..status import Refused
-from .common import TRANSPORT, ClientGone, HttpContext, json_object, read_body, until_disconnect
+from .common import TRANSPORT, ClientGone, HttpContext, call_info, json_object, read_body, until_disconnect
 from .errors import ApiError, bad_request, refusal_error
 
 
@@ -46,7 +46,7 @@ async def generate(ctx: HttpContext, request: Request) -> Response:
     except ApiError as exc:
         ctx.core.count(exc.status, TRANSPORT)
         return exc.response()
-    events = ctx.core.generate(message, None, TRANSPORT)
+    events = ctx.core.generate(message, None, TRANSPORT, call_info(request))
     sse = "text/event-stream" in request.headers.get("accept", "")
     try:
         if not sse:

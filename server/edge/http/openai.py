@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response
 from ...protocol import ImageEvent, StepEvent, Summary
 from ..core import Response as CoreEvent
 from ..status import Refused
-from .common import TRANSPORT, ClientGone, HttpContext, b64, json_object, read_body, until_disconnect
+from .common import TRANSPORT, ClientGone, HttpContext, b64, call_info, json_object, read_body, until_disconnect
 from .errors import ApiError, bad_request, refusal_error
 from .fields import Fields, adapters, size
 
@@ -110,7 +110,7 @@ async def edits(ctx: HttpContext, request: Request) -> Response:
 
 async def answer(ctx: HttpContext, request: Request, call: ImagesCall) -> Response:
     """Run the call on the edge core: one JSON document, or Server-Sent Events when `stream`."""
-    events = ctx.core.generate(call.request, None, TRANSPORT)
+    events = ctx.core.generate(call.request, None, TRANSPORT, call_info(request))
     try:
         if not call.stream:
             async with contextlib.aclosing(events):
