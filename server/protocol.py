@@ -229,7 +229,17 @@ class BackendState:
     fallbacks: tuple[tuple[str, int], ...] = ()  # (part, calls run eagerly)
 
 
-MetricUpdate = Queued | Admitted | UNetTiming | VaeDecode | GraphStats | BackendState
+@dataclass(frozen=True)
+class DeviceMemory:
+    """A CUDA engine's device memory now (engine/memory.py), in bytes."""
+
+    device: str  # "cuda:0"
+    allocated: int  # held by tensors
+    reserved: int  # held by the caching allocator (allocated + cached)
+    peak: int  # the most ever allocated
+
+
+MetricUpdate = Queued | Admitted | UNetTiming | VaeDecode | GraphStats | BackendState | DeviceMemory
 
 
 # ---- per-request adapters (issue 21) -----------------------------------------------------------------

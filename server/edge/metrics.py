@@ -22,7 +22,16 @@ from collections.abc import Callable, Iterable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, ProcessCollector, start_http_server
 from prometheus_client.registry import Collector
 
-from ..protocol import Admitted, BackendState, GraphStats, MetricUpdate, Queued, UNetTiming, VaeDecode
+from ..protocol import (
+    Admitted,
+    BackendState,
+    DeviceMemory,
+    GraphStats,
+    MetricUpdate,
+    Queued,
+    UNetTiming,
+    VaeDecode,
+)
 from .status import Status
 
 _MS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -78,6 +87,11 @@ class Metrics:
                                    ["callable"], registry=r)
         self.eager_fallbacks = Gauge("lcmserve_eager_fallback_calls", "Calls a compiled part ran eagerly because "
                                      "its compiled form did not serve their shape (since start)", ["part"], registry=r)
+        # GPU memory per CUDA device (an engine's, engine/memory.py); no series on a CPU server.
+        self.gpu_memory = {kind: Gauge(f"lcmserve_gpu_memory_{kind}_bytes", what, ["device"], registry=r)
+                           for kind, what in (("allocated", "Device memory held by tensors"),
+                                              ("reserved", "Device memory held by the caching allocator"),
+                                              ("peak", "The most device memory ever held by tensors"))}
 
         # Per-request adapters (issue 21). Requests by adapter: one series per adapter loaded now and one for
         # requests naming none; an adapter's series is removed when it is unloaded, so there are at most
@@ -130,6 +144,9 @@ class Metrics:
             case GraphStats(name=name, counters=counters):
                 for counter, value in counters:
                     self.graph_events.labels(callable=name, counter=counter).set(value)
+            case DeviceMemory(device=device, allocated=allocated, reserved=reserved, peak=peak):
+                for kind, value in (("allocated", allocated), ("reserved", reserved), ("peak", peak)):
+                    self.gpu_memory[kind].labels(device=device).set(value)
 
     def request_done(self, status: Status, transport: str = "grpc") -> None:
         self.requests.labels(status=status.name, transport=transport).inc()

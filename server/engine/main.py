@@ -28,6 +28,7 @@ import grpc
 
 from ..config import EngineConfig
 from .loop import Engine, bind_device
+from .memory import memory_reporter
 from ..logs import LogSettings
 from ..logs import setup as setup_logging
 from ..placement import CpuSplit, pin_process
@@ -173,7 +174,16 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
                           adapters=engine.adapters.records() if engine.adapters is not None else ())
         counting = True
         outbox.send(Ready(info))
-        engine.after_iteration = outbox.flush  # from now on the edge's reader takes event lists
+        memory = memory_reporter(engine.device, outbox.record)  # GPU memory for /metrics; None off CUDA
+        if memory is not None:
+            memory()
+
+        def after_iteration() -> None:
+            if memory is not None:
+                memory()
+            outbox.flush()
+
+        engine.after_iteration = after_iteration  # from now on the edge's reader takes event lists
     except BaseException as exc:  # noqa: BLE001 - everything goes to the edge, which raises it
         conn.send(LoadFailed(_picklable(exc)))
         return
