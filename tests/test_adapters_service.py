@@ -12,6 +12,8 @@ import argparse
 import hashlib
 import math
 import pathlib
+import re
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -163,3 +165,149 @@ def test_adapter_service_is_off_without_the_flag(tiny_server: str) -> None:
         assert [v.field for v in caught.value.field_violations] == ["adapters[0].name"]
         assert "loaded adapters: none" in str(caught.value)
         assert client.generate("a wall", **SMALL).images  # type: ignore[arg-type]
+
+
+# ---- one server with every adapter flag: two CPU engines, a token ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    from adapter_files import make_adapter_files
+
+    return make_adapter_files(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact: pathlib.Path, files: dict[str, pathlib.Path],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens.txt"
+    tokens.write_text(TOKEN + "\n")
+    started = ServerProcess(
+        "--model", str(tiny_artifact), "--devices", "cpu,cpu", "--metrics-port", "0", "--auth-token-file", str(tokens),
+        "--adapter", f"cracks={files['kohya_te']}:0.8", "--adapter", f"spalling={files['diffusers']}",
+        "--max-adapters", "3", "--max-adapter-rank", "8", "--max-adapters-per-request", "2",
+        "--allow-adapter-loading")
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def _client(server: ServerProcess, token: str | None = TOKEN) -> Client:
+    return Client(server.target, token=token or "", timeout=120, retries=0)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_model_info_and_list_describe_the_adapters(server: ServerProcess, files: dict[str, pathlib.Path]) -> None:
+    with _client(server) as client:
+        info = client.model_info()
+        listing = client.list_adapters()
+    assert [a.name for a in info.adapters] == ["cracks", "spalling"]
+    cracks, spalling = info.adapters
+    assert (cracks.source, cracks.sha256, cracks.rank, cracks.default_scale, cracks.format) == (
+        str(files["kohya_te"]), _sha256(files["kohya_te"]), 4, pytest.approx(0.8), "kohya")
+    assert sorted(cracks.targets) == ["text_encoder", "unet"] and cracks.modules > 0
+    assert (spalling.source, spalling.sha256, spalling.rank, spalling.default_scale, spalling.format) == (
+        str(files["diffusers"]), _sha256(files["diffusers"]), 4, 1.0, "diffusers")
+    assert spalling.targets == ["unet"]
+    limits = info.limits
+    assert (limits.max_adapters, limits.max_adapter_rank, limits.max_adapters_per_request) == (3, 8, 2)
+    assert listing.adapters == info.adapters and listing.free_slots == 1 and listing.loading_allowed
+
+
+def test_token_is_required(server: ServerProcess, files: dict[str, pathlib.Path]) -> None:
+    with Client(server.target, timeout=60, retries=0) as client:
+        for call in (client.list_adapters, lambda: client.load_adapter("rust", str(files["kohya_b"])),
+                     lambda: client.unload_adapter("cracks"),
+                     lambda: client.generate("a wall", adapters={"cracks": 1.0}, **SMALL)):  # type: ignore[arg-type]
+            with pytest.raises(UnauthenticatedError):
+                call()
+    with _client(server) as client:
+        assert [a.name for a in client.list_adapters().adapters] == ["cracks", "spalling"]
+
+
+def _violations(exc: pytest.ExceptionInfo[InvalidArgumentError]) -> list[str]:
+    return [v.field for v in exc.value.field_violations]
+
+
+def test_bad_request_adapters_are_refused_and_both_engines_serve_them(server: ServerProcess) -> None:
+    with _client(server) as client:
+        with pytest.raises(InvalidArgumentError) as caught:
+            client.generate("a wall", adapters={"rust": 1.0}, **SMALL)  # type: ignore[arg-type]
+        assert _violations(caught) == ["adapters[0].name"]
+        assert "loaded adapters: cracks, spalling" in str(caught.value)
+        for scale in (8.5, -9.0):
+            with pytest.raises(InvalidArgumentError) as caught:
+                client.generate("a wall", adapters={"cracks": scale}, **SMALL)  # type: ignore[arg-type]
+            assert _violations(caught) == ["adapters[0].scale"] and "-8 to 8" in str(caught.value)
+        with pytest.raises(InvalidArgumentError) as caught:  # --max-adapters-per-request 2
+            client.generate("a wall", adapters={"cracks": 1.0, "spalling": 1.0, "rust": 1.0}, **SMALL)  # type: ignore[arg-type]
+        assert "adapters" in _violations(caught) and "at most 2 per request" in str(caught.value)
+        # What the SDK refuses itself (a NaN scale, a name twice), sent as raw messages.
+        stub = pb_grpc.GenerationServiceStub(client._channel)
+        for weights, field in (([pb.AdapterWeight(name="cracks", scale=math.nan)], "adapters[0].scale"),
+                               ([pb.AdapterWeight(name="cracks"), pb.AdapterWeight(name="cracks", scale=0.5)],
+                                "adapters[1].name")):
+            request = build_generate_request("a wall", num_inference_steps=1, width=64, height=64)
+            request.adapters.extend(weights)
+            with pytest.raises(grpc.RpcError) as raw:
+                list(stub.Generate(request, metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=60))
+            assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in raw.value.details()
+        # Four in turn go round both engines (the pool's ties go round them): each serves the adapters alike.
+        images = [client.generate("a wall", adapters={"cracks": 0.5, "spalling": None}, **SMALL).images[0].data  # type: ignore[arg-type]
+                  for _ in range(4)]
+        plain = client.generate("a wall", **SMALL).images[0].data  # type: ignore[arg-type]
+    assert len(set(images)) == 1 and images[0] != plain
+
+
+def test_load_and_unload_errors_then_the_server_serves(server: ServerProcess,
+                                                         files: dict[str, pathlib.Path]) -> None:
+    with _client(server) as client:
+        before = client.generate("a wall", adapters={"cracks": 1.0}, **SMALL).images[0].data  # type: ignore[arg-type]
+        # The edge's own refusals.
+        for name, source, scale, words in (("bad name", files["kohya_b"], None, "1 to 64"),
+                                           ("x" * 65, files["kohya_b"], None, "1 to 64"),
+                                           ("rust", files["kohya_b"], 9.0, "-8 to 8"),
+                                           ("rust", "", None, "empty")):
+            with pytest.raises(InvalidArgumentError, match=words):
+                client.load_adapter(name, str(source), scale)
+        with pytest.raises(AlreadyExistsError, match="cracks"):
+            client.load_adapter("cracks", str(files["kohya_b"]))
+        with pytest.raises(NotFoundError, match="cracks, spalling"):
+            client.unload_adapter("rust")
+        # The engines': files they cannot use.
+        for kind, words in (("garbage", ""), ("no_keys", ""), ("other_base", ""), ("rank16", "8")):
+            with pytest.raises(InvalidArgumentError, match=words) as caught:
+                client.load_adapter("rust", str(files[kind]))
+            assert str(files[kind]) in str(caught.value) or kind == "garbage", (kind, str(caught.value))
+        with pytest.raises(InvalidArgumentError):
+            client.load_adapter("rust", str(files["kohya_b"]) + ".missing")
+        # The last free slot, then none.
+        rust = client.load_adapter("rust", str(files["kohya_b"]), 0.5)
+        assert (rust.name, rust.rank, rust.default_scale, rust.targets) == ("rust", 2, 0.5, ["unet"])
+        with pytest.raises(ResourceExhaustedError, match="no free adapter slot"):
+            client.load_adapter("more", str(files["kohya_b"]))
+        assert client.list_adapters().free_slots == 0
+        assert client.generate("a wall", adapters=[("rust", None)], **SMALL).images  # type: ignore[arg-type]
+        client.unload_adapter("rust")
+        with pytest.raises(InvalidArgumentError, match="not loaded"):
+            client.generate("a wall", adapters={"rust": 1.0}, **SMALL)  # type: ignore[arg-type]
+        assert [a.name for a in client.list_adapters().adapters] == ["cracks", "spalling"]
+        # Through all of it the server serves, the same images as before.
+        assert client.generate("a wall", adapters={"cracks": 1.0}, **SMALL).images[0].data == before  # type: ignore[arg-type]
+        assert client.health_status() == "SERVING"
+    metrics = _metrics(server)
+    for family, status, least in (("loads", "OK", 3), ("loads", "INVALID_ARGUMENT", 9), ("loads", "ALREADY_EXISTS", 1),
+                                  ("loads", "RESOURCE_EXHAUSTED", 1), ("unloads", "OK", 1), ("unloads", "NOT_FOUND", 1)):
+        found = re.search(rf'^lcmserve_adapter_{family}_total{{status="{status}"}} (\S+)$', metrics, re.MULTILINE)
+        assert found and float(found.group(1)) >= least, (family, status, metrics[-3000:])
+    assert re.search(r'^lcmserve_adapters_loaded 2\.0$', metrics, re.MULTILINE), metrics[-3000:]
+
+
+def _metrics(server: ServerProcess) -> str:
+    found = re.search(r"metrics on (http://\S+)", server.log_path.read_text())
+    assert found, server.log()
+    return urllib.request.urlopen(found.group(1), timeout=10).read().decode()
