@@ -12,8 +12,10 @@ Playwright's waits are written as functions ("() => ..."), since a bare expressi
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +25,19 @@ from conftest import ServerProcess
 CHROMIUM = pathlib.Path("/usr/bin/chromium")  # Debian's package; .ci/run installs it
 TOKEN = "playground-token-0123456789"
 ATTACK = "<img src=x onerror=\"window.__pwned = 1\">"  # what the page must show as text, never run
+
+
+def test_the_page_is_one_offline_file_without_html_sinks() -> None:
+    """Shipped in the package, nothing fetched from elsewhere (no CDN: it works offline), and no API
+    that parses a string as HTML or code anywhere in its script (the comment naming one aside)."""
+    from importlib.resources import files
+
+    page = (files("lcmserve.server.edge.http") / "static" / "index.html").read_text(encoding="utf-8")
+    script = page[page.index("<script>"):]
+    assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page), "the page loads something from elsewhere"
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
+                 "setTimeout(\"", "import("):
+        assert sink not in script, sink
 
 
 def _chromium() -> str:
@@ -35,13 +50,15 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def http_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One server for the module, with a bearer token; yields "http://HOST:PORT"."""
+def http_base(tiny_artifact: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One server for the module, with a bearer token and one per-request adapter (the kohya LoRA
+    the session's artifact was made with, default scale 0.7); yields "http://HOST:PORT"."""
     _chromium()  # skip before paying for a server
+    lora = tiny_artifact.parent / "crack_kohya.safetensors"
     tokens = tmp_path_factory.mktemp("playground") / "tokens"
     tokens.write_text(TOKEN + "\n")
-    server = ServerProcess("--model", "tiny", "--tiny-vae", "tiny", "--http-port", "0", "--metrics-port", "0",
-                           "--auth-token-file", str(tokens))
+    server = ServerProcess("--model", "tiny", "--tiny-vae", "tiny", "--adapter", f"crack={lora}:0.7",
+                           "--http-port", "0", "--metrics-port", "0", "--auth-token-file", str(tokens))
     try:
         assert server.http_target, f"no `http listening on` line:\n{server.log()}"
         yield f"http://{server.http_target}"
@@ -143,9 +160,19 @@ def test_generate_shows_previews_then_the_image_with_its_seed(page: Any, tmp_pat
     assert page.is_hidden("#error")
 
     # Random seeds: unticking "keep" lets the server pick, and the seed it picked shows in the field.
+    # With the model's adapter, at the scale of its slider (the server's default scale to start with).
+    assert page.text_content("#adapters label") == "crack"
+    assert page.text_content("#adapters output") == "0.70"
+    page.fill("#adapter-scale-0", "1.25")  # moving the slider ticks the adapter
+    assert page.is_checked("#adapter-0")
     page.click("#seed-random")
-    page.click("#generate")
+    with page.expect_request("**/v1/generate") as sent:
+        page.click("#generate")
+    body = json.loads(sent.value.post_data)
+    assert body["adapters"] == [{"name": "crack", "scale": 1.25}] and "seed" not in body
+    assert body["previewMode"] == "PREVIEW_MODE_TINY_VAE"
     page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Done')")
+    assert page.is_hidden("#error"), page.text_content("#error")
     seed = page.get_attribute("figure[data-seed]", "data-seed")
     assert seed and seed.isdigit() and page.input_value("#seed") == seed
     assert not page.is_checked("#seed-keep")
