@@ -218,3 +218,88 @@ def test_every_refusal_names_its_reason(harness: EngineHarness, lora_files: dict
     # and the engine still serves
     events = harness.run(_submit(harness, dict(prompt="a wall", seed=41, adapters=(("peft", 1.0),))))[0]
     assert failure_of(events) is None
+
+
+def test_graphs_hold_the_adapter_extras_and_a_load_needs_no_capture(harness: EngineHarness,
+                                                                    lora_files: dict[str, pathlib.Path]) -> None:
+    """The engine's bucketed graphs (CPU stand-ins that rerun the call on their static buffers) take the
+    adapter extras as static inputs: a mixed batch replays and equals the eager one; a later load writes
+    slot buffers only (no new capture) and serves at once."""
+    from graph_fakes import RerunGraph
+
+    from lcmserve.server.engine.cuda_graphs import BucketedGraphs
+
+    def capture(fn: Any, static: list[torch.Tensor]) -> tuple[RerunGraph, torch.Tensor]:
+        output = fn(*static)
+        return RerunGraph(fn, static, output), output
+
+    engine = harness.engine
+    eager_unet = engine.unet
+    mix = _mix()[:6]
+    eager = [pixels(events)[0] for events in harness.run(*[_submit(harness, fields) for fields in mix])]
+    graphs = BucketedGraphs(harness.runtime.unet, (4, 8, 16), name="unet", capture=capture)
+    engine.unet = graphs
+    try:
+        replayed = [pixels(events)[0] for events in harness.run(*[_submit(harness, fields) for fields in mix])]
+        for fields, a, b in zip(mix, eager, replayed):
+            assert np.abs(a - b).max() <= 1, f"{fields}: graph replay differs"
+        shapes = {tuple(name for _, _, name in resolution) for resolution in graphs.graphs}
+        assert ("latents", "timesteps", "text", "adapter_slots", "adapter_scales") in shapes
+        alone = harness.run(_submit(harness, dict(prompt="a brick wall", seed=22, adapters=(("peft", 0.8),))))[0]
+        captures = graphs.captures
+        engine.load_adapter("late", str(lora_files["peft"]), 1.0)
+        late = harness.run(_submit(harness, dict(prompt="a brick wall", seed=22, adapters=(("late", 0.8),))))[0]
+        assert graphs.captures == captures, "a load made a new capture"
+        assert np.abs(pixels(late)[0] - pixels(alone)[0]).max() <= 1, "the late adapter is not the same file's"
+        engine.unload_adapter("late")
+        harness.iterate()
+    finally:
+        engine.unet = eager_unet
+
+
+@pytest.mark.parametrize("backend", ["aoti", "onnx", "compile"])
+def test_compiled_backends_serve_adapters_or_refuse_them(backend: str, lora_files: dict[str, pathlib.Path]) -> None:
+    """aoti and onnx (exported graphs without slots) refuse a request with adapters, naming `adapters` and the
+    backend, and say so in ModelFacts; compile serves them: a call with adapters runs on its eager modules
+    (which hold the slots; counted as an eager fallback), one without on the compiled graph (a mixed batch is
+    one call: with adapters). The compiled
+    parts here are stand-ins (the eager step modules): what is tested is the runtime's routing."""
+    import dataclasses
+
+    from lcmserve.server.model.loader import load_runtime
+    from lcmserve.server.model.parts import Compiled, Part
+    from lcmserve.server.model.runtime import Runtime
+    from lcmserve.server.protocol import ModelFacts
+
+    eager = load_runtime("tiny", device="cpu")
+    calls: list[int] = []
+
+    def compiled_unet(*inputs: torch.Tensor) -> torch.Tensor:
+        calls.append(len(inputs))
+        return eager.parts["unet"].eager(*inputs)
+
+    unet = Part("unet", backend, eager.parts["unet"]._build_eager,  # noqa: SLF001 - the same eager modules
+                Compiled(compiled_unet, lambda inputs: None, None, "every shape"))
+    parts = {**eager.parts, "unet": unet}
+    runtime = Runtime(dataclasses.replace(eager.spec, backend=backend), eager.tokenizer, eager.scheduler, parts,
+                      eager=eager._eager)  # noqa: SLF001
+    config = AdapterConfig(max_adapters=2, max_adapter_rank=RANK_LIMIT, allow_loading=True)
+    h = EngineHarness(runtime, adapters=config)
+    try:
+        assert ModelFacts.of(runtime.spec).adapters_supported == (backend == "compile")
+        if backend != "compile":
+            with pytest.raises(AdapterError, match=f"adapters: .*the {backend} backend") as refused:
+                h.submit(seed=1, adapters=(("any", 1.0),))
+            assert refused.value.code == "INVALID_ARGUMENT"
+            with pytest.raises(AdapterError, match=f"the {backend} backend"):
+                h.engine.load_adapter("kohya", str(lora_files["kohya"]), 1.0)
+            return
+        h.engine.load_adapter("kohya", str(lora_files["kohya"]), 1.0)
+        (plain,) = h.run(h.submit(seed=1))
+        assert calls == [3, 3] and unet.fallbacks == 0, "calls without adapters run compiled (2 steps)"
+        (adapted,) = h.run(h.submit(seed=1, adapters=(("kohya", 1.0),)))
+        assert calls == [3, 3] and unet.fallbacks == 2, "calls with adapters run eagerly"
+        assert failure_of(adapted) is None
+        assert np.abs(pixels(plain)[0] - pixels(adapted)[0]).max() > 20
+    finally:
+        h.close()

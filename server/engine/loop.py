@@ -108,7 +108,10 @@ class Engine:
         # eager, AOTInductor and torch.compile (default mode) callables are capturable.
         graphs = self.device.type == "cuda" and config.cuda_graphs and runtime.spec.graph_capturable
         if graphs:
-            self.unet = BucketedGraphs(runtime.unet, config.buckets, name="unet")
+            # with adapters a resolution's calls come in more shapes: no extras, and K = 1, 2, 4... (adapter_rows.py)
+            most = config.adapters.max_adapters_per_request
+            shapes = 1 + ((most - 1).bit_length() + 1 if self.adapters is not None else 0)
+            self.unet = BucketedGraphs(runtime.unet, config.buckets, name="unet", max_resolutions=4 * shapes)
         # vae (+ tiny_vae), CUDA graphs per bucket; JPEG on the GPU when torchvision can (encode.py)
         self.decoders = Decoders(runtime, config, graphs, select_jpeg_encoder(self.device))
         self.scorer = runtime.scorer  # CLIPScore of every final image, best-of-N (candidates.py); None without one
@@ -460,8 +463,9 @@ class Engine:
         count = 0
         with torch.inference_mode():
             for bucket in [b for b in self.unet.buckets if b <= self.config.max_batch_size]:
-                self.unet(self.runtime.example_unet_call(bucket, h, w))
-                count += 1
+                for k in (0, 1) if self.adapters is not None else (0,):  # without adapters; one per row
+                    self.unet(self.runtime.example_unet_call(bucket, h, w, adapters=k))
+                    count += 1
             count += self.decoders.capture((spec.latent_channels, h, w), self.device, self.dtype)
         torch.cuda.synchronize()
         return count

@@ -90,12 +90,18 @@ class Part:
                 return chunked(compiled.fn, inputs, compiled.max_rows)
             except NotServed as exc:  # (not remembered: what dynamo guards on is more than the shapes)
                 why = f"{exc}"
+        return self.run_eagerly(inputs, why)
+
+    def run_eagerly(self, inputs: Sequence[torch.Tensor], why: str) -> torch.Tensor:
+        """A call the compiled form does not serve (`why`: "latent size 9x9", "adapters"), run eagerly:
+        counted as a fallback, logged once per shape."""
         self.fallbacks += 1
         key = tuple(inputs[0].shape[1:])
         if key not in self._logged:
             self._logged.add(key)
+            served = self.compiled.served if self.compiled is not None else "nothing"
             log.warning("%s: %s is not served by the %s artifact (served: %s); running it eagerly", self.name,
-                        why, self.backend, compiled.served)
+                        why, self.backend, served)
         return self.eager(*inputs)
 
     def rebuild_eager(self) -> None:

@@ -122,11 +122,14 @@ class Runtime:
 
     def enable_adapters(self, config: AdapterConfig) -> AdapterSlots | None:
         """Give the UNet and text encoder per-request adapter slots (adapters.py), once, before any CUDA
-        graph is captured; None when this backend serves no adapters (aoti, onnx, compile: their UNet is
-        a compiled graph without the slots; a request with adapters is then refused)."""
+        graph is captured; None when this backend serves no adapters (aoti, onnx: their UNet and text
+        encoder are exported graphs without the slots; a request with adapters is then refused). The
+        compile backend's slots are in its eager modules: a UNet call with adapters runs there (counted
+        as an eager fallback), one without runs the compiled graph."""
         if self.adapters is not None:
             return self.adapters
-        if self._eager is None or any(self.parts[p].compiled is not None for p in ("unet", "text_encoder")):
+        if self._eager is None or self.parts["text_encoder"].compiled is not None or (
+                self.parts["unet"].compiled is not None and self.spec.backend != "compile"):
             return None
         self.adapters = self._eager.install_adapters(config)
         for name in ("unet", "text_encoder"):
@@ -146,16 +149,26 @@ class Runtime:
         if unread:
             raise ValueError(f"this model's UNet reads no {', '.join(unread)} (its extras: "
                              f"{', '.join(self.spec.unet_extras) or 'none'})")
-        return self.parts["unet"](*call.positional())
+        part = self.parts["unet"]
+        if call.extras and part.compiled is not None:  # the compiled graph has no adapter slots
+            return part.run_eagerly(call.positional(), "a call with adapters")
+        return part(*call.positional())
 
-    def example_unet_call(self, rows: int, latent_h: int, latent_w: int) -> UNetCall:
+    def example_unet_call(self, rows: int, latent_h: int, latent_w: int, adapters: int = 0) -> UNetCall:
         """A valid UNet call of `rows` rows at one latent size (every input the UNet reads, on the device
-        in its dtype): what CUDA-graph captures and warm-ups run."""
+        in its dtype): what CUDA-graph captures and warm-ups run. `adapters`: K > 0 adds the adapter
+        extras, K entries per row (slot 0, scale 0), when the model has adapter slots."""
         spec = self.spec
+        extras: tuple[tuple[str, torch.Tensor], ...] = ()
+        if adapters and spec.adapters_supported:
+            extras = tuple(zip(spec.unet_extras, (
+                torch.zeros(rows, adapters, dtype=torch.long, device=spec.device),
+                torch.zeros(rows, adapters, dtype=spec.dtype, device=spec.device))))
         return UNetCall(
             torch.randn(rows, spec.latent_channels, latent_h, latent_w, device=spec.device, dtype=spec.dtype),
             torch.full((rows,), 999, dtype=torch.long, device=spec.device),
-            torch.zeros(rows, spec.text_max_length, spec.text_hidden_size, device=spec.device, dtype=spec.dtype))
+            torch.zeros(rows, spec.text_max_length, spec.text_hidden_size, device=spec.device, dtype=spec.dtype),
+            extras)
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.parts["vae_decoder"](latents)
