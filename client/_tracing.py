@@ -18,10 +18,11 @@ def with_trace_context(metadata: Metadata) -> Metadata:
     global _inject
     if _inject is None:
         try:
-            from opentelemetry.propagate import inject
+            from opentelemetry import propagate
         except ImportError:
-            inject = False
-        _inject = inject
+            _inject = False
+        else:
+            _inject = propagate.inject
     if _inject is False:
         return metadata
     carrier: dict[str, str] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
+from typing import Any
 
 PREFIX = "LCMSERVE_"
 TRUE = ("1", "true", "yes", "on")
@@ -73,7 +74,7 @@ def _default_from(parser: argparse.ArgumentParser, action: argparse.Action, text
     items = [item.strip() for item in text.split(",")] if _many(action) else [text]
     if _many(action) and (not items or any(not item for item in items)):
         raise ValueError("expected comma-separated values, none empty")
-    values = [_convert(action, item) for item in items]
+    values: list[Any] = [_convert(action, item) for item in items]
     if isinstance(action, argparse._AppendAction):
         for value in values:
             action(parser, scratch, value, option)

@@ -43,7 +43,7 @@ def engine_entry(make_runtime: Callable[[], Runtime]) -> EngineEntry:
 
 
 def run_engine(make_runtime: Callable[[], Runtime], conn: multiprocessing.connection.Connection,
-               config: EngineConfig, threads: int | None, log: LogSettings, warm_up: bool, capture_side: int,
+               config: EngineConfig, threads: int | None, log_settings: LogSettings, warm_up: bool, capture_side: int,
                split: CpuSplit | None) -> None:
     """The engine's main, then straight out of the process. By the time engine_main returns, it has
     sent everything (the pipe is closed or gone) and its threads are stopped; what is left is the
@@ -51,7 +51,7 @@ def run_engine(make_runtime: Callable[[], Runtime], conn: multiprocessing.connec
     seconds (2-5 s for `tiny` on 2 cores), and the edge waits for this process to exit."""
     from .engine.main import engine_main
 
-    engine_main(conn, make_runtime, config, threads, log, warm_up, capture_side, split)
+    engine_main(conn, make_runtime, config, threads, log_settings, warm_up, capture_side, split)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -60,7 +60,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname, "logger": record.name, "message": record.getMessage(),
             "process": self.process,
         }
@@ -161,7 +161,7 @@ def _copy_lines(read_end: int, real: int) -> None:
                 continue
             if not line.startswith(b"{"):
                 text = line.decode("utf-8", "replace")
-                line = json.dumps({"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                line = json.dumps({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
                                    "level": "WARNING", "logger": "stderr", "message": text},
                                   ensure_ascii=False).encode()
             try:

@@ -98,7 +98,7 @@ class Outbox:
 
 
 def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Callable[[], Runtime],
-                config: EngineConfig, threads: int | None, log: LogSettings, do_warm_up: bool,
+                config: EngineConfig, threads: int | None, log_settings: LogSettings, do_warm_up: bool,
                 capture_side: int, split: CpuSplit | None) -> None:
     """`split`: (edge cpus, engine cpus) chosen by the edge for all its engines (placement.py), used
     on a CPU device only; None leaves this process where the OS puts it."""
@@ -106,7 +106,7 @@ def engine_main(conn: multiprocessing.connection.Connection, make_runtime: Calla
     # alone decides (it drains, then sends Stop); a signal here would drop in-flight work.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    setup_logging(log, "engine")  # as the edge logs (server/logs.py)
+    setup_logging(log_settings, "engine")  # as the edge logs (server/logs.py)
     outbox = Outbox(conn)
     requests: dict[int, Request] = {}  # rid -> request, until its terminal event is handed on
     warm_up_events: queue.Queue[Event] = queue.Queue()
