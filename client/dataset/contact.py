@@ -66,7 +66,8 @@ class ContactSheets:
             self._futures.append(self._pool.submit(self._write, path, images))
 
     def _write(self, path: Path, images: list[Done]) -> None:
-        write_atomic(path, _sheet(self.out, images, *self._modules))
+        image_mod, draw_mod = self._modules
+        write_atomic(path, _sheet(self.out, [i for i, _ in images], image_mod, draw_mod, [row for _, row in images]))
 
     def close(self, done: Iterable[Done]) -> int:
         """Writes the sheets still missing (of prompts without work this run), waits for all, writes
@@ -96,10 +97,11 @@ def _labels(row: dict[str, Any]) -> list[str]:
     return [str(row["seed"])] + ([f"score {score:.2f}"] if isinstance(score, (int, float)) else [])
 
 
-def _sheet(out: Path, done: list[Done], image_mod: Any, draw_mod: Any) -> bytes:
-    """PNG bytes of one sheet: a grid of tiles (seed, and score, under each), the prompt wrapped on top."""
-    images = [image for image, _ in done]
-    labels = [_labels(row) for _, row in done]
+def _sheet(out: Path, images: list[PlannedImage], image_mod: Any, draw_mod: Any,
+           metadata: list[dict[str, Any]] | None = None) -> bytes:
+    """PNG bytes of one sheet: a grid of tiles (seed, and score, under each: from each image's
+    metadata row, else its planned seed), the prompt wrapped on top."""
+    labels = [_labels(row) for row in metadata] if metadata is not None else [[str(i.seed)] for i in images]
     with image_mod.open(out / images[0].split / images[0].file_name) as first:
         width, height = first.size
     scale = min(max(_TILE_MIN / width, 1.0), _TILE_MAX / max(width, height))
