@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from lcmserve.server.cli import add_arguments
+from lcmserve.server.env_flags import apply_environment, flags
 from lcmserve.server.edge.metrics import Metrics
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -101,12 +102,25 @@ def server_container(base: dict[str, Manifest]) -> Manifest:
 
 
 def serve_args(container: Manifest) -> argparse.Namespace:
+    """The container's serve settings: its LCMSERVE_<FLAG> variables and args, read by the real parser."""
     assert container["command"] == ["lcmserve", "serve"]
     parser = argparse.ArgumentParser(prog="lcmserve serve", exit_on_error=False)
     add_arguments(parser)
-    args, unknown = parser.parse_known_args(container["args"])
+    apply_environment(parser, {e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    args, unknown = parser.parse_known_args(container.get("args", []))
     assert not unknown, f"flags `lcmserve serve` does not have: {unknown}"
     return args
+
+
+def test_every_lcmserve_variable_is_a_serve_flag(base: dict[str, Manifest]) -> None:
+    """A misspelt variable would be ignored: each LCMSERVE_* the pod sets names a flag (or the cache)."""
+    parser = argparse.ArgumentParser(prog="lcmserve serve")
+    add_arguments(parser)
+    known = {name for _, name in flags(parser)} | {"LCMSERVE_CACHE"}
+    container = server_container(base)
+    names = [e["name"] for e in container["env"] if e["name"].startswith("LCMSERVE_")]
+    assert "LCMSERVE_MODEL" in names and not container.get("args")  # the settings are variables
+    assert set(names) <= known, sorted(set(names) - known)
 
 
 # ---- schemas and rendering -------------------------------------------------------------------
