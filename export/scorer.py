@@ -40,9 +40,9 @@ TINY_SCORER_VERSION = 1  # bump when the tiny scorer changes
 WEIGHTS_NAME = "model.safetensors"
 
 # The tiny CLIP: 2 layers per tower, 32-wide, 32x32 images in 8x8 patches (a 64x64 image is resized).
-_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+_TINY_TEXT: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=77, hidden_act="quick_gelu")
-_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+_TINY_VISION: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     image_size=32, patch_size=8, hidden_act="quick_gelu")
 _TINY_PROJECTION = 32
 # The shared direction: both final layer norms get bias 1 on every feature and both projections a
@@ -70,7 +70,7 @@ def build_tiny_scorer(folder: Path | None = None) -> tuple[Any, Any]:
                pad_token_id=tokenizer.pad_token_id)
     config = CLIPConfig(text_config={**_TINY_TEXT, **ids}, vision_config=_TINY_VISION,
                         projection_dim=_TINY_PROJECTION)
-    model = CLIPModel(config)
+    model: Any = CLIPModel(config)
     for name in ("text_model", "vision_model", "text_projection", "visual_projection"):
         init_weights(f"scorer.{name}", getattr(model, name), _TINY_VISION_GAIN if name == "vision_model" else 1.0)
     with torch.no_grad():
@@ -81,7 +81,8 @@ def build_tiny_scorer(folder: Path | None = None) -> tuple[Any, Any]:
             projection.weight[0].fill_(_TINY_SHARED_ROW)
     side = int(_TINY_VISION["image_size"])
     images = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    return model.eval(), CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+    processor: Any = CLIPProcessor  # (untyped constructor)
+    return model.eval(), processor(image_processor=images, tokenizer=tokenizer)
 
 
 def tiny_scorer_dir() -> Path:
@@ -170,7 +171,8 @@ def load_scorer(source: str, *, dtype: torch.dtype | None = None, device: str | 
 
     kind, folder = resolve_scorer(source)
     try:
-        model = CLIPModel.from_pretrained(folder, **({"dtype": dtype} if dtype is not None else {}))
+        options: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+        model: Any = CLIPModel.from_pretrained(folder, **options)
         processor = CLIPProcessor.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelNotFoundError(f"scorer {source}: {folder} does not load as a CLIPModel + CLIPProcessor "

@@ -144,7 +144,8 @@ class ClipScorer:
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(p=2, dim=-1, keepdim=True)
+    unit: torch.Tensor = x / x.norm(p=2, dim=-1, keepdim=True)
+    return unit
 
 
 def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
