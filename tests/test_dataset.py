@@ -429,6 +429,7 @@ def test_best_of_n_with_min_score_and_rounds(scored_server: str, tmp_path: Path)
     spec = write_spec(tmp_path, BEST_OF.replace("MIN", str(min_score)))
     keep_run = run(spec, tmp_path / "keep", targets=(scored_server,), concurrency=1, progress=False)
     assert keep_run.complete and keep_run.done == 6, keep_run.summary()
+    assert keep_run.below >= 1 and keep_run.retried >= 1 and "stayed below it (kept" in keep_run.summary()
     by_name = rows(tmp_path / "keep")
     for row in by_name.values():
         assert row["candidates"] == 2 and row["rounds"] in (1, 2) and isinstance(row["score"], float)

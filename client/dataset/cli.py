@@ -32,6 +32,9 @@ DESCRIPTION = ("make a labelled image dataset from a YAML spec (prompt templates
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `lcmserve dataset`."""
+    parser.epilog = ("lcmserve dataset merge OUT SHARD_DIR... writes the shard folders of one spec (made with "
+                     "--shard I/N, every I once) as one dataset folder OUT, refusing a missing, unfinished or "
+                     "duplicate shard or one of another spec or model. Spec keys and layout: docs/dataset.md")
     parser.add_argument("spec", metavar="SPEC.yaml",
                         help="the dataset spec (docs/dataset.md); or `merge`: merge OUT SHARD_DIR... writes the "
                              "shard folders of one spec as one dataset folder")

@@ -93,6 +93,8 @@ class DatasetReport:
     limit: int | None = None  # --limit: this run was asked for the first N images of the plan only
     rejected: int = 0  # best-of-N, on_fail: skip: images left out for good (rejected.jsonl)
     shard: tuple[int, int] | None = None  # (index, count) of a --shard run; planned is the shard's
+    below: int = 0  # best-of-N with min_score: images of this run below it after max_rounds (kept or left out)
+    retried: int = 0  # best-of-N with min_score: images of this run that took more than one round
 
     @property
     def complete(self) -> bool:
@@ -115,6 +117,9 @@ class DatasetReport:
             f"images/s at concurrency {self.concurrency}), skipped {self.skipped} already done, "
             f"{len(self.failures)} requests failed; wall {self.wall_s:.1f} s",
         ]
+        if self.below or self.retried:
+            lines.append(f"min_score: {self.retried} images took more than one round, {self.below} stayed below it "
+                         f"({'left out' if self.rejected else 'kept with passed: false'})")
         if self.removed:
             lines.append(f"removed {self.removed} stale files (of another spec or a broken run)")
         for failure in self.failures[:5]:
@@ -174,6 +179,8 @@ class _Job:
         self.failures: list[Failure] = []
         self.generated = 0
         self.rejected = 0
+        self.below = 0  # images below min_score after max_rounds
+        self.retried = 0  # images that took more than one round
         self.sheets: ContactSheets | None = None
         self._files: dict[Path, bytes] = {}  # init images and masks, read once
         self._by_prompt: dict[str, list[PlannedImage]] = {}
@@ -264,6 +271,8 @@ class _Job:
             self._finished(planned)
 
     def _picked(self, planned: PlannedImage, image: Image, outcome: Outcome, bar: Any) -> None:
+        self.below += outcome.passed is False
+        self.retried += outcome.rounds > 1
         if outcome.passed is False and self.spec.on_fail == "skip":
             self.store.reject(planned, outcome)
             self.rejected += 1
@@ -371,7 +380,8 @@ async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str
             skipped=len(wanted) - len(todo), removed=store.removed, failures=tuple(job.failures),
             counts=counts, concurrency=sum(slots), generate_s=generate_s,
             wall_s=time.perf_counter() - started, contact_sheets=sheets, warnings=tuple(warnings),
-            limit=config.limit, rejected=len(store.rejected), shard=config.shard,
+            limit=config.limit, rejected=len(store.rejected), shard=config.shard, below=job.below,
+            retried=job.retried,
         )
         write_manifest(out, context.manifest(report))
         return report
