@@ -229,3 +229,27 @@ def test_best_of_n_seeds_do_not_overlap(tmp_path: Path) -> None:
     assert [s - seeds[0] for s in seeds] == [0, 6, 12]  # each image owns K x R = 6 seeds
     plain = make_plan(parse_spec({"prompts": [{"template": "a wall", "images": 3}]}, tmp_path)).images
     assert seeds[0] == plain[0].seed and [i.split for i in make_plan(spec).images] == [i.split for i in plain]
+
+
+def test_contact_sheets_print_each_score_under_its_seed(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from lcmserve.dataset.contact import _LINE_H, _sheet
+    from lcmserve.dataset.plan import PlannedImage
+
+    (tmp_path / "train").mkdir()
+    images = []
+    for k in range(2):
+        name = f"abcdef012345-{k:04d}.png"
+        Image.new("RGB", (64, 64), "grey").save(tmp_path / "train" / name)
+        images.append(PlannedImage(order=k, prompt_id="abcdef012345", prompt="a wall", negative_prompt="",
+                                   template="a wall", variables=(), image_index=k, seed=10 + k, split="train",
+                                   file_name=name, init_image=None, mask=None, width=64, height=64))
+    rows = [{"seed": 11, "score": 27.345}, {"seed": 12, "score": 19.0}]
+    with Image.open(io.BytesIO(_sheet(tmp_path, images, Image, ImageDraw, rows))) as sheet:
+        scored = sheet.size
+    with Image.open(io.BytesIO(_sheet(tmp_path, images, Image, ImageDraw, [{"seed": 11}, {"seed": 12}]))) as sheet:
+        plain = sheet.size
+    assert scored[1] == plain[1] + _LINE_H  # a second label line under each tile: "score 27.35"
