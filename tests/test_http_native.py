@@ -5,6 +5,7 @@ stops the server)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -122,6 +123,17 @@ def test_a_client_that_disconnects_mid_stream_frees_its_rows(server: ServerProce
     assert _value(after, calls) == _value(settled, calls), "UNet calls go on after the client left"
     rows = _value(after, "lcmserve_inference_batch_size_sum") - _value(before, "lcmserve_inference_batch_size_sum")
     assert rows < 8 * 8, f"{rows} rows ran: the request was not stopped early"
+
+
+def test_bench_drives_the_http_route_with_the_same_report(server: ServerProcess) -> None:
+    from lcmserve.bench import BenchConfig, Level, RequestShape, run_bench
+
+    config = BenchConfig(target=f"http://{server.http_target}", levels=(Level(concurrency=2),), requests=4, warmup=0,
+                         shape=RequestShape(width=64, height=64, num_inference_steps=2), progress=False)
+    report = asyncio.run(run_bench(config))
+    level = report.levels[0]
+    assert level.ok == 4 and level.failed == 0, level
+    assert report.server is not None and report.server["base"]
 
 
 def test_sigterm_drains_http_streams_in_flight(server: ServerProcess) -> None:

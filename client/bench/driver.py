@@ -28,10 +28,14 @@ from ..errors import LcmServeError
 from ..types import Image, StepEvent, Summary
 from .._convert import adapter_weights
 from .config import AdapterSet, BenchConfig, BenchError, Level, adapter_set_label
+from .http import HttpClient, is_http_target
 from .report import BenchReport, LevelReport, RequestResult
 
 # Called with each counted request as it finishes (run_level's on_result).
 ResultCallback = Callable[[Level, RequestResult], None]
+
+# A gRPC client, or the HTTP driver's (--target http://HOST:PORT): the same stream() and model_info().
+BenchClient = AsyncClient | HttpClient
 
 # Our own guard beyond the gRPC deadline, in case a stream hangs past it (seconds).
 _TIMEOUT_SLACK_S = 5.0
@@ -85,7 +89,7 @@ def _code_name(code: object) -> str:
 
 
 async def _one_request(
-    client: AsyncClient, config: BenchConfig, request: _Request, t0: float
+    client: BenchClient, config: BenchConfig, request: _Request, t0: float
 ) -> RequestResult:
     """Sends one request and reads its stream; never raises (but for cancellation)."""
     start = time.perf_counter()
@@ -146,7 +150,7 @@ async def _one_request(
 
 
 async def _closed_loop(
-    clients: Sequence[AsyncClient],
+    clients: Sequence[BenchClient],
     config: BenchConfig,
     concurrency: int,
     budget: _Budget,
@@ -163,7 +167,7 @@ async def _closed_loop(
 
 
 async def _open_loop(
-    clients: Sequence[AsyncClient],
+    clients: Sequence[BenchClient],
     config: BenchConfig,
     level: Level,
     budget: _Budget,
@@ -176,7 +180,7 @@ async def _open_loop(
     arrivals = random.Random(config.seed)  # the same arrival times every run
     in_flight: set[asyncio.Task[None]] = set()
 
-    async def send(client: AsyncClient, request: _Request) -> None:
+    async def send(client: BenchClient, request: _Request) -> None:
         # Latency counts from the send: with --max-concurrency, waiting for a slot is not included.
         if slots is None:
             record(await _one_request(client, config, request, t0))
@@ -204,7 +208,7 @@ async def _open_loop(
 
 
 async def _drive(
-    clients: Sequence[AsyncClient],
+    clients: Sequence[BenchClient],
     config: BenchConfig,
     level: Level,
     budget: _Budget,
@@ -235,7 +239,7 @@ async def _drive(
 
 
 async def run_level(
-    clients: AsyncClient | Sequence[AsyncClient],
+    clients: BenchClient | Sequence[BenchClient],
     config: BenchConfig,
     level: Level,
     *,
@@ -248,7 +252,7 @@ async def run_level(
     `stop.set()` ends it early (requests in flight are cancelled and not counted); `on_result` is
     called with each counted request as it finishes (not the warm-up's).
     """
-    pool = [clients] if isinstance(clients, AsyncClient) else list(clients)
+    pool = [clients] if isinstance(clients, AsyncClient | HttpClient) else list(clients)
     source = source or _RequestSource(config)
     stop = stop or asyncio.Event()
     if config.warmup > 0:
@@ -287,7 +291,7 @@ async def run_level(
                                     candidates=config.shape.candidates)
 
 
-async def _smoke(client: AsyncClient, config: BenchConfig, source: _RequestSource) -> None:
+async def _smoke(client: BenchClient, config: BenchConfig, source: _RequestSource) -> None:
     result = await _one_request(client, config, source.next(), time.perf_counter())
     if not result.ok:
         if result.error == "UNAVAILABLE" and config.target is not None:
@@ -298,7 +302,7 @@ async def _smoke(client: AsyncClient, config: BenchConfig, source: _RequestSourc
         raise BenchError(f"the smoke request to {config.target} failed: {result.error}: {result.detail} ({why})")
 
 
-async def _server_info(client: AsyncClient) -> dict[str, Any] | None:
+async def _server_info(client: BenchClient) -> dict[str, Any] | None:
     try:
         info = await client.model_info()
     except Exception:  # noqa: BLE001 (an older server without it: not needed to benchmark)
@@ -319,7 +323,9 @@ async def run_bench(
     report = BenchReport(config)
     if config.target is not None:
         async with contextlib.AsyncExitStack() as stack:
-            clients = [
+            clients: list[BenchClient] = [await stack.enter_async_context(HttpClient(
+                config.target, root_certificates=config.root_certificates, client_cert=config.client_cert,
+                client_key=config.client_key, token=config.token))] if is_http_target(config.target) else [
                 # retries=0: a load tester reports overload as failures, not as latency of retried calls.
                 await stack.enter_async_context(AsyncClient(
                     config.target, secure=config.secure, root_certificates=config.root_certificates,

@@ -292,14 +292,15 @@ class _Renderer:
                 first = max(0, event.num_steps - 1 - call.partial_images)
                 if not first <= event.step < event.num_steps - 1:
                     return []
+                kind = f"{call.kind}.partial_image"
                 data: dict[str, object] = {
-                    "type": f"{call.kind}.partial_image", "b64_json": b64(preview),
+                    "type": kind, "b64_json": b64(preview),
                     "partial_image_index": event.step - first, "created_at": self.created,
                     "size": f"{preview.width}x{preview.height}", "quality": "auto", "background": "opaque",
                     "output_format": call.output_format}
                 if many:
                     data["index"] = event.image_index
-                return [ServerSentEvent(json.dumps(data), event=data["type"])]
+                return [ServerSentEvent(json.dumps(data), event=kind)]
             case ImageEvent():
                 self.images.append(event)
                 return []
