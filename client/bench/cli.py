@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
-        help=f"server to load (default: $LCMSERVE_TARGET, else {DEFAULT_TARGET}; with --baseline, only --target "
+        help=f"server to load (default: $LCMSERVE_TARGET, else {DEFAULT_TARGET}; http://HOST:PORT or https://HOST:PORT "
+        "loads its HTTP port (serve --http-port) through /v1/generate instead of gRPC; with --baseline, only --target "
         "adds a server: without it only diffusers is timed)",
     )
     add_security_arguments(parser)  # --secure, --root-certificates, --client-cert, --client-key, --token
