@@ -65,9 +65,12 @@ class ServerProcess:
                 raise RuntimeError(f"server did not start (exit {self.proc.returncode}):\n{self.log()}")
 
     def log(self) -> str:
+        """The start of the server's log (start-up lines: `metrics on ...`) and its last 6000 characters
+        (one access line per request fills the middle)."""
         if not self._log.closed:  # (after stop() too)
             self._log.flush()
-        return self.log_path.read_text()[-6000:]
+        text = self.log_path.read_text()
+        return text if len(text) <= 9000 else f"{text[:3000]}\n...\n{text[-6000:]}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
