@@ -436,7 +436,8 @@ def test_best_of_n_with_min_score_and_rounds(scored_server: str, tmp_path: Path)
         assert row["passed"] == (row["score"] >= min_score)
         assert row["passed"] or row["rounds"] == 2  # below min_score: retried up to max_rounds
     image0 = by_name[first.file_name]  # below min_score in both rounds by construction: its best kept
-    assert (image0["rounds"], image0["passed"]) == (2, False) and image0["score"] == pytest.approx(max(probes), abs=1e-3)
+    assert (image0["rounds"], image0["passed"]) == (2, False)
+    assert image0["score"] == pytest.approx(max(probes), abs=1e-3)
     assert image0["seed"] in range(first.seed, first.seed + 4)
     loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "keep"))
     assert {"score", "candidates", "rounds", "passed"} <= set(next(iter(loaded.values())).column_names)

@@ -1,6 +1,6 @@
 """Contact sheets: one PNG per expanded prompt, DIR/contact/<prompt_id>.png, its images as tiles
-labelled with their seed (and, best-of-N, their score below it), the prompt on top; so a person picks the good seeds at a glance and
-lists them for ``--keep``. DIR/contact/index.tsv maps prompt ids to prompts.
+labelled with their seed (and, best-of-N, their score below it), the prompt on top; so a person
+picks the good seeds at a glance and lists them for ``--keep``. DIR/contact/index.tsv maps prompt ids to prompts.
 
 Needs Pillow (not in the plain install); without it the job warns and writes none.
 """
@@ -84,8 +84,8 @@ class ContactSheets:
         finally:
             self._pool.shutdown(wait=True)
         if groups:
-            index = "".join(f"{pid}\t{imgs[0][0].prompt}\t{imgs[0][0].init_image.name if imgs[0][0].init_image else ''}\n"
-                            for pid, imgs in groups.items())
+            firsts = {pid: images[0][0] for pid, images in groups.items()}
+            index = "".join(f"{pid}\t{i.prompt}\t{i.init_image.name if i.init_image else ''}\n" for pid, i in firsts.items())
             self.folder.mkdir(parents=True, exist_ok=True)
             write_atomic(self.folder / "index.tsv", index.encode("utf-8"))
         return len(self._futures)

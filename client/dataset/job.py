@@ -34,11 +34,11 @@ from ..aio import AsyncClient
 from ..errors import LcmServeError, UnavailableError
 from ..options import GenerateOptions
 from ..types import Image, ModelInfo
+from .checks import check_sdk_supports, check_servers, scorer_of
 from .contact import ContactSheets
 from .plan import Plan, PlannedImage, make_plan
 from .shards import shard_plan
 from .spec import DatasetError, DatasetSpec, load_spec
-from .checks import check_sdk_supports, check_servers, scorer_of
 from .store import Outcome, Store, write_manifest
 
 _READY_S = 30.0  # how long a server may take to turn SERVING before the job gives up on it
@@ -232,6 +232,7 @@ class _Job:
         (planned,) = request.images
         k, min_score = self.spec.per_image, self.spec.min_score
         best: Image | None = None
+        best_score: float | None = None
         rounds = 0
         for rounds in range(1, self.spec.max_rounds + 1):
             first = planned.seed + (rounds - 1) * k
@@ -241,12 +242,11 @@ class _Job:
                 raise LcmServeError(f"the server sent seed {image.seed}, not one of the candidates {first} to "
                                     f"{first + k - 1}", "PROTOCOL")
             score: float | None = getattr(image, "score", None)
-            if best is None or (score is not None and score > (getattr(best, "score", None) or float("-inf"))):
-                best = image
+            if best is None or (score is not None and (best_score is None or score > best_score)):
+                best, best_score = image, score  # a later round wins only with a higher score
             if min_score is None or (score is not None and score >= min_score):
                 break
         assert best is not None
-        best_score: float | None = getattr(best, "score", None)
         passed = None if min_score is None else best_score is not None and best_score >= min_score
         return best, Outcome(best.seed, best_score, rounds, passed)
 
@@ -373,7 +373,9 @@ async def run_async(spec: DatasetSpec | str | Path | Mapping[str, Any], out: str
             bar.close()
             store.rewrite_metadata()  # plan order; also on Ctrl-C
             generate_s = time.perf_counter() - t0
-            sheets = job.sheets.close((i, store.done[i.file_name]) for i in store.done_images()) if job.sheets is not None else 0
+            sheets = 0
+            if job.sheets is not None:
+                sheets = job.sheets.close((i, store.done[i.file_name]) for i in store.done_images())
         counts = store.counts()
         report = DatasetReport(
             out=out, planned=len(plan.images), done=len(store.done), generated=job.generated,
