@@ -23,6 +23,8 @@ autoencoder (`--tiny-vae`, TAESD's shapes): after the VAE levels, bench_eager_ti
 `--decoder tiny-vae` on the same server (120 s); bench_eager_img2img 120 (c=32,64 with --init-image,
 a side x side PNG, --strength 0.5: 2 of the 4 steps run, plus a VAE encode per request); decode_timing 120 (scripts/decode_timing.py --jpeg: one 512x512 decode, VAE against tiny, and JPEG
 q90 on the host (PIL) against the GPU (torchvision's nvjpeg), batch 1 and 8).
+Best-of-N: the eager artifact ships `--scorer tiny`; bench_eager_best3 120 (c=32,64, `--candidates 3`);
+scorer_cost 120 (scripts/scorer_cost.py: per image, tiny and ViT-B/32's shapes, random weights).
 parity 120, on CUDA only (skipped with "no CUDA" on a CPU), while the eager server runs, after its
 c=32,64 levels: scripts/parity_check.py: 4 seeds as RAW requests alone and inside a wave of 32
 concurrent requests, each against diffusers' fp16 StableDiffusionPipeline at batch 1 with the same
@@ -182,6 +184,7 @@ class Check:
         self.serve_and_bench("eager", eager, needs="export_eager")
         if self.decoders:
             self.stage("decode_timing", 120, self._decode_timing, needs=("import",))
+        self.stage("scorer_cost", 120, self._scorer_cost, needs=("import",))
         batches = "1,8" if self.tiny else "1,32"
         iters = "2" if self.tiny else "5"
         self.stage("baseline_plain", 180, lambda limit: self._baseline_plain(eager, batches, iters, limit),
@@ -227,6 +230,9 @@ class Check:
                     server.target, "bench_eager_img2img", ["--concurrency", high, "--duration", duration,
                                                            "--init-image", str(self._init_image()),
                                                            "--strength", "0.5"], limit))
+            if backend == "eager":  # best-of-3: 3 images generated and scored per image returned
+                self.stage("bench_eager_best3", 120, lambda limit: self._bench(server.target, "bench_eager_best3", [
+                    "--concurrency", high, "--duration", duration, "--candidates", "3"], limit))
         except BaseException:  # SIGTERM, or a deadline that escaped: no grace, the table comes first
             server.child.kill()
             raise
@@ -254,7 +260,19 @@ class Check:
             "export", "--base", self.base, "--lora", f"{loras / 'lcm.safetensors'}:1.0",
             "--lora", f"{loras / 'crack.safetensors'}:0.8", "--out", str(out), "--dtype", self.dtype,
             "--device", self.device, "--backend", backend, "--force", "--no-progress",
-            *(["--tiny-vae", self.base] if backend == "eager" and self.decoders else [])], limit)
+            *(["--tiny-vae", self.base] if backend == "eager" and self.decoders else []),
+            *(["--scorer", "tiny"] if backend == "eager" else [])], limit)
+
+    def _scorer_cost(self, limit: float) -> dict[str, Any]:
+        path = self.work / "scorer_cost.json"
+        rc, tail = run([PY, str(REPO / "scripts" / "scorer_cost.py"), "--device", self.device, "--dtype", self.dtype,
+                        "--side", self.side, "--json", str(path)], self.work / "scorer_cost.log", limit, env=self.env)
+        if rc:
+            raise RuntimeError(f"exit {rc}: {tail}")
+        for row in (rows := json.loads(path.read_text())):
+            self.rec.emit(stage="scorer_cost", status="level", batch=row["batch"], p50_ms=row["ms_per_image"],
+                          how=f"CLIPScore per image, {row['scorer']}, batch {row['batch']} x {self.side}px")
+        return {"rows": len(rows)}
 
     def _decode_timing(self, limit: float) -> dict[str, Any]:
         path = self.work / "decode_timing.json"
@@ -312,7 +330,8 @@ class Check:
             self.rec.emit(stage=name, status="level", concurrency=level.get("concurrency"), ok=level["ok"],
                           failed=level["failed"], images_per_s=level["images_per_s"],
                           p50_ms=level["latency_ms"]["p50"], p99_ms=level["latency_ms"]["p99"],
-                          first_step_p50_ms=level["first_step_ms"]["p50"], errors=level.get("errors"))
+                          first_step_p50_ms=level["first_step_ms"]["p50"], errors=level.get("errors"),
+                          generated_per_s=level.get("generated_per_s"))
         return {"levels": len(levels), "failed": sum(level["failed"] for level in levels)}
 
     def _baseline_plain(self, artifact: pathlib.Path, batches: str, iters: str, limit: float) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="1,8", help="images per scoring call (default 1,8)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--scorers", default="tiny,clip-b32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: as the engine process, one per core but the edge's on a CPU, "
+                             "4 beside a GPU: an OpenMP team sharing its cores stalls at every barrier)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
+    torch.set_num_threads(args.threads or (4 if device.startswith("cuda") else max(1, (os.cpu_count() or 2) - 1)))
     rows: list[dict[str, Any]] = []
     print(f"scorer cost on {device} ({str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads), "
           f"{args.side}x{args.side} uint8 images")
