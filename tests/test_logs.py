@@ -4,7 +4,10 @@ the access log has one line per request and no prompt text unless --log-prompts.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import pytest
@@ -57,4 +60,38 @@ def test_one_access_line_per_request_with_the_trace_id_and_no_prompt(telemetry_s
     time.sleep(0.5)  # nothing more comes for them
     for seed in (3302, 3303, 3304):
         assert len(access_lines(telemetry_server, seed, 1, timeout=0)) == 1
+    assert all(PROMPT not in str(line) for line in telemetry_server.log_lines())
+
+
+def test_http_calls_leave_access_lines_too(telemetry_server: TelemetryServer) -> None:
+    http = telemetry_server.server.http_target
+    if not http:
+        pytest.skip("no HTTP front door in this build")
+
+    def post(body: bytes) -> int:
+        request = urllib.request.Request(f"http://{http}/v1/generate", data=body, method="POST",
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                response.read()
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    def refused() -> list[dict[str, Any]]:
+        return [line for line in telemetry_server.log_lines() if line["logger"] == "lcmserve.access"
+                and line["transport"] == "http" and line["status"] == "INVALID_ARGUMENT"]
+
+    before = len(refused())
+    body = {"prompt": PROMPT, "num_inference_steps": 1, "width": 64, "height": 64, "seed": 3305}
+    assert post(json.dumps(body).encode()) == 200
+    assert post(b"{not json") == 400
+    (served,) = access_lines(telemetry_server, 3305, 1)
+    assert (served["transport"], served["method"], served["status"], served["images"]) == (
+        "http", "POST /v1/generate", "OK", 1)
+    assert served["peer"].startswith("127.0.0.1:")
+    deadline = time.monotonic() + 10
+    while len(refused()) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(refused()) == before + 1 and refused()[-1]["method"] == "POST /v1/generate"
     assert all(PROMPT not in str(line) for line in telemetry_server.log_lines())

@@ -44,7 +44,7 @@ from ..protocol import (
 )
 from .images import prepare_images
 from .metrics import Metrics
-from .observe import Observed
+from .observe import Observed, refused_access
 from .pool import EnginePool
 from .status import Refusal, Refused, Status
 from .tracing import CallInfo, Tracer
@@ -112,11 +112,14 @@ class EdgeCore:
 
     # ---- one Generate call ----------------------------------------------------------------------
 
-    def count(self, status: Status, transport: str = "grpc") -> None:
+    def count(self, status: Status, transport: str = "grpc", call: CallInfo | None = None) -> None:
         """One Generate call ended with `status` (exactly once per call: metrics.py's contract);
-        `transport`: "grpc" or "http", the front door it came in by (metrics.TRANSPORTS)."""
+        `transport`: "grpc" or "http", the front door it came in by (metrics.TRANSPORTS). `call`: a
+        call its transport refused itself gets its access log line here (generate() logs its own)."""
         if self.metrics is not None:
             self.metrics.request_done(status, transport)
+        if call is not None:
+            refused_access(transport, call, status)
 
     async def generate(self, request: pb.GenerateRequest, deadline: float | None,
                        transport: str = "grpc", call: CallInfo | None = None) -> AsyncGenerator[Response, None]:

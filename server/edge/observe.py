@@ -16,6 +16,12 @@ from .status import Status
 from .tracing import CallInfo, ServerSpan, Tracer
 
 
+def refused_access(transport: str, call: CallInfo, status: Status) -> None:
+    """The access log line of a call its transport refused before the core saw a request (bytes that
+    do not decode, a body that is not a request)."""
+    logs.access(transport, call.method, call.peer, status.name, None, 0, 0.0)
+
+
 class Observed:
     """One call: `request_id` (16 hex digits, in its log lines), its span when traced (`traced`)."""
 
@@ -27,6 +33,7 @@ class Observed:
         self.seed: int | None = request.seed if request.HasField("seed") else None
         self.images = 0
         self.message = ""
+        self._engine: tuple[float, RequestTrace] | None = None  # its spans are made at the end
         self.span: ServerSpan | None = tracer.start(self.call, transport) if tracer is not None else None
         self.request_id = os.urandom(8).hex()
         context = logs.RequestContext(self.request_id, self.span.trace_id if self.span else None,
@@ -49,14 +56,17 @@ class Observed:
             self.seed = event.seed
 
     def engine(self, arrival: float, trace: RequestTrace | None) -> None:
+        """The engine's timestamps (its Summary's); recorded as spans in end(), after the summary left."""
         if self.span is not None and trace is not None:
-            self.span.engine(arrival, trace)
+            self._engine = (arrival, trace)
 
     def end(self, status: Status) -> None:
         """Once, with the status the client saw: the access line, then the span ends."""
         logs.access(self.transport, self.call.method, self.call.peer, status.name, self.seed, self.images,
                     (time.perf_counter() - self.start) * 1e3, self.prompt)
         if self.span is not None:
+            if self._engine is not None:
+                self.span.engine(*self._engine)
             self.span.end(status.name, self.message)
         if self._token is not None:
             try:

@@ -61,7 +61,7 @@ class GenerationService:
         try:
             request = parse(raw, pb.GenerateRequest)
         except UndecodableRequest as exc:
-            self.core.count(Status.INVALID_ARGUMENT)
+            self.core.count(Status.INVALID_ARGUMENT, "grpc", CallInfo(GENERATE_METHOD[1:], context.peer()))
             await _abort(context, _undecodable(exc))
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining

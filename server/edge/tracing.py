@@ -174,6 +174,7 @@ class ServerSpan:
         """The children, from the engine's timestamps (`arrival`: the ticket's, at the edge)."""
         if trace.device:
             self._span.set_attribute("lcmserve.device", trace.device)
+        self._parent = self._tracer._trace.set_span_in_context(self._span)
         if trace.admitted:
             self._child("queue", arrival, trace.admitted)
         if trace.text is not None:
@@ -189,8 +190,7 @@ class ServerSpan:
             self._child("encode", *trace.encode)
 
     def _child(self, name: str, start: float, end_at: float, end: bool = True) -> Span:
-        context = self._tracer._trace.set_span_in_context(self._span)
-        child = self._tracer._tracer.start_span(name, context=context, start_time=self._ns(start))
+        child = self._tracer._tracer.start_span(name, context=self._parent, start_time=self._ns(start))
         if end:
             child.end(self._ns(end_at))
         return child

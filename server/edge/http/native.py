@@ -44,7 +44,7 @@ async def generate(ctx: HttpContext, request: Request) -> Response:
             raise bad_request(next((g for g in named.groups() if g), None) if named else None,
                               f"the body is not a GenerateRequest: {text[:300]}") from None
     except ApiError as exc:
-        ctx.core.count(exc.status, TRANSPORT)
+        ctx.core.count(exc.status, TRANSPORT, call_info(request))
         return exc.response()
     events = ctx.core.generate(message, None, TRANSPORT, call_info(request))
     sse = "text/event-stream" in request.headers.get("accept", "")

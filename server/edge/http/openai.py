@@ -78,7 +78,7 @@ async def generations(ctx: HttpContext, request: Request) -> Response:
         fields.check_known(GENERATION_FIELDS, "/v1/images/generations")
         call = _call(ctx, fields, "image_generation", DEFAULT_SIZE)
     except ApiError as exc:
-        ctx.core.count(exc.status, TRANSPORT)
+        ctx.core.count(exc.status, TRANSPORT, call_info(request))
         return exc.response()
     return await answer(ctx, request, call)
 
@@ -103,7 +103,7 @@ async def edits(ctx: HttpContext, request: Request) -> Response:
             call.request.mask_image = await asyncio.to_thread(server_mask, _file(mask, "mask"),
                                                               ctx.core.limits.max_image_pixels)
     except ApiError as exc:
-        ctx.core.count(exc.status, TRANSPORT)
+        ctx.core.count(exc.status, TRANSPORT, call_info(request))
         return exc.response()
     return await answer(ctx, request, call)
 
