@@ -146,17 +146,23 @@ def _wrap_stderr(process: str) -> None:
 
     def restore() -> None:
         sys.stderr.flush()
-        os.dup2(real, 2)  # our last write end closes: the reader ends once children have exited too
+        os.write(2, _END + b"\n")  # (the reader stops there: children such as multiprocessing's resource
+        os.dup2(real, 2)  # tracker keep the pipe open, so its end of file would come only after we exit)
         thread.join(2.0)
 
     atexit.register(restore)
     _wrap_stderr.done = True  # type: ignore[attr-defined]
 
 
+_END = b"lcmserve-stderr-end"
+
+
 def _copy_lines(read_end: int, real: int) -> None:
     with os.fdopen(read_end, "rb") as pipe:
         for raw in pipe:
             line = raw.rstrip(b"\r\n")
+            if line == _END:
+                return
             if not line.strip():
                 continue
             if not line.startswith(b"{"):
