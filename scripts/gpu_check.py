@@ -25,6 +25,9 @@ a side x side PNG, --strength 0.5: 2 of the 4 steps run, plus a VAE encode per r
 q90 on the host (PIL) against the GPU (torchvision's nvjpeg), batch 1 and 8).
 Best-of-N: the eager artifact ships `--scorer tiny`; bench_eager_best3 120 (c=32,64, `--candidates 3`);
 scorer_cost 120 (scripts/scorer_cost.py: per image, tiny and ViT-B/32's shapes, random weights).
+adapter_cost 240 (scripts/adapter_cost.py: UNet calls with no adapters, every row one rank-32
+adapter, 8 rows over 4 adapters with different scales; 512x512, CUDA graphs, buckets 8 and 32; with
+--tiny only given --adapters).
 parity 120, on CUDA only (skipped with "no CUDA" on a CPU), while the eager server runs, after its
 c=32,64 levels: scripts/parity_check.py: 4 seeds as RAW requests alone and inside a wave of 32
 concurrent requests, each against diffusers' fp16 StableDiffusionPipeline at batch 1 with the same
@@ -185,6 +188,8 @@ class Check:
         if self.decoders:
             self.stage("decode_timing", 120, self._decode_timing, needs=("import",))
         self.stage("scorer_cost", 120, self._scorer_cost, needs=("import",))
+        if not self.tiny or self.args.adapters:
+            self.stage("adapter_cost", 240, self._adapter_cost, needs=("import",))
         batches = "1,8" if self.tiny else "1,32"
         iters = "2" if self.tiny else "5"
         self.stage("baseline_plain", 180, lambda limit: self._baseline_plain(eager, batches, iters, limit),
@@ -291,6 +296,25 @@ class Check:
                               how=f"{what}, batch {batch} x {self.side}px {self.dtype}" + (
                                   f" ({row['error']})" if "error" in row else ""))
                 rows.append(row)
+        return {"rows": len(rows)}
+
+    def _adapter_cost(self, limit: float) -> dict[str, Any]:
+        """scripts/adapter_cost.py: UNet calls without adapters, every row one rank-32 adapter, rows over 4
+        adapters with different scales; 512x512 with CUDA graphs at buckets 8 and 32 (tiny: 64x64, 8 rows)."""
+        path = self.work / "adapter_cost.jsonl"
+        shape = ["--base", "tiny", "--side", "64", "--rows", "8", "--rank", "8"] if self.tiny else [
+            "--base", self.base, "--side", "512", "--rows", "8,32", "--rank", "32", "--graphs"]
+        cmd = [PY, str(REPO / "scripts" / "adapter_cost.py"), *shape, "--device", self.device, "--dtype", self.dtype,
+               "--json", str(path)]
+        rc, tail = run(cmd, self.work / "adapter_cost.log", limit, env=self.env)
+        if rc:
+            raise RuntimeError(f"exit {rc}: {tail}")
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            self.rec.emit(stage="adapter_cost", status="level", batch=row["rows"], p50_ms=row["unet_ms"],
+                          how=f"UNet call, {row['case']} adapters, {row['side']}px, graphs {row['graphs']}: "
+                              f"{row['vs_none']}x none" + (f", {row['mixed_vs_single']}x single"
+                                                           if "mixed_vs_single" in row else ""))
         return {"rows": len(rows)}
 
     def _parity(self, target: str, artifact: pathlib.Path, limit: float) -> dict[str, Any]:
@@ -419,6 +443,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aoti", action="store_true", help="also export, serve and load an AOTInductor artifact")
     p.add_argument("--decoders", action="store_true",
                    help="with --tiny: also the tiny-autoencoder level and decode/JPEG timing (always on the GPU)")
+    p.add_argument("--adapters", action="store_true",
+                   help="with --tiny: also the adapter cost stage (scripts/adapter_cost.py; always on the GPU)")
     p.add_argument("--anchor", type=float, default=0.0, metavar="S",
                    help="also run the anchor script gpu_baseline.py for at most S seconds (default: off)")
     p.add_argument("--baseline-compile", action="store_true",

@@ -223,8 +223,9 @@ def test_every_refusal_names_its_reason(harness: EngineHarness, lora_files: dict
 def test_graphs_hold_the_adapter_extras_and_a_load_needs_no_capture(harness: EngineHarness,
                                                                     lora_files: dict[str, pathlib.Path]) -> None:
     """The engine's bucketed graphs (CPU stand-ins that rerun the call on their static buffers) take the
-    adapter extras as static inputs: a mixed batch replays and equals the eager one; a later load writes
-    slot buffers only (no new capture) and serves at once."""
+    adapter extras as static inputs: a mixed batch replays and equals the eager one (with every slot layer
+    live, as under real graphs, and with layers no adapter adapts skipped, before); a later load writes slot
+    buffers only (no new capture) and serves at once."""
     from graph_fakes import RerunGraph
 
     from lcmserve.server.engine.cuda_graphs import BucketedGraphs
@@ -239,6 +240,7 @@ def test_graphs_hold_the_adapter_extras_and_a_load_needs_no_capture(harness: Eng
     eager = [pixels(events)[0] for events in harness.run(*[_submit(harness, fields) for fields in mix])]
     graphs = BucketedGraphs(harness.runtime.unet, (4, 8, 16), name="unet", capture=capture)
     engine.unet = graphs
+    engine.adapters.keep_all_live()  # as the engine does when it captures graphs
     try:
         replayed = [pixels(events)[0] for events in harness.run(*[_submit(harness, fields) for fields in mix])]
         for fields, a, b in zip(mix, eager, replayed):
@@ -303,3 +305,22 @@ def test_compiled_backends_serve_adapters_or_refuse_them(backend: str, lora_file
         assert np.abs(pixels(plain)[0] - pixels(adapted)[0]).max() > 20
     finally:
         h.close()
+
+
+def test_the_cost_script_runs_its_three_cases(tmp_path: pathlib.Path) -> None:
+    """scripts/adapter_cost.py (its numbers are in docs/adapters.md) on tiny: the three cases' rows share
+    each UNet call and come back as rows of its table."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("adapter_cost", pathlib.Path(__file__).parent.parent / "scripts" /
+                                                  "adapter_cost.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "cost.jsonl"
+    assert script.main(["--base", "tiny", "--side", "64", "--rows", "4", "--rank", "4", "--adapters", "2",
+                        "--steps", "1", "--rounds", "1", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["case"] for r in rows] == ["none", "single", "mixed"] and all(r["calls"] == 1 for r in rows)
+    assert "mixed_vs_single" in rows[2]

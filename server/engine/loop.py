@@ -112,6 +112,8 @@ class Engine:
             most = config.adapters.max_adapters_per_request
             shapes = 1 + ((most - 1).bit_length() + 1 if self.adapters is not None else 0)
             self.unet = BucketedGraphs(runtime.unet, config.buckets, name="unet", max_resolutions=4 * shapes)
+            if self.adapters is not None:  # a graph keeps the layers it recorded: every slot layer computes
+                self.adapters.keep_all_live()
         # vae (+ tiny_vae), CUDA graphs per bucket; JPEG on the GPU when torchvision can (encode.py)
         self.decoders = Decoders(runtime, config, graphs, select_jpeg_encoder(self.device))
         self.scorer = runtime.scorer  # CLIPScore of every final image, best-of-N (candidates.py); None without one

@@ -17,7 +17,9 @@ shape is fixed by (B, K, S, R) and nothing waits for the host, so a call is capt
 traceable by torch.compile; loading an adapter only writes buffer values (no new shapes, no recompile).
 
 The rows come from one `AdapterRows` object per model (UNet, text encoder) that the model's step module
-fills for the length of one call (adapters.py: `WithAdapterRows`).
+fills for the length of one call (adapters.py: `WithAdapterRows`). `live` (a Python flag) lets a layer that
+no loaded adapter adapts skip its (zero) delta: only where nothing is captured or traced (eager without CUDA
+graphs), since a graph would keep the flag it was recorded with (AdapterSlots.keep_all_live).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class SlotLinear(torch.nn.Module):
         self.base: torch.nn.Linear = base
         self.rows = rows
         self.rank = rank
+        self.live = True  # False: no loaded adapter adapts this layer, its delta is 0 (AdapterSlots.set_live)
         w = base.weight
         self.register_buffer("down", torch.zeros(slots, rank, base.in_features, dtype=w.dtype, device=w.device))
         self.register_buffer("up", torch.zeros(slots, rank, base.out_features, dtype=w.dtype, device=w.device))
@@ -62,7 +65,7 @@ class SlotLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
         slots, scales = self.rows.slots, self.rows.scales
-        if slots is None or scales is None:
+        if slots is None or scales is None or not self.live:
             return y
         batch, k = slots.shape
         down = self.down[slots].reshape(batch, k * self.rank, -1)  # (B, KR, in)
@@ -86,6 +89,7 @@ class SlotConv2d(torch.nn.Module):
         self.base: torch.nn.Conv2d = base
         self.rows = rows
         self.rank = rank
+        self.live = True  # False: no loaded adapter adapts this layer, its delta is 0 (AdapterSlots.set_live)
         w = base.weight  # (out, in, kh, kw)
         self.register_buffer("down", torch.zeros(slots, rank, *w.shape[1:], dtype=w.dtype, device=w.device))
         self.register_buffer("up", torch.zeros(slots, rank, w.shape[0], dtype=w.dtype, device=w.device))
@@ -101,7 +105,7 @@ class SlotConv2d(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
         slots, scales = self.rows.slots, self.rows.scales
-        if slots is None or scales is None:
+        if slots is None or scales is None or not self.live:
             return y
         batch, k = slots.shape
         base = self.base

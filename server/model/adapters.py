@@ -104,6 +104,7 @@ class _Loaded:
     uid: int
     text_encoder: bool
     unloading: bool = False
+    layers: frozenset[tuple[str, str]] = frozenset()  # the slot layers it adapts
 
 
 @dataclass
@@ -147,6 +148,21 @@ class AdapterSlots:
         self._by_name: dict[str, _Loaded] = {}
         self._free = list(range(config.max_adapters))
         self._uids = itertools.count(1)
+        self._all_live = False
+        self._set_live()
+
+    def keep_all_live(self) -> None:
+        """Every slot layer computes its delta from now on, adapted or not: for callers that capture or
+        trace the model (CUDA graphs), which would keep a skipped layer skipped after a later load."""
+        self._all_live = True
+        self._set_live()
+
+    def _set_live(self) -> None:
+        """Each layer's `live`: adapted by a loaded adapter (or all, once keep_all_live)."""
+        with self._lock:
+            adapted = set().union(*(a.layers for a in self._by_name.values()))
+        for key, layer in self.layers.items():
+            layer.live = self._all_live or key in adapted
 
     @property
     def slots(self) -> int:
@@ -203,7 +219,9 @@ class AdapterSlots:
         record = AdapterRecord(name=name, source=source, sha256=lora.sha256, rank=lora.rank, targets=lora.targets,
                                default_scale=scale, format=lora.format, modules=len(lora.modules), slot=slot)
         with self._lock:
-            self._by_name[name] = _Loaded(record, next(self._uids), "text_encoder" in lora.targets)
+            self._by_name[name] = _Loaded(record, next(self._uids), "text_encoder" in lora.targets,
+                                          layers=frozenset(lora.modules))
+        self._set_live()  # after the write: a layer turned live adds what its slot holds
         log.info("adapter %s loaded into slot %d: %s (%s, rank %d, %d modules of %s)", name, slot, source,
                  lora.format, lora.rank, len(lora.modules), ", ".join(lora.targets))
         return record
@@ -227,6 +245,8 @@ class AdapterSlots:
             gone = [(n, a) for n, a in self._by_name.items() if a.unloading and a.uid and a.record.slot not in busy]
             for n, _ in gone:
                 del self._by_name[n]
+        if gone:
+            self._set_live()
         for n, a in gone:
             self._zero(a.record.slot)
             with self._lock:
