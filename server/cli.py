@@ -50,13 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "AutoencoderTiny folder, or a preset's (tiny, sd15-random); default: the artifact's tiny_vae/")
     p.add_argument("--default-decoder", default="vae", choices=("vae", "tiny-vae"),
                    help="decoder of requests that leave `decoder` unset (default vae; tiny-vae needs a tiny autoencoder)")
-    ad = p.add_argument_group("per-request LoRA adapters (docs/adapters.md)")
-    ad.add_argument("--adapter", action="append", default=[], metavar="NAME=SRC[:SCALE]",
     p.add_argument("--scorer", default=None, metavar="SRC",
                    help="CLIP model that scores images (Image.score) and picks best-of-N candidates (a request's "
                         "candidates > 1 needs one): a hub id (openai/clip-vit-base-patch32), a folder holding a "
                         "CLIPModel and its processor, or tiny (a small random CLIP, for tests); default: the "
                         "artifact's scorer/ (docs/candidates.md)")
+    ad = p.add_argument_group("per-request LoRA adapters (docs/adapters.md)")
+    ad.add_argument("--adapter", action="append", default=[], metavar="NAME=SRC[:SCALE]",
                     help="load a LoRA (kohya_ss or diffusers/PEFT: a .safetensors file, a folder holding one, or a hub "
                          "id) unfused, as adapter NAME that requests may name with their own scale; SCALE is the "
                          "default of requests that give none (default 1.0); repeatable")
