@@ -40,7 +40,7 @@ from .core import EdgeCore
 from .metrics import Metrics
 from .pool import EnginePool
 from .status import Refusal, Refused, Status
-from .validation import UndecodableRequest, parse
+from .validation import UndecodableRequest, adapters_off_reason, parse
 
 log = logging.getLogger("lcmserve.adapters")
 
@@ -212,10 +212,13 @@ class AdapterService:
         if changes and not self.config.allow_loading:
             raise Refused(Refusal(Status.FAILED_PRECONDITION, "this server does not load or unload adapters: start "
                                   "it with --allow-adapter-loading (its adapters: serve --adapter NAME=SRC)"))
-        self.core.model()  # UNAVAILABLE while the model loads, or once the engine died
+        served = self.core.model()  # UNAVAILABLE while the model loads, or once the engine died
         registry, pool = self.core.adapters, self.core.engine
         if registry is None or pool is None:
             raise Refused(Refusal(Status.UNAVAILABLE, "the model is still loading"))
+        off = adapters_off_reason(served.info.model)
+        if changes and off is not None:  # (with --allow-adapter-loading: a backend without slots)
+            raise Refused(Refusal(Status.FAILED_PRECONDITION, f"this server cannot load adapters: {off}"))
         return registry, pool
 
     async def LoadAdapter(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> pb.LoadAdapterResponse:

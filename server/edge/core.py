@@ -48,7 +48,7 @@ from .observe import Observed, refused_access
 from .pool import EnginePool
 from .status import Refusal, Refused, Status
 from .tracing import CallInfo, Tracer
-from .validation import InvalidRequest, validate
+from .validation import InvalidRequest, adapters_off_reason, validate
 
 if TYPE_CHECKING:  # (adapters.py imports this module: its registry is set by app.py)
     from .adapters import AdapterRegistry
@@ -164,6 +164,7 @@ class EdgeCore:
                               default_decoder=info.model.default_decoder,
                               adapters=self.adapters.scales() if self.adapters else None,
                               max_adapters_per_request=engine.config.adapters.max_adapters_per_request,
+                              adapters_off=adapters_off_reason(info.model),
                               has_scorer=info.model.scorer is not None)
         except InvalidRequest as exc:
             raise Refused(Refusal(Status.INVALID_ARGUMENT, f"invalid request: {exc}",

@@ -16,7 +16,7 @@ from lcmserve.v1 import generation_pb2 as pb
 
 from ..config import MAX_ADAPTER_SCALE, AdapterConfig, Limits
 from .images import PreparedImages
-from ..protocol import GenerationParams
+from ..protocol import GenerationParams, ModelFacts
 
 # The request's `optional` scalar fields: unset means the default.
 OptionalField = Literal["num_inference_steps", "guidance_scale", "width", "height", "num_images", "seed", "quality",
@@ -68,6 +68,7 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
              decoders: tuple[str, ...] | None = None, default_decoder: str = "vae",
              adapters: Mapping[str, float] | None = None,
              max_adapters_per_request: int = AdapterConfig.max_adapters_per_request,
+             adapters_off: str | None = None,
              has_scorer: bool = False) -> GenerationParams:
     """Check every field (collecting all problems), tokenize the prompts, fill defaults.
 
@@ -78,7 +79,8 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
     loop); required when the request has either (they are then reported missing otherwise).
 
     `adapters`: the loaded adapters' default scales by name (None: none loaded); a request naming
-    another is refused, listing these names. `has_scorer`: the model has a candidate scorer
+    another is refused, listing these names. `adapters_off`: why this server serves no adapters at all
+    (`adapters_off_reason`), None when it does. `has_scorer`: the model has a candidate scorer
     (candidates > 1 needs one)."""
     bad: list[tuple[str, str]] = []
 
@@ -157,7 +159,11 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
                                  f"steps; it must be at least 1/num_inference_steps = {1 / steps:.4g}")))
     if images is not None:
         bad.extend(images.violations)
-    weights = check_adapters(request.adapters, adapters or {}, max_adapters_per_request, bad)
+    if adapters_off is not None and request.adapters:
+        bad.append(("adapters", f"names {len(request.adapters)} adapter(s), but {adapters_off}"))
+        weights: tuple[tuple[str, float], ...] = ()
+    else:
+        weights = check_adapters(request.adapters, adapters or {}, max_adapters_per_request, bad)
     candidates = request.candidates if request.HasField("candidates") else 1
     if not 1 <= candidates <= limits.max_candidates:
         bad.append(("candidates", f"is {candidates}; the range is 1 to {limits.max_candidates}"))
@@ -192,6 +198,16 @@ def validate(request: pb.GenerateRequest, tokenizer: Any, limits: Limits = Limit
         candidates=candidates,
         prompt=prompt,
     )
+
+
+def adapters_off_reason(model: ModelFacts) -> str | None:
+    """Why a server serves no per-request adapters (no adapter slots), or None when it does."""
+    if model.adapters_supported:
+        return None
+    if model.backend != "eager":
+        return (f"the {model.backend} backend serves no per-request adapters (its UNet is compiled without "
+                "adapter slots; serve with --backend eager, or fuse the LoRA at export)")
+    return "this server was started without adapters (serve --adapter NAME=SRC, or --allow-adapter-loading)"
 
 
 def check_adapters(requested: Sequence[pb.AdapterWeight], loaded: Mapping[str, float], most: int,
