@@ -56,7 +56,7 @@ def tls_token_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iter
     tokens = tmp_path_factory.mktemp("tokens") / "tokens.txt"
     tokens.write_text(f"# tokens, one a line\nother-token\n\n{TOKEN}\n")
     server = ServerProcess("--model", "tiny", "--metrics-port", "-1", "--tls-cert", str(pki.server_cert),
-                           "--tls-key", str(pki.server_key), "--auth-token-file", str(tokens))
+                           "--tls-key", str(pki.server_key), "--auth-token-file", str(tokens), "--http-port", "0")
     yield server
     server.stop()
 
@@ -65,7 +65,7 @@ def tls_token_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def mtls_server(pki: Pki) -> Iterator[ServerProcess]:
     server = ServerProcess("--model", "tiny", "--metrics-port", "-1", "--no-reflection",
                            "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-                           "--tls-client-ca", str(pki.ca))
+                           "--tls-client-ca", str(pki.ca), "--http-port", "0")
     yield server
     server.stop()
 
@@ -82,6 +82,29 @@ def test_tls_client_with_the_token_generates(tls_token_server: ServerProcess, pk
         result = client.generate("over TLS", seed=3, **SMALL)
         info = client.model_info()
     assert len(result.images) == 1 and info.base == "tiny"
+
+
+def test_http_port_is_https_with_the_same_certificate_and_tokens(tls_token_server: ServerProcess, pki: Pki) -> None:
+    """serve --http-port with --tls-cert: HTTPS only, the gRPC port's certificate, the same tokens
+    (health open); `lcmserve bench --target https://...` drives it."""
+    import asyncio
+    import ssl
+
+    import httpx
+
+    from lcmserve.bench import BenchConfig, Level, RequestShape, run_bench
+
+    base = f"https://{tls_token_server.http_target}"
+    trust = ssl.create_default_context(cafile=str(pki.ca))
+    with httpx.Client(base_url=base, verify=trust, timeout=60) as http:
+        assert http.get("/health").status_code == 200
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/v1/models", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://{tls_token_server.http_target}/health", timeout=10)  # no plaintext
+    config = BenchConfig(target=base, levels=(Level(concurrency=1),), requests=2, warmup=0, root_certificates=_roots(pki),
+                         token=TOKEN, shape=RequestShape(**SMALL), progress=False)  # type: ignore[arg-type]
+    assert asyncio.run(run_bench(config)).levels[0].ok == 2
 
 
 def test_plaintext_is_refused_by_a_tls_server(tls_token_server: ServerProcess) -> None:
@@ -148,6 +171,20 @@ def test_mtls_requires_a_client_certificate_the_server_trusts(mtls_server: Serve
                 client_key=pki.other_key.read_bytes(), timeout=10) as client:
         with pytest.raises(UnavailableError):
             client.generate("a stranger's certificate", **SMALL)
+
+
+def test_https_port_requires_a_trusted_client_certificate_with_mtls(mtls_server: ServerProcess, pki: Pki) -> None:
+    import ssl
+
+    import httpx
+
+    url = f"https://{mtls_server.http_target}/health"
+    anonymous = ssl.create_default_context(cafile=str(pki.ca))
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url, verify=anonymous, timeout=10)
+    trusted = ssl.create_default_context(cafile=str(pki.ca))
+    trusted.load_cert_chain(pki.client_cert, pki.client_key)
+    assert httpx.get(url, verify=trusted, timeout=10).status_code == 200
 
 
 def test_no_reflection_flag(mtls_server: ServerProcess, pki: Pki) -> None:
