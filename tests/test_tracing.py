@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 
 from lcmserve import Client, InvalidArgumentError, StepEvent, Summary
+from lcmserve.server.edge.tracing import CallInfo, TracingConfigError, _http_traces_url, tracer_from_config
 from otlp_receiver import ReceivedSpan
 from telemetry import TelemetryServer, active_span
 
@@ -90,3 +91,22 @@ def test_an_http_call_continues_the_traceparent_header(telemetry_server: Telemet
     assert server.attributes["lcmserve.seed"] == 2402 and server.attributes["lcmserve.status"] == "OK"
     assert server.attributes["http.request.method"] == "POST"
     check_engine_children(server, children, 2, (server.end_ns - server.start_ns) / 1e6)
+
+
+def test_tracing_is_off_unless_configured_and_honours_the_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    assert tracer_from_config(None, "0") is None  # no SDK object at all
+    assert tracer_from_config("http://127.0.0.1:1", "0", {"OTEL_SDK_DISABLED": "true"}) is None
+    with pytest.raises(TracingConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL='http/json'"):
+        tracer_from_config(None, "0", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318",
+                                       "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+    assert _http_traces_url("collector:4318") == "http://collector:4318/v1/traces"
+    assert _http_traces_url("https://c.example/otlp/v1/traces") == "https://c.example/otlp/v1/traces"
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    tracer = tracer_from_config("http://127.0.0.1:1", "0")
+    assert tracer is not None
+    span = tracer.start(CallInfo("lcmserve.v1.GenerationService/Generate"), "grpc")
+    assert not span.recording  # unsampled: the engine is not asked for timestamps, no children
+    span.end("OK")
+    tracer.shutdown()

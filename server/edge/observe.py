@@ -42,7 +42,8 @@ class Observed:
 
     @property
     def traced(self) -> bool:
-        return self.span is not None
+        """Its span records (tracing on, sampled): the engine sends its timestamps for the children."""
+        return self.span is not None and self.span.recording
 
     def validated(self, params: GenerationParams, backend: str) -> None:
         self.seed = params.seed
@@ -57,7 +58,7 @@ class Observed:
 
     def engine(self, arrival: float, trace: RequestTrace | None) -> None:
         """The engine's timestamps (its Summary's); recorded as spans in end(), after the summary left."""
-        if self.span is not None and trace is not None:
+        if self.span is not None and self.span.recording and trace is not None:
             self._engine = (arrival, trace)
 
     def end(self, status: Status) -> None:

@@ -151,6 +151,7 @@ class ServerSpan:
         context = span.get_span_context()
         self.trace_id = f"{context.trace_id:032x}"
         self.span_id = f"{context.span_id:016x}"
+        self.recording = span.is_recording()  # False when the sampler said no: then no children
 
     def _ns(self, instant: float) -> int:
         return self._wall_ns + round((instant - self._mono) * 1e9)
