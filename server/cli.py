@@ -253,7 +253,7 @@ def parse_devices(devices: str | None, device: str | None) -> tuple[str | None, 
 def adapter_config(args: argparse.Namespace) -> AdapterConfig:
     """--adapter (repeatable), --max-adapters, --max-adapter-rank, --max-adapters-per-request and
     --allow-adapter-loading -> AdapterConfig; UsageError naming the flag and the limit."""
-    for flag, value, least in (("--max-adapters", args.max_adapters, 0),
+    for flag, value, least in (("--max-adapters", args.max_adapters, 1),
                                ("--max-adapter-rank", args.max_adapter_rank, 1),
                                ("--max-adapters-per-request", args.max_adapters_per_request, 1)):
         if value < least:

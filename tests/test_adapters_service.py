@@ -66,7 +66,7 @@ def test_serve_adapter_flags_parse_and_refuse_with_the_flag_named() -> None:
         (("--adapter", "a=x", "--adapter", "b=y", "--max-adapters", "1"), "--max-adapters 1"),
         (("--max-adapter-rank", "0"), "--max-adapter-rank must be at least 1"),
         (("--max-adapters-per-request", "0"), "--max-adapters-per-request must be at least 1"),
-        (("--max-adapters", "-1"), "--max-adapters must be at least 0"),
+        (("--max-adapters", "0"), "--max-adapters must be at least 1"),
     ]:
         with pytest.raises(UsageError) as caught:
             config(*argv)
