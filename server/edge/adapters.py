@@ -1,4 +1,4 @@
-"""Per-request LoRA adapters at the edge (issue 21): which adapters requests may name, and AdapterService.
+"""Per-request LoRA adapters at the edge (issue 21): which adapters requests may name.
 
     AdapterRegistry   the adapters loaded now (name -> AdapterRecord), as every engine holds them: filled
                       from the engines' Ready (serve --adapter), changed by load and unload. Generate's
@@ -10,11 +10,7 @@
                       validated before it was submitted before it (so it finishes with the adapter), and
                       one validated after is refused here (INVALID_ARGUMENT listing the loaded names).
                       The engines free the slot once no admitted request uses it.
-    AdapterService    the gRPC servicer (LoadAdapter, UnloadAdapter, ListAdapters), registered by app.py
-                      behind TokenAuth like every RPC. LoadAdapter/UnloadAdapter answer
-                      FAILED_PRECONDITION unless the server runs with --allow-adapter-loading;
-                      ListAdapters always answers (it says whether loading is allowed, as GetModelInfo
-                      lists the adapters anyway).
+    AdapterService    the gRPC servicer over it: adapter_service.py.
 
 A load or unload the client stops waiting for (its deadline, a cancel) still finishes, so that the
 edge never disagrees with the engines about what they hold. Each ends counted once in /metrics
@@ -23,28 +19,19 @@ edge never disagrees with the engines about what they hold. Each ends counted on
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
-
-import grpc
-from lcmserve.v1 import generation_pb2 as pb
 
 from ..config import ADAPTER_NAME, MAX_ADAPTER_SCALE, AdapterConfig
 from ..protocol import AdapterRecord, AdapterReply
-from . import convert
-from .core import EdgeCore
 from .metrics import Metrics
 from .pool import EnginePool
 from .status import Refusal, Refused, Status
-from .validation import UndecodableRequest, adapters_off_reason, parse
 
 log = logging.getLogger("lcmserve.adapters")
 
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["AdapterService"].full_name
 MAX_SOURCE_CHARS = 4096  # a path or hub id
 
 
@@ -177,89 +164,3 @@ def _answer(reply: AdapterReply) -> AdapterRecord | None:
             violations = (("source", reply.failure.message),)
         raise Refused(Refusal(status, reply.failure.message, violations=violations))
     return reply.adapter
-
-
-# ---- the gRPC servicer -------------------------------------------------------------------------------
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], refusal: Refusal) -> NoReturn:
-    status = convert.status(refusal)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-    raise AssertionError("context.abort returned")  # (it raises)
-
-
-class AdapterService:
-    """lcmserve.v1.AdapterService over the core's registry and engine pool."""
-
-    def __init__(self, core: EdgeCore, config: AdapterConfig) -> None:
-        self.core = core
-        self.config = config
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        """The service's handlers; requests arrive as bytes and are parsed here (bad bytes: INVALID_ARGUMENT)."""
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "LoadAdapter": grpc.unary_unary_rpc_method_handler(
-                self.LoadAdapter, response_serializer=pb.LoadAdapterResponse.SerializeToString),
-            "UnloadAdapter": grpc.unary_unary_rpc_method_handler(
-                self.UnloadAdapter, response_serializer=pb.UnloadAdapterResponse.SerializeToString),
-            "ListAdapters": grpc.unary_unary_rpc_method_handler(
-                self.ListAdapters, response_serializer=pb.ListAdaptersResponse.SerializeToString),
-        })
-
-    def _ready(self, changes: bool) -> tuple[AdapterRegistry, EnginePool]:
-        """The registry and the engines; Refused FAILED_PRECONDITION for a change without
-        --allow-adapter-loading, UNAVAILABLE while loading or once dead."""
-        if changes and not self.config.allow_loading:
-            raise Refused(Refusal(Status.FAILED_PRECONDITION, "this server does not load or unload adapters: start "
-                                  "it with --allow-adapter-loading (its adapters: serve --adapter NAME=SRC)"))
-        served = self.core.model()  # UNAVAILABLE while the model loads, or once the engine died
-        registry, pool = self.core.adapters, self.core.engine
-        if registry is None or pool is None:
-            raise Refused(Refusal(Status.UNAVAILABLE, "the model is still loading"))
-        off = adapters_off_reason(served.info.model)
-        if changes and off is not None:  # (with --allow-adapter-loading: a backend without slots)
-            raise Refused(Refusal(Status.FAILED_PRECONDITION, f"this server cannot load adapters: {off}"))
-        return registry, pool
-
-    async def LoadAdapter(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> pb.LoadAdapterResponse:
-        try:
-            request = parse(raw, pb.LoadAdapterRequest)
-            registry, pool = self._ready(changes=True)
-            scale = request.scale if request.HasField("scale") else None
-            # Shielded: a client that stops waiting does not stop the engines half-way.
-            load = asyncio.ensure_future(registry.load(pool, request.name, request.source, scale))
-            record = await asyncio.shield(load)
-            return pb.LoadAdapterResponse(adapter=convert.adapter_info(record))
-        except UndecodableRequest as exc:
-            await _abort(context, Refusal(Status.INVALID_ARGUMENT, f"invalid request: {exc}"))
-        except Refused as exc:
-            if self.core.metrics is not None and exc.refusal.status in (Status.FAILED_PRECONDITION,
-                                                                         Status.UNAVAILABLE):
-                self.core.metrics.adapter_loads.labels(status=exc.refusal.status.name).inc()
-            await _abort(context, exc.refusal)
-
-    async def UnloadAdapter(self, raw: bytes,
-                            context: grpc.aio.ServicerContext[Any, Any]) -> pb.UnloadAdapterResponse:
-        try:
-            request = parse(raw, pb.UnloadAdapterRequest)
-            registry, pool = self._ready(changes=True)
-            await asyncio.shield(asyncio.ensure_future(registry.unload(pool, request.name)))
-            return pb.UnloadAdapterResponse()
-        except UndecodableRequest as exc:
-            await _abort(context, Refusal(Status.INVALID_ARGUMENT, f"invalid request: {exc}"))
-        except Refused as exc:
-            if self.core.metrics is not None and exc.refusal.status in (Status.FAILED_PRECONDITION,
-                                                                         Status.UNAVAILABLE):
-                self.core.metrics.adapter_unloads.labels(status=exc.refusal.status.name).inc()
-            await _abort(context, exc.refusal)
-
-    async def ListAdapters(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListAdaptersResponse:
-        try:
-            parse(raw, pb.ListAdaptersRequest)
-            registry, _ = self._ready(changes=False)
-            return pb.ListAdaptersResponse(adapters=[convert.adapter_info(r) for r in registry.records()],
-                                           free_slots=registry.free_slots, loading_allowed=self.config.allow_loading)
-        except UndecodableRequest as exc:
-            await _abort(context, Refusal(Status.INVALID_ARGUMENT, f"invalid request: {exc}"))
-        except Refused as exc:
-            await _abort(context, exc.refusal)

@@ -38,8 +38,9 @@ from ..placement import describe
 from .core import EdgeCore
 from .metrics import Metrics, MetricsBindError
 from .pool import EnginePool, EngineSlot
-from .adapters import SERVICE_NAME as ADAPTER_SERVICE_NAME
-from .adapters import AdapterRegistry, AdapterService
+from .adapter_service import SERVICE_NAME as ADAPTER_SERVICE_NAME
+from .adapter_service import AdapterService
+from .adapters import AdapterRegistry
 from .service import SERVICE_NAME, GenerationService, TokenAuth
 from .tracing import tracer_from_config
 

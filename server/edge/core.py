@@ -27,7 +27,6 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from lcmserve.v1 import generation_pb2 as pb
 
@@ -42,6 +41,7 @@ from ..protocol import (
     StepEvent,
     Summary,
 )
+from .adapters import AdapterRegistry
 from .images import prepare_images
 from .metrics import Metrics
 from .observe import Observed, refused_access
@@ -49,9 +49,6 @@ from .pool import EnginePool
 from .status import Refusal, Refused, Status
 from .tracing import CallInfo, Tracer
 from .validation import InvalidRequest, adapters_off_reason, validate
-
-if TYPE_CHECKING:  # (adapters.py imports this module: its registry is set by app.py)
-    from .adapters import AdapterRegistry
 
 log = logging.getLogger("lcmserve.edge")
 
