@@ -280,7 +280,7 @@ def test_load_and_unload_errors_then_the_server_serves(server: ServerProcess,
             client.unload_adapter("rust")
         # The engines': files they cannot use.
         for kind, words in (("garbage", ""), ("no_keys", ""), ("other_base", ""), ("rank16", "8")):
-            with pytest.raises(InvalidArgumentError, match=words) as caught:
+            with pytest.raises(InvalidArgumentError, match=words or None) as caught:
                 client.load_adapter("rust", str(files[kind]))
             assert str(files[kind]) in str(caught.value) or kind == "garbage", (kind, str(caught.value))
         with pytest.raises(InvalidArgumentError):

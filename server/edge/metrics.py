@@ -9,6 +9,8 @@ call its transport refused itself, such as UNAUTHENTICATED by service.py's Token
 The engine process measures times and batch sizes and sends them as MetricUpdates; it does not
 count requests, and the warm-up is never counted. On CUDA it also reports each graphed callable's
 captures, evictions and eager fallbacks (`lcmserve_cuda_graph_events`, cuda_graphs.py).
+Per-request adapters (adapters.py): `lcmserve_adapter_requests` by adapter named (bounded by the slots:
+an unloaded adapter's series goes), `lcmserve_adapter_loads`/`_unloads` by status, `lcmserve_adapters_loaded`.
 Process metrics: `process_*` for the edge, `lcmserve_engine_process_*` for the engine processes
 (prometheus_client's ProcessCollector reading /proc on Linux; absent elsewhere). With one engine its
 series have no labels; with several (`--devices`), each engine's are labelled {engine="0",
