@@ -311,3 +311,29 @@ def _metrics(server: ServerProcess) -> str:
     found = re.search(r"metrics on (http://\S+)", server.log_path.read_text())
     assert found, server.log()
     return urllib.request.urlopen(found.group(1), timeout=10).read().decode()
+
+
+def test_cli_adapters_commands_and_generate_adapter(server: ServerProcess, files: dict[str, pathlib.Path],
+                                                    tmp_path: pathlib.Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from lcmserve.cli import main
+
+    connection = ["--target", server.target, "--token", TOKEN]
+    assert main(["adapters", "list", *connection]) == 0
+    listed = capsys.readouterr().out
+    assert "cracks: rank 4, unet+text_encoder" in listed and "1 free slots; loading allowed" in listed
+    assert main(["adapters", "load", "rust", str(files["kohya_b"]), "--scale", "0.5", *connection]) == 0
+    assert "loaded rust: rank 2, unet" in capsys.readouterr().out
+    out = tmp_path / "wall.png"
+    assert main(["generate", "a wall", "--adapter", "rust:0.7", "--adapter", "cracks", "--steps", "1", "--width",
+                 "64", "--height", "64", "-o", str(out), *connection]) == 0
+    assert out.exists()
+    assert main(["adapters", "unload", "rust", *connection]) == 0
+    assert "unloaded rust" in capsys.readouterr().out
+    assert main(["adapters", "unload", "rust", *connection]) == 1  # NOT_FOUND: one line, exit 1
+    assert "no adapter named 'rust'" in capsys.readouterr().err
+    assert main(["adapters", "list", "--target", server.target]) == 1  # no token
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["generate", "a wall", "--adapter", "cracks:x", *connection]) == 2
+    assert main(["info", *connection]) == 0
+    assert "cracks (rank 4, unet+text_encoder, default scale 0.8)" in capsys.readouterr().out
