@@ -13,8 +13,10 @@ import hashlib
 import math
 import pathlib
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -24,9 +26,11 @@ from lcmserve import (
     AlreadyExistsError,
     Client,
     FailedPreconditionError,
+    Image,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    StepEvent,
     UnauthenticatedError,
 )
 from lcmserve._convert import adapter_weights, build_generate_request, parse_adapter_spec
@@ -337,3 +341,35 @@ def test_cli_adapters_commands_and_generate_adapter(server: ServerProcess, files
     assert main(["generate", "a wall", "--adapter", "cracks:x", *connection]) == 2
     assert main(["info", *connection]) == 0
     assert "cracks (rank 4, unet+text_encoder, default scale 0.8)" in capsys.readouterr().out
+
+
+def test_a_load_one_engine_refuses_is_undone_on_the_other(server: ServerProcess,
+                                                         files: dict[str, pathlib.Path]) -> None:
+    """All or none across engines: a request in flight on one engine keeps an unloaded adapter's slot
+    there, so the next load finds a free slot on the other engine only: that one loads it, the edge
+    unloads it again and answers the refusal; once the request ends, the load goes through on both."""
+    with _client(server) as client, ThreadPoolExecutor(1) as pool:
+        client.load_adapter("rust", str(files["kohya_b"]))  # the third and last slot on both engines
+        events = client.stream("a long one", adapters={"rust": 1.0}, num_inference_steps=8, width=256, height=256,
+                               num_images=2, seed=5)
+        first = next(events)  # running on one engine, holding rust's slot there
+        assert isinstance(first, StepEvent)
+        rest = pool.submit(list, events)
+        client.unload_adapter("rust")
+        with pytest.raises(ResourceExhaustedError, match="slots"):
+            client.load_adapter("more", str(files["kohya_b"]))
+        assert [a.name for a in client.list_adapters().adapters] == ["cracks", "spalling"]
+        assert "loaded it but another refused" in server.log_path.read_text()  # (pool.py's warning)
+        assert any(isinstance(e, Image) for e in rest.result(timeout=300))  # the request finished with rust
+        for _ in range(60):  # both engines free rust's slot (and the undone load's) once unused
+            try:
+                client.load_adapter("more", str(files["kohya_b"]))
+                break
+            except (ResourceExhaustedError, AlreadyExistsError):
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the load did not go through once the request had finished")
+        images = {client.generate("a wall", adapters={"more": 1.0}, **SMALL).images[0].data  # type: ignore[arg-type]
+                  for _ in range(4)}  # both engines hold it: one image
+        assert len(images) == 1
+        client.unload_adapter("more")
