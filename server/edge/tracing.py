@@ -25,6 +25,7 @@ client saw); a call that did not end OK has the span status ERROR with its messa
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -89,7 +90,9 @@ def _provider(endpoint: str | None, protocol: str, version: str) -> TracerProvid
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
         exporter = HttpExporter(endpoint=_http_traces_url(endpoint)) if endpoint else HttpExporter()
-    provider = TracerProvider(resource=resource)  # its sampler: OTEL_TRACES_SAMPLER (default parentbased_always_on)
+    # Its sampler: OTEL_TRACES_SAMPLER (default parentbased_always_on). Shut down by Tracer.shutdown, bounded,
+    # not at exit: an unreachable collector would hold the exit for the exporter's retries.
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(exporter))  # OTEL_BSP_* (a background thread exports)
     return provider
 
@@ -135,8 +138,11 @@ class Tracer:
                                        attributes=attributes, start_time=wall)
         return ServerSpan(self, span, wall, mono)
 
-    def shutdown(self) -> None:
-        self._provider.shutdown()  # flushes the batch processor
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Export what is left, waiting at most `timeout_s` (a collector that does not answer loses them)."""
+        flush = threading.Thread(target=self._provider.shutdown, name="lcmserve-otel-shutdown", daemon=True)
+        flush.start()
+        flush.join(timeout_s)
 
 
 class ServerSpan:
