@@ -135,9 +135,11 @@ class HttpServer:
         """Bind and serve; returns the bound port. OSError when the address cannot be bound."""
         sock = _bind(self.host, self.requested_port)
         self.port = sock.getsockname()[1]
+        # log_config=None: uvicorn's loggers keep no handlers of their own and reach the root's, so they
+        # log in the server's format (--log-format json included: server/logs.py); the access log is ours.
         config = uvicorn.Config(make_app(self.core, self.tokens), lifespan="off", log_level="warning",
                                 access_log=False, timeout_graceful_shutdown=5, server_header=False,
-                                ws="none")
+                                ws="none", log_config=None)
         config.load()
         if self.tls is not None:
             config.ssl = ssl_context(self.tls)
