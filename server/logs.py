@@ -64,8 +64,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname, "logger": record.name, "message": record.getMessage(),
             "process": self.process,
         }
-        request = REQUEST.get()
-        if request is not None:
+        request = getattr(record, "request", None) or REQUEST.get()
+        if isinstance(request, RequestContext):
             line["request_id"] = request.request_id
             if request.trace_id is not None:
                 line["trace_id"], line["span_id"] = request.trace_id, request.span_id
@@ -114,8 +114,9 @@ def current() -> LogSettings:
 
 
 def access(transport: str, method: str, peer: str, status: str, seed: int | None, images: int, ms: float,
-           prompt: str | None = None) -> None:
-    """The access log line of one request (INFO on lcmserve.access)."""
+           prompt: str | None = None, request: RequestContext | None = None) -> None:
+    """The access log line of one request (INFO on lcmserve.access); `request`: its ids, when the line is
+    written outside the request's own context (a streamed HTTP response ends in another task)."""
     if not ACCESS.isEnabledFor(logging.INFO):
         return
     fields: dict[str, Any] = {"transport": transport, "method": method, "peer": peer, "status": status,
@@ -124,7 +125,7 @@ def access(transport: str, method: str, peer: str, status: str, seed: int | None
     if prompt is not None and current().prompts:
         fields["prompt"] = prompt
         text += f" prompt={prompt!r}"
-    ACCESS.info("%s", text, extra={"fields": fields})
+    ACCESS.info("%s", text, extra={"fields": fields, "request": request})
 
 
 # ---- json mode: every line on stderr is JSON ------------------------------------------------------

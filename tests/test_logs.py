@@ -68,9 +68,12 @@ def test_http_calls_leave_access_lines_too(telemetry_server: TelemetryServer) ->
     if not http:
         pytest.skip("no HTTP front door in this build")
 
-    def post(body: bytes) -> int:
-        request = urllib.request.Request(f"http://{http}/v1/generate", data=body, method="POST",
-                                         headers={"content-type": "application/json"})
+    trace_id = 0x7A1C3E5F2B4D6A8C9E0F1A2B3C4D5E6F
+
+    def post(body: bytes) -> int:  # Server-Sent Events (the response streams from a task of its own)
+        request = urllib.request.Request(f"http://{http}/v1/generate", data=body, method="POST", headers={
+            "content-type": "application/json", "accept": "text/event-stream",
+            "traceparent": f"00-{trace_id:032x}-{0x2B3C4D5E6F708192:016x}-01"})
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 response.read()
@@ -90,6 +93,7 @@ def test_http_calls_leave_access_lines_too(telemetry_server: TelemetryServer) ->
     assert (served["transport"], served["method"], served["status"], served["images"]) == (
         "http", "POST /v1/generate", "OK", 1)
     assert served["peer"].startswith("127.0.0.1:")
+    assert served["trace_id"] == f"{trace_id:032x}" and len(served["request_id"]) == 16  # (ids set explicitly)
     deadline = time.monotonic() + 10
     while len(refused()) == before and time.monotonic() < deadline:
         time.sleep(0.1)

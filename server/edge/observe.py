@@ -36,9 +36,9 @@ class Observed:
         self._engine: tuple[float, RequestTrace] | None = None  # its spans are made at the end
         self.span: ServerSpan | None = tracer.start(self.call, transport) if tracer is not None else None
         self.request_id = os.urandom(8).hex()
-        context = logs.RequestContext(self.request_id, self.span.trace_id if self.span else None,
-                                      self.span.span_id if self.span else None)
-        self._token: contextvars.Token[logs.RequestContext | None] | None = logs.REQUEST.set(context)
+        self.context = logs.RequestContext(self.request_id, self.span.trace_id if self.span else None,
+                                           self.span.span_id if self.span else None)
+        self._token: contextvars.Token[logs.RequestContext | None] | None = logs.REQUEST.set(self.context)
 
     @property
     def traced(self) -> bool:
@@ -64,7 +64,7 @@ class Observed:
     def end(self, status: Status) -> None:
         """Once, with the status the client saw: the access line, then the span ends."""
         logs.access(self.transport, self.call.method, self.call.peer, status.name, self.seed, self.images,
-                    (time.perf_counter() - self.start) * 1e3, self.prompt)
+                    (time.perf_counter() - self.start) * 1e3, self.prompt, self.context)
         if self.span is not None:
             if self._engine is not None:
                 self.span.engine(*self._engine)
