@@ -5,7 +5,8 @@ adapter vs the rows over several adapters with different scales (issue 21).
     python scripts/adapter_cost.py --device cuda --side 512 --rows 8,32 --graphs   # the GPU check's rows
 
 Each case submits `rows` one-image requests (unguided, --steps LCM steps) to one engine and times its UNet
-calls (the engine's own UNet timing: CUDA events on a GPU, wall time on a CPU); the first round of each case
+calls (the engine's own UNet timing: CUDA events on a GPU, wall time on a CPU). The cases take turns, round
+after round (so a machine that gets busier or quieter meanwhile weighs on all three alike); the first round
 is a warm-up (allocator, CUDA-graph captures) and is not counted. The adapters are rank --rank kohya LoRAs of
 the usual kohya_ss targets (attention, feed-forward, proj_in/out, and the text encoder), made with
 tests/synthetic.py, held in --adapters slots of rank --rank. Cases:
@@ -51,33 +52,29 @@ def cases(rows: int, adapters: int) -> dict[str, list[tuple[tuple[str, float], .
     }
 
 
-def time_case(engine: Any, make_params: Any, per_row: list[tuple[tuple[str, float], ...]], rounds: int,
+def run_round(engine: Any, make_params: Any, per_row: list[tuple[tuple[str, float], ...]],
               timings: list[Any]) -> list[float]:
-    """ms per UNet call of rounds 2.. of this case (all rows admitted together, each round --steps calls)."""
+    """ms of each UNet call of one round of a case: all rows admitted together, --steps calls."""
     import torch
 
     from lcmserve.server.engine.work import OrderedEvents, Request
     from lcmserve.server.protocol import UNetTiming
 
-    seconds: list[float] = []
-    for round_ in range(rounds + 1):
-        requests = [Request(rid=i, params=make_params(seed=i, adapters=adapters), events=OrderedEvents(i, _drop, None),
-                            arrival=time.perf_counter()) for i, adapters in enumerate(per_row)]
-        for request in requests:
-            engine.submit(request)
-        del timings[:]
-        with torch.inference_mode():
-            while any(r.unfinished and not r.failed for r in requests):
-                engine.iteration()
-        failed = [r.rid for r in requests if r.failed]
-        if failed:
-            raise RuntimeError(f"requests {failed} failed")
-        calls = [t for t in timings if isinstance(t, UNetTiming)]
-        if any(t.rows != len(per_row) for t in calls):
-            raise RuntimeError(f"the rows did not share their UNet calls: {[t.rows for t in calls]}")
-        if round_:
-            seconds += [t.seconds for t in calls]
-    return [s * 1e3 for s in seconds]
+    requests = [Request(rid=i, params=make_params(seed=i, adapters=adapters), events=OrderedEvents(i, _drop, None),
+                        arrival=time.perf_counter()) for i, adapters in enumerate(per_row)]
+    for request in requests:
+        engine.submit(request)
+    del timings[:]
+    with torch.inference_mode():
+        while any(r.unfinished and not r.failed for r in requests):
+            engine.iteration()
+    failed = [r.rid for r in requests if r.failed]
+    if failed:
+        raise RuntimeError(f"requests {failed} failed")
+    calls = [t for t in timings if isinstance(t, UNetTiming)]
+    if any(t.rows != len(per_row) for t in calls):
+        raise RuntimeError(f"the rows did not share their UNet calls: {[t.rows for t in calls]}")
+    return [t.seconds * 1e3 for t in calls]
 
 
 def _drop(rid: int, event: Any) -> None:
@@ -134,12 +131,21 @@ def main(argv: list[str] | None = None) -> int:
                                               encode_threads=1, adapters=adapters), _drop, timings.append)
         if args.graphs:
             engine.capture_graphs(args.side, args.side)
+        ms: dict[str, list[float]] = {case: [] for case in cases(rows, args.adapters)}
+        for round_ in range(args.rounds + 1):
+            this: dict[str, float] = {}
+            for case, per_row in cases(rows, args.adapters).items():
+                took = run_round(engine, make_params, per_row, timings)
+                this[case] = statistics.median(took)
+                if round_:
+                    ms[case] += took
+            print(f"round {round_}{' (warm-up)' if not round_ else ''}: "
+                  + ", ".join(f"{c} {v:.0f} ms" for c, v in this.items()), flush=True)
         base: dict[str, float] = {}
-        for case, per_row in cases(rows, args.adapters).items():
-            ms = time_case(engine, make_params, per_row, args.rounds, timings)
-            base[case] = statistics.median(ms)
+        for case in ms:
+            base[case] = statistics.median(ms[case])
             row = {"rows": rows, "case": case, "side": args.side, "device": args.device, "dtype": str(dtype),
-                   "graphs": args.graphs, "rank": args.rank, "calls": len(ms), "unet_ms": round(base[case], 2),
+                   "graphs": args.graphs, "rank": args.rank, "calls": len(ms[case]), "unet_ms": round(base[case], 2),
                    "vs_none": round(base["none"] / base[case], 3)}
             if case == "mixed":
                 row["mixed_vs_single"] = round(base["single"] / base[case], 3)  # speed: >= 0.9 is the target
