@@ -115,3 +115,18 @@ class ScorerRecord:
         return cls(source=str(data.get("source", "")), kind=str(data.get("kind", "")),
                    sha256=str(data.get("sha256", "")), projection_dim=int(data.get("projection_dim", 0)),
                    image_size=int(data.get("image_size", 0)))
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """A per-request LoRA adapter an engine holds in a slot (GetModelInfo.adapters, ListAdapters)."""
+
+    name: str
+    source: str  # file, folder or hub id, as given
+    sha256: str  # of its weights file
+    rank: int  # the largest rank of its modules
+    targets: tuple[str, ...]  # parts it adapts: "unet", "text_encoder"
+    default_scale: float  # what a request naming it without a scale gets
+    format: str  # "kohya" | "diffusers"
+    modules: int  # modules it adapts
+    slot: int  # its slot in the engine's adapter buffers

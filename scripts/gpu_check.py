@@ -43,21 +43,19 @@ import json
 import os
 import pathlib
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from stagekit import (
     Budget,
-    Child,
     Interrupted,
     Recorder,
+    Server,
     StageTimeout,
-    fmt,
-    markdown_table,
     on_termination,
     parse_timeouts,
+    render,
     run,
     too_old,
     versions,
@@ -82,40 +80,6 @@ def make_loras(base: str, folder: pathlib.Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     make_lora(pipe, folder / "lcm.safetensors", fmt="diffusers", rank=64, seed=1)
     make_lora(pipe, folder / "crack.safetensors", fmt="kohya", rank=32, seed=2, include_text_encoder=True)
-
-
-class Server:
-    """`lcmserve serve --port 0` in its own process group; ready once it prints `listening on`.
-    stdout is read by a thread, so the deadline holds even while the server prints nothing."""
-
-    def __init__(self, args: list[str], log: pathlib.Path, timeout_s: float, env: dict[str, str]) -> None:
-        start = time.monotonic()
-        self.child = Child([PY, "-m", "lcmserve.cli", "serve", "--port", "0", "--metrics-port", "-1", *args],
-                           log, stdout_pipe=True, env=env)
-        self.target = ""
-        found = threading.Event()
-
-        def read() -> None:
-            assert self.child.proc.stdout is not None
-            for line in self.child.proc.stdout:
-                if line.startswith("listening on ") and not found.is_set():
-                    self.target = line.split()[-1]
-                    found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        try:
-            while not found.wait(0.2):
-                if self.child.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.child.proc.returncode}: {self.child.tail()}")
-                if time.monotonic() - start > timeout_s:
-                    raise StageTimeout(f"not listening after {timeout_s:.0f} s")
-        except BaseException:  # the deadline, an exit, or SIGTERM while waiting: no server left behind
-            self.child.kill()
-            raise
-        self.ready_s = time.monotonic() - start
-
-    def stop(self) -> None:
-        self.child.terminate(grace_s=30)
 
 
 class Check:
@@ -410,31 +374,6 @@ class Check:
                 server.child.kill()
             else:
                 server.stop()
-
-
-def render(records: list[dict[str, Any]]) -> str:
-    """Stage rows with their status, and a row per bench level / baseline batch with its numbers."""
-    rows: list[list[object]] = []
-    for r in records:
-        if r["stage"] == "env":
-            continue
-        if r.get("status") == "level":
-            load = (r.get("concurrency") if "concurrency" in r else f"seed {r['seed']}" if "seed" in r
-                    else f"batch {r.get('batch', '')}")
-            notes = f"ok {r['ok']} failed {r['failed']}" if "ok" in r else r.get("how") or ""
-            if r.get("errors"):
-                notes += f" {r['errors']}"
-            if r["stage"].startswith("anchor:"):
-                load, notes = "", json.dumps({k: v for k, v in r.items() if k not in ("stage", "status", "t_s")})
-            rows.append([r["stage"], "", "", load, fmt(r.get("images_per_s")), fmt(r.get("p50_ms")),
-                         fmt(r.get("p99_ms")), fmt(r.get("first_step_p50_ms")), notes])
-        else:
-            notes = {k: v for k, v in r.items() if k not in ("stage", "status", "seconds", "limit_s", "t_s", "reason")}
-            status = r.get("status", "") + (f": {r['reason']}" if "reason" in r else "")
-            rows.append([r["stage"], status, f"{r.get('seconds', '')}/{r.get('limit_s', '')}", "", "",
-                         "", "", "", json.dumps(notes, default=str)[:400] if notes else ""])
-    return markdown_table(["stage", "status", "s / limit", "c", "images/s", "p50 ms", "p99 ms",
-                           "first step p50 ms", "notes"], rows)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

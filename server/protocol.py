@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from lcmserve.export.records import AdapterRecord as AdapterRecord  # with the other records (torch-free); re-exported
+
 if TYPE_CHECKING:
     from lcmserve.export.records import LoraRecord, ScorerRecord
 
@@ -243,21 +245,6 @@ MetricUpdate = Queued | Admitted | UNetTiming | VaeDecode | GraphStats | Backend
 
 
 # ---- per-request adapters (issue 21) -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """A per-request LoRA adapter an engine holds in a slot (GetModelInfo.adapters, ListAdapters)."""
-
-    name: str
-    source: str  # file, folder or hub id, as given
-    sha256: str  # of its weights file
-    rank: int  # the largest rank of its modules
-    targets: tuple[str, ...]  # parts it adapts: "unet", "text_encoder"
-    default_scale: float  # what a request naming it without a scale gets
-    format: str  # "kohya" | "diffusers"
-    modules: int  # modules it adapts
-    slot: int  # its slot in the engine's adapter buffers
 
 
 @dataclass(frozen=True)

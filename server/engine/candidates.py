@@ -19,27 +19,17 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..protocol import CandidateScore, HostTensor, Picture
 from .encode import encode_image_event
+from .work import Held
 
 if TYPE_CHECKING:
     from ..model.scorer import ClipScorer
     from .work import Request, Sample
-
-
-@dataclass(frozen=True)
-class Held:
-    """A decoded candidate waiting for the others of its request."""
-
-    seed: int
-    pixels: torch.Tensor | Picture  # (H, W, 3) uint8 on the host, or its GPU JPEG
-    latents: HostTensor | None
-    score: float
 
 
 class ScoreBatch:

@@ -10,20 +10,27 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
 from .lcm import Step
 from ..model.adapters import SlotWeight
-from ..protocol import TERMINAL, Event, Failure, GenerationParams, RequestTrace, Timings
+from ..protocol import TERMINAL, Event, Failure, GenerationParams, HostTensor, Picture, RequestTrace, Timings
 from ..protocol import EngineStopped as EngineStopped  # (re-exported: one class, the edge raises it too)
 
-if TYPE_CHECKING:
-    from .candidates import Held
-
 log = logging.getLogger("lcmserve.engine")
+
+
+@dataclass(frozen=True)
+class Held:
+    """A decoded candidate waiting for the others of its request."""
+
+    seed: int
+    pixels: torch.Tensor | Picture  # (H, W, 3) uint8 on the host, or its GPU JPEG
+    latents: HostTensor | None
+    score: float
+
 
 EventSink = Callable[[int, Event], None]  # (rid, event), called in each request's order
 

@@ -34,7 +34,7 @@ import torch
 from lcmserve.export.errors import LoraError
 
 from ..config import AdapterConfig
-from ..protocol import AdapterRecord
+from lcmserve.export.records import AdapterRecord
 from .adapter_layers import AdapterRows, SlotConv2d, SlotLayer, SlotLinear
 
 log = logging.getLogger("lcmserve.adapters")

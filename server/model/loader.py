@@ -86,8 +86,6 @@ def load_runtime(model: str, *, loras: Sequence[str] = (), backend: str = "auto"
                    allow_partial_lora=allow_partial_lora)
     runtime = _runtime(loaded, tiny_source, default_decoder, start)
     if scorer_source is not None:
-        from .scorer import attach_scorer
-
         attach_scorer(runtime, scorer_source)
     return runtime
 
@@ -322,3 +320,16 @@ def _load_compiled(artifact_dir: Path, *, backend: str, device: str, warmup: boo
                   tokenizer=model.tokenizer, scheduler=model.scheduler,
                   eager=EagerModules(dev, model.dtype, folder=model.model_dir), loras=manifest.loras,
                   provider=provider, artifact=model)
+
+
+def attach_scorer(runtime: Runtime, source: str) -> None:
+    """Load the scorer `source` on the runtime's device in its dtype: `runtime.scorer`, and its record in
+    `runtime.spec.scorer` (GetModelInfo.scorer)."""
+    spec = runtime.spec
+    from .scorer import ClipScorer
+
+    scorer = ClipScorer.load(source, spec.device, spec.dtype)
+    runtime.scorer = scorer
+    runtime.spec = dataclasses.replace(spec, scorer=scorer.record)
+    log.info("scorer %s (%s, projection %d, image %d px) on %s", source, scorer.record.kind,
+             scorer.record.projection_dim, scorer.record.image_size, spec.device)

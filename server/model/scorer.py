@@ -21,18 +21,15 @@ request (`tokenize` runs off the loop thread, at submit).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from lcmserve.export.artifact import is_artifact, read_manifest
 from lcmserve.export.records import ScorerRecord
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
 
 log = logging.getLogger("lcmserve.scorer")
 
@@ -157,14 +154,3 @@ def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         h, w = int(x.shape[2]), int(x.shape[3])
     top, left = (h - height) // 2, (w - width) // 2
     return x[:, :, top: top + height, left: left + width]
-
-
-def attach_scorer(runtime: Runtime, source: str) -> None:
-    """Load the scorer `source` on the runtime's device in its dtype: `runtime.scorer`, and its record in
-    `runtime.spec.scorer` (GetModelInfo.scorer)."""
-    spec = runtime.spec
-    scorer = ClipScorer.load(source, spec.device, spec.dtype)
-    runtime.scorer = scorer
-    runtime.spec = dataclasses.replace(spec, scorer=scorer.record)
-    log.info("scorer %s (%s, projection %d, image %d px) on %s", source, scorer.record.kind,
-             scorer.record.projection_dim, scorer.record.image_size, spec.device)
