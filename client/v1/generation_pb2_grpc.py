@@ -152,9 +152,11 @@ class GenerationService:
 
 
 class AdapterServiceStub:
-    """Loads and unloads per-request LoRA adapters while the server runs. Served
-    only by a server started with `--allow-adapter-loading` (otherwise every
-    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    """Loads and unloads per-request LoRA adapters while the server runs.
+    LoadAdapter and UnloadAdapter are served only by a server started with
+    `--allow-adapter-loading` (otherwise FAILED_PRECONDITION); ListAdapters
+    always answers (loading_allowed says which). Behind the bearer token when
+    tokens are on.
     Loading writes the adapter's low-rank factors into a free slot between
     engine iterations: no restart, no recompile, no CUDA-graph recapture.
     """
@@ -183,9 +185,11 @@ class AdapterServiceStub:
 
 
 class AdapterServiceServicer:
-    """Loads and unloads per-request LoRA adapters while the server runs. Served
-    only by a server started with `--allow-adapter-loading` (otherwise every
-    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    """Loads and unloads per-request LoRA adapters while the server runs.
+    LoadAdapter and UnloadAdapter are served only by a server started with
+    `--allow-adapter-loading` (otherwise FAILED_PRECONDITION); ListAdapters
+    always answers (loading_allowed says which). Behind the bearer token when
+    tokens are on.
     Loading writes the adapter's low-rank factors into a free slot between
     engine iterations: no restart, no recompile, no CUDA-graph recapture.
     """
@@ -242,9 +246,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdapterService:
-    """Loads and unloads per-request LoRA adapters while the server runs. Served
-    only by a server started with `--allow-adapter-loading` (otherwise every
-    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    """Loads and unloads per-request LoRA adapters while the server runs.
+    LoadAdapter and UnloadAdapter are served only by a server started with
+    `--allow-adapter-loading` (otherwise FAILED_PRECONDITION); ListAdapters
+    always answers (loading_allowed says which). Behind the bearer token when
+    tokens are on.
     Loading writes the adapter's low-rank factors into a free slot between
     engine iterations: no restart, no recompile, no CUDA-graph recapture.
     """

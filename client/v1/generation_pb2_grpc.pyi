@@ -100,9 +100,11 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AdapterServiceStub:
-    """Loads and unloads per-request LoRA adapters while the server runs. Served
-    only by a server started with `--allow-adapter-loading` (otherwise every
-    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    """Loads and unloads per-request LoRA adapters while the server runs.
+    LoadAdapter and UnloadAdapter are served only by a server started with
+    `--allow-adapter-loading` (otherwise FAILED_PRECONDITION); ListAdapters
+    always answers (loading_allowed says which). Behind the bearer token when
+    tokens are on.
     Loading writes the adapter's low-rank factors into a free slot between
     engine iterations: no restart, no recompile, no CUDA-graph recapture.
     """
@@ -126,9 +128,11 @@ class AdapterServiceStub:
 
 @_typing.type_check_only
 class AdapterServiceAsyncStub(AdapterServiceStub):
-    """Loads and unloads per-request LoRA adapters while the server runs. Served
-    only by a server started with `--allow-adapter-loading` (otherwise every
-    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    """Loads and unloads per-request LoRA adapters while the server runs.
+    LoadAdapter and UnloadAdapter are served only by a server started with
+    `--allow-adapter-loading` (otherwise FAILED_PRECONDITION); ListAdapters
+    always answers (loading_allowed says which). Behind the bearer token when
+    tokens are on.
     Loading writes the adapter's low-rank factors into a free slot between
     engine iterations: no restart, no recompile, no CUDA-graph recapture.
     """
@@ -148,9 +152,11 @@ class AdapterServiceAsyncStub(AdapterServiceStub):
     """The loaded adapters."""
 
 class AdapterServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Loads and unloads per-request LoRA adapters while the server runs. Served
-    only by a server started with `--allow-adapter-loading` (otherwise every
-    call is FAILED_PRECONDITION); behind the bearer token when tokens are on.
+    """Loads and unloads per-request LoRA adapters while the server runs.
+    LoadAdapter and UnloadAdapter are served only by a server started with
+    `--allow-adapter-loading` (otherwise FAILED_PRECONDITION); ListAdapters
+    always answers (loading_allowed says which). Behind the bearer token when
+    tokens are on.
     Loading writes the adapter's low-rank factors into a free slot between
     engine iterations: no restart, no recompile, no CUDA-graph recapture.
     """
