@@ -70,6 +70,8 @@ class FaultInjection:
     cuda_error_seed: an engine iteration holding a request with this seed raises the RuntimeError of a
       sticky CUDA error ("CUDA error: an illegal memory access was encountered"): the device would be
       unusable, so the loop dies of it, as with loop_death_seed.
+    slow_iteration_seed: every engine iteration holding a request with this seed first sleeps 0.5 s
+      (a request that stays in flight long enough for a test to act while it runs, on any machine).
 
     The engine process runs server/engine/faults.py's FaultInjectingEngine when any is set; the
     product loop has no test hooks (in-process engine tests inject their faults themselves).
@@ -80,6 +82,7 @@ class FaultInjection:
     loop_death_seed: int | None = None
     iteration_oom_seed: int | None = None
     cuda_error_seed: int | None = None
+    slow_iteration_seed: int | None = None
 
     ENV = "LCMSERVE_FAULT_INJECTION"
 
@@ -89,7 +92,8 @@ class FaultInjection:
         if not text:
             return cls()
         values: dict[str, int] = {}
-        known = {"iteration_fault_seed", "loop_death_seed", "iteration_oom_seed", "cuda_error_seed"}
+        known = {"iteration_fault_seed", "loop_death_seed", "iteration_oom_seed", "cuda_error_seed",
+                 "slow_iteration_seed"}
         for item in text.split(","):
             name, _, value = item.partition("=")
             name = name.strip().replace("-", "_")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import pathlib
 import re
 import time
@@ -39,6 +40,7 @@ from lcmserve.v1 import generation_pb2_grpc as pb_grpc
 
 SMALL = dict(num_inference_steps=2, width=64, height=64, output_format="raw", seed=3)
 TOKEN = "adapter-test-token"
+SLOW_SEED = 9005  # the server fixture's slow_iteration_seed
 
 
 # ---- no server: parsing and conversion ----------------------------------------------------------------
@@ -186,11 +188,18 @@ def server(tiny_artifact: pathlib.Path, files: dict[str, pathlib.Path],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tokens = tmp_path_factory.mktemp("tokens") / "tokens.txt"
     tokens.write_text(TOKEN + "\n")
-    started = ServerProcess(
-        "--model", str(tiny_artifact), "--devices", "cpu,cpu", "--metrics-port", "0", "--auth-token-file", str(tokens),
-        "--adapter", f"cracks={files['kohya_te']}:0.8", "--adapter", f"spalling={files['diffusers']}",
-        "--max-adapters", "3", "--max-adapter-rank", "8", "--max-adapters-per-request", "2",
-        "--allow-adapter-loading")
+    # The documented fault switch (server/config.py): a request of SLOW_SEED sleeps 0.5 s per engine
+    # iteration, so the one test_a_load_one_engine_refuses_is_undone_on_the_other keeps in flight outlasts an
+    # unload and a load on any machine.
+    os.environ["LCMSERVE_FAULT_INJECTION"] = f"slow_iteration_seed={SLOW_SEED}"
+    try:
+        started = ServerProcess(
+            "--model", str(tiny_artifact), "--devices", "cpu,cpu", "--metrics-port", "0", "--auth-token-file", str(tokens),
+            "--adapter", f"cracks={files['kohya_te']}:0.8", "--adapter", f"spalling={files['diffusers']}",
+            "--max-adapters", "3", "--max-adapter-rank", "8", "--max-adapters-per-request", "2",
+            "--allow-adapter-loading")
+    finally:
+        del os.environ["LCMSERVE_FAULT_INJECTION"]
     try:
         yield started
     finally:
@@ -351,7 +360,7 @@ def test_a_load_one_engine_refuses_is_undone_on_the_other(server: ServerProcess,
     with _client(server) as client, ThreadPoolExecutor(1) as pool:
         client.load_adapter("rust", str(files["kohya_b"]))  # the third and last slot on both engines
         events = client.stream("a long one", adapters={"rust": 1.0}, num_inference_steps=8, width=256, height=256,
-                               num_images=2, seed=5)
+                               num_images=2, seed=SLOW_SEED)  # 8 iterations of at least 0.5 s
         first = next(events)  # running on one engine, holding rust's slot there
         assert isinstance(first, StepEvent)
         rest = pool.submit(list, events)

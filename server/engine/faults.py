@@ -9,6 +9,7 @@ process then runs `FaultInjectingEngine` instead of `Engine` (`make_engine`, cal
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,8 @@ class FaultInjectingEngine(Engine):
         if faults.cuda_error_seed in seeds:
             raise RuntimeError(f"CUDA error: an illegal memory access was encountered "
                                f"(injected, seed {faults.cuda_error_seed})")
+        if faults.slow_iteration_seed in seeds:
+            time.sleep(0.5)
 
 
 def make_engine(runtime: Runtime, config: EngineConfig, sink: Callable[[int, Event], None],
