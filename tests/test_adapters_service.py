@@ -365,6 +365,12 @@ def test_a_load_one_engine_refuses_is_undone_on_the_other(server: ServerProcess,
         assert isinstance(first, StepEvent)
         rest = pool.submit(list, events)
         client.unload_adapter("rust")
+        # The idle engine's loop frees rust's slot just after the unload's reply: wait for its log line
+        # (the busy engine's comes only when the slow request ends), else both engines refuse the load.
+        for _ in range(100):
+            if server.log_path.read_text().count("adapter rust unloaded; slot") >= 1:
+                break
+            time.sleep(0.05)
         with pytest.raises(ResourceExhaustedError, match="slots"):
             client.load_adapter("more", str(files["kohya_b"]))
         assert [a.name for a in client.list_adapters().adapters] == ["cracks", "spalling"]

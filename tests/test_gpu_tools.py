@@ -227,8 +227,11 @@ def test_gpu_check_tiny_dry_run(tmp_path: pathlib.Path) -> None:
     assert "| parity | skipped: no CUDA |" in (tmp_path / "table.md").read_text()
     levels = [rec for rec in recs if rec.get("status") == "level"]
     assert {rec["stage"] for rec in levels} == {"bench_eager_low", "bench_eager_high", "bench_eager_img2img",
-                                                 "baseline_plain", "baseline_cached"}
-    assert all(rec.get("failed", 0) == 0 and rec["images_per_s"] > 0 for rec in levels)
+                                                 "bench_eager_best3", "baseline_plain", "baseline_cached",
+                                                 "scorer_cost"}
+    timed = [rec for rec in levels if rec["stage"] == "scorer_cost"]  # ms per image, not images/s
+    assert timed and all(rec["p50_ms"] > 0 for rec in timed)
+    assert all(rec.get("failed", 0) == 0 and rec["images_per_s"] > 0 for rec in levels if rec not in timed)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["results.jsonl", "table.md"]
 
 
