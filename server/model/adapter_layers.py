@@ -38,21 +38,23 @@ class AdapterRows:
     scales: torch.Tensor | None = None  # (B, K) the model's dtype: its scale, 0 for an unused entry
 
 
-class SlotLinear(torch.nn.Module):
-    """A Linear plus the per-row low-rank deltas of its slots (module doc)."""
+class _SlotModule(torch.nn.Module):
+    """What both slot layers share: the base module, the rows, the rank, the `down`/`up` buffers, the
+    base's weight and bias for code that reads them, and the per-row slots and scales of the call."""
 
-    down: torch.Tensor  # (S, R, in) buffer
+    base: torch.nn.Linear | torch.nn.Conv2d  # set by the subclass, after this __init__
+    down: torch.Tensor  # (S, R, in[, kh, kw]) buffer
     up: torch.Tensor  # (S, R, out) buffer
 
-    def __init__(self, base: torch.nn.Linear, rows: AdapterRows, slots: int, rank: int) -> None:
+    def __init__(self, base: torch.nn.Linear | torch.nn.Conv2d, rows: AdapterRows, slots: int, rank: int,
+                 down_shape: tuple[int, ...], out_features: int) -> None:
         super().__init__()
-        self.base: torch.nn.Linear = base
         self.rows = rows
         self.rank = rank
         self.live = True  # False: no loaded adapter adapts this layer, its delta is 0 (AdapterSlots.set_live)
         w = base.weight
-        self.register_buffer("down", torch.zeros(slots, rank, base.in_features, dtype=w.dtype, device=w.device))
-        self.register_buffer("up", torch.zeros(slots, rank, base.out_features, dtype=w.dtype, device=w.device))
+        self.register_buffer("down", torch.zeros(slots, rank, *down_shape, dtype=w.dtype, device=w.device))
+        self.register_buffer("up", torch.zeros(slots, rank, out_features, dtype=w.dtype, device=w.device))
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads the base layer's weight (dtype, device) still can
@@ -62,11 +64,27 @@ class SlotLinear(torch.nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.base(x)
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The call's (slots, scales), or None when this call adds no delta here."""
         slots, scales = self.rows.slots, self.rows.scales
         if slots is None or scales is None or not self.live:
+            return None
+        return slots, scales
+
+
+class SlotLinear(_SlotModule):
+    """A Linear plus the per-row low-rank deltas of its slots (module doc)."""
+
+    def __init__(self, base: torch.nn.Linear, rows: AdapterRows, slots: int, rank: int) -> None:
+        super().__init__(base, rows, slots, rank, (base.in_features,), base.out_features)
+        self.base: torch.nn.Linear = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.base(x)
+        rows = self._rows()
+        if rows is None:
             return y
+        slots, scales = rows
         batch, k = slots.shape
         down = self.down[slots].reshape(batch, k * self.rank, -1)  # (B, KR, in)
         up = self.up[slots].reshape(batch, k * self.rank, -1)  # (B, KR, out)
@@ -75,38 +93,23 @@ class SlotLinear(torch.nn.Module):
         return y + torch.bmm(h, up).reshape(y.shape)  # (B, ..., out)
 
 
-class SlotConv2d(torch.nn.Module):
+class SlotConv2d(_SlotModule):
     """A Conv2d plus the per-row low-rank deltas of its slots (module doc): A a conv with the base's
     kernel, stride, padding and dilation; B a 1x1 conv."""
 
-    down: torch.Tensor  # (S, R, in, kh, kw) buffer
-    up: torch.Tensor  # (S, R, out) buffer
-
     def __init__(self, base: torch.nn.Conv2d, rows: AdapterRows, slots: int, rank: int) -> None:
-        super().__init__()
         if base.groups != 1:
             raise ValueError(f"a grouped convolution (groups={base.groups}) cannot hold adapter slots")
-        self.base: torch.nn.Conv2d = base
-        self.rows = rows
-        self.rank = rank
-        self.live = True  # False: no loaded adapter adapts this layer, its delta is 0 (AdapterSlots.set_live)
         w = base.weight  # (out, in, kh, kw)
-        self.register_buffer("down", torch.zeros(slots, rank, *w.shape[1:], dtype=w.dtype, device=w.device))
-        self.register_buffer("up", torch.zeros(slots, rank, w.shape[0], dtype=w.dtype, device=w.device))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        super().__init__(base, rows, slots, rank, tuple(w.shape[1:]), w.shape[0])
+        self.base: torch.nn.Conv2d = base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
-        slots, scales = self.rows.slots, self.rows.scales
-        if slots is None or scales is None or not self.live:
+        rows = self._rows()
+        if rows is None:
             return y
+        slots, scales = rows
         batch, k = slots.shape
         base = self.base
         down = self.down[slots].reshape(batch * k * self.rank, *self.down.shape[2:])  # (B*KR, in, kh, kw)
