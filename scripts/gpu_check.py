@@ -25,6 +25,7 @@ a side x side PNG, --strength 0.5: 2 of the 4 steps run, plus a VAE encode per r
 q90 on the host (PIL) against the GPU (torchvision's nvjpeg), batch 1 and 8).
 Best-of-N: the eager artifact ships `--scorer tiny`; bench_eager_best3 120 (c=32,64, `--candidates 3`);
 scorer_cost 120 (scripts/scorer_cost.py: per image, tiny and ViT-B/32's shapes, random weights).
+HTTP: the eager server also serves --http-port 0; bench_eager_http 120 (c=32,64 over /v1/generate, SSE).
 adapter_cost 240 (scripts/adapter_cost.py: UNet calls with no adapters, every row one rank-32
 adapter, 8 rows over 4 adapters with different scales; 512x512, CUDA graphs, buckets 8 and 32; with
 --tiny only given --adapters).
@@ -172,7 +173,7 @@ class Check:
 
         def serve(limit: float) -> dict[str, Any]:
             server = Server(["--model", str(artifact), "--backend", backend, "--max-batch-size", "64",
-                             "--device", self.device], self.work / f"serve-{backend}.log", limit, self.env)
+                             "--device", self.device, "--http-port", "0"], self.work / f"serve-{backend}.log", limit, self.env)
             holder.append(server)
             self.servers.append(server)
             return {"ready_s": round(server.ready_s, 1)}
@@ -202,6 +203,10 @@ class Check:
             if backend == "eager":  # best-of-3: 3 images generated and scored per image returned
                 self.stage("bench_eager_best3", 120, lambda limit: self._bench(server.target, "bench_eager_best3", [
                     "--concurrency", high, "--duration", duration, "--candidates", "3"], limit))
+            if backend == "eager":  # the same high levels through the HTTP front door (/v1/generate, SSE)
+                self.stage("bench_eager_http", 120, lambda limit: self._bench(
+                    f"http://{server.http_target}", "bench_eager_http", ["--concurrency", high, "--duration", duration],
+                    limit))
         except BaseException:  # SIGTERM, or a deadline that escaped: no grace, the table comes first
             server.child.kill()
             raise

@@ -232,11 +232,14 @@ class Server:
         self.child = Child([sys.executable, "-m", "lcmserve.cli", "serve", "--port", "0", "--metrics-port", "-1", *args],
                            log, stdout_pipe=True, env=env)
         self.target = ""
+        self.http_target = ""  # HOST:PORT of --http-port, printed before the gRPC line
         found = threading.Event()
 
         def read() -> None:
             assert self.child.proc.stdout is not None
             for line in self.child.proc.stdout:
+                if line.startswith("http listening on "):
+                    self.http_target = line.split()[-1]
                 if line.startswith("listening on ") and not found.is_set():
                     self.target = line.split()[-1]
                     found.set()

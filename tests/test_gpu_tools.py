@@ -227,7 +227,7 @@ def test_gpu_check_tiny_dry_run(tmp_path: pathlib.Path) -> None:
     assert "| parity | skipped: no CUDA |" in (tmp_path / "table.md").read_text()
     levels = [rec for rec in recs if rec.get("status") == "level"]
     assert {rec["stage"] for rec in levels} == {"bench_eager_low", "bench_eager_high", "bench_eager_img2img",
-                                                 "bench_eager_best3", "baseline_plain", "baseline_cached",
+                                                 "bench_eager_best3", "bench_eager_http", "baseline_plain", "baseline_cached",
                                                  "scorer_cost"}
     timed = [rec for rec in levels if rec["stage"] == "scorer_cost"]  # ms per image, not images/s
     assert timed and all(rec["p50_ms"] > 0 for rec in timed)
